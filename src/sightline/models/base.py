@@ -1,0 +1,349 @@
+"""The adapter contract: what sightline needs to know about one VLM family, and the shared code.
+
+A family adapter is a small table of facts (which HF class, where the decoder layers, vision
+tower and projector are) plus `image_grids`, the one function that truly differs: how the
+processor's output for one example becomes token grids on the original image. Everything else
+(loading, prompts, batching, layouts) is shared here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from sightline.errors import UserError
+from sightline.models.layout import TokenLayout, ViewGrid
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+@dataclass
+class Batch:
+    """Model inputs for a batch of (image, prompt) examples, with the facts sightline needs."""
+
+    inputs: dict[str, Any]  # tensors for model(**inputs)
+    texts: list[str]  # the exact text fed for each example (image placeholder unexpanded)
+    layouts: list[TokenLayout]
+    lengths: list[int]  # real (unpadded) length of each sequence; padding is on the right
+    image_sizes_hw: list[list[tuple[int, int]]] = field(default_factory=list)  # original sizes per example
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+class Adapter:
+    """Base class of every family adapter. Subclasses fill the ClassVars and `image_grids`."""
+
+    family: ClassVar[str] = ""
+    architectures: ClassVar[tuple[str, ...]] = ()  # HF `config.architectures` names
+    model_types: ClassVar[tuple[str, ...]] = ()  # HF `config.model_type` values
+    hf_class: ClassVar[str] = ""  # transformers class used to load
+
+    def __init__(self, model, processor, name: str = "", revision: str | None = None):
+        self.model = model
+        self.processor = processor
+        self.name = name
+        self.revision = revision
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load_processor(cls, path: str, revision: str | None = None, trust_remote_code: bool = False):
+        """The family's processor; subclasses override where AutoProcessor needs help."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        dtype: str = "float32",
+        device: str | None = None,
+        device_map: str | dict | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> Adapter:
+        """Load model and processor from a local folder or a hub id."""
+        import torch
+        import transformers
+
+        klass = getattr(transformers, cls.hf_class)
+        torch_dtype = getattr(torch, DTYPES[dtype])
+        kwargs: dict[str, Any] = {"dtype": torch_dtype, "revision": revision, "trust_remote_code": trust_remote_code}
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        model = klass.from_pretrained(path, **kwargs)
+        if device_map is None and device is not None:
+            model = model.to(device)
+        model.eval()
+        processor = cls.load_processor(path, revision=revision, trust_remote_code=trust_remote_code)
+        return cls(model, processor, name=str(path), revision=revision)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def text_config(self):
+        return self.model.config.get_text_config()
+
+    @property
+    def decoder(self):
+        """The language model's decoder (holds `.layers` and `.norm`)."""
+        return self.model.get_decoder()
+
+    @property
+    def decoder_layers(self):
+        return self.decoder.layers
+
+    @property
+    def vision_tower(self):
+        return self.model.model.vision_tower
+
+    @property
+    def vision_layers(self):
+        """The vision encoder's transformer blocks, in order."""
+        tower = self.vision_tower
+        tower = getattr(tower, "vision_model", tower)  # older transformers nest the transformer one deeper
+        return tower.encoder.layers
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.decoder_layers)
+
+    @property
+    def n_vision_layers(self) -> int:
+        return len(self.vision_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def vision_hidden_size(self) -> int:
+        return self.config.vision_config.hidden_size
+
+    @property
+    def n_kv_heads(self) -> int:
+        tc = self.text_config
+        return getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        tc = self.text_config
+        return getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+
+    @property
+    def image_token_id(self) -> int:
+        cfg = self.config
+        tid = getattr(cfg, "image_token_id", None)
+        if tid is None:
+            tid = getattr(cfg, "image_token_index")
+        return int(tid)
+
+    @property
+    def image_token(self) -> str:
+        return self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def special_ids(self) -> set[int]:
+        """Ids of special tokens (chat markers, bos/eos), the image placeholder excluded."""
+        tok = self.tokenizer
+        ids = set(tok.all_special_ids)
+        ids |= {i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+        return ids - {self.image_token_id}
+
+    @property
+    def lead_tokens_per_image(self) -> int:
+        """Image-placeholder tokens before each image's grids that map to no grid (e.g. a kept CLS)."""
+        return 0
+
+    def vision_site_shape(self) -> tuple[int, ...]:
+        """Per-token shape of a `vision.{i}` capture."""
+        return (self.vision_hidden_size,)
+
+    def describe(self) -> dict:
+        """JSON-able facts about the loaded model, for manifests and `inspect`."""
+        return {
+            "name": self.name,
+            "revision": self.revision,
+            "family": self.family,
+            "architecture": type(self.model).__name__,
+            "n_layers": self.n_layers,
+            "hidden_size": self.hidden_size,
+            "n_kv_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "n_vision_layers": self.n_vision_layers,
+            "vision_hidden_size": self.vision_hidden_size,
+            "image_token_id": self.image_token_id,
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+        }
+
+    # ------------------------------------------------------------------ prompts
+    def render_prompt(self, prompt: str | None = "", prefix: str | None = None, raw: bool = False) -> str:
+        """The exact text fed for one image and prompt, image placeholder unexpanded.
+
+        Default: the model's own chat template on one user turn holding [prefix text], the image,
+        then the prompt, with the generation prompt added (as `processor.apply_chat_template`).
+        `raw=True` feeds `prompt` as is, adding the image placeholder at the start if it has none.
+        """
+        prompt = prompt or ""
+        tok = self.image_token
+        if raw:
+            text = prompt if tok in prompt else f"{tok}\n{prompt}" if prompt else tok
+            return (prefix or "") + text
+        template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise UserError(
+                f"model {self.name} has no chat template; pass a raw prompt (--raw-prompt) that contains {tok!r}"
+            )
+        content: list[dict] = []
+        if prefix:
+            content.append({"type": "text", "text": prefix})
+        content.append({"type": "image"})
+        if prompt:
+            content.append({"type": "text", "text": prompt})
+        messages = [{"role": "user", "content": content}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    # ------------------------------------------------------------------ inputs
+    def processor_kwargs(self) -> dict:
+        """Extra keyword arguments for the processor call (family-specific)."""
+        return {}
+
+    def prepare(self, images: list[Image.Image], texts: list[str]) -> Batch:
+        """Run the processor on one image per text and build every sequence's TokenLayout.
+
+        Sequences are padded on the right, so real tokens keep positions 0..len-1 and, with causal
+        attention, are computed exactly as they would be alone.
+        """
+        if len(images) != len(texts):
+            raise ValueError("one image per text")
+        tok = self.tokenizer
+        old_side = tok.padding_side
+        tok.padding_side = "right"
+        try:
+            inputs = self.processor(
+                images=images, text=texts, return_tensors="pt", padding=True, **self.processor_kwargs()
+            )
+        finally:
+            tok.padding_side = old_side
+        ids = inputs["input_ids"].numpy()
+        mask = inputs["attention_mask"].numpy() if "attention_mask" in inputs else np.ones_like(ids)
+        lengths = mask.sum(1).astype(int).tolist()
+        special = self.special_ids
+        layouts = []
+        sizes = []
+        for i, im in enumerate(images):
+            hw = (im.height, im.width)
+            grids = self.image_grids(inputs, i, [hw])
+            layouts.append(
+                TokenLayout.build(ids[i, : lengths[i]], self.image_token_id, grids, special, self.lead_tokens_per_image)
+            )
+            sizes.append([hw])
+        return Batch(dict(inputs), list(texts), layouts, lengths, sizes)
+
+    def image_grids(self, inputs, example: int, image_sizes_hw: list[tuple[int, int]]) -> list[list[ViewGrid]]:
+        """Token grids of each image of one example, in sequence order (family-specific)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ vision features
+    def vision_gather_index(self, batch: Batch, positions: list[np.ndarray]) -> np.ndarray:
+        """Rows into the vision encoder's flattened hidden states [n_crops * seq, d] for each chosen
+        position of each example (concatenated), -1 where the position has no vision patch.
+
+        The default covers towers that run crop by crop ([n_crops, seq, d]) with crops of the batch
+        concatenated in example order; `ViewGrid.vision_index` holds per-image indices.
+        """
+        out = []
+        offset = 0
+        for layout, pos in zip(batch.layouts, positions):
+            per_pos = np.full(len(layout), -1, np.int64)
+            for g in layout.grids:
+                if g.vision_index is None:
+                    continue
+                p = layout.grid_positions(g.image, g.view).reshape(-1)
+                vi = g.vision_index.reshape(-1)
+                per_pos[p] = np.where(vi >= 0, vi + offset, -1)
+            out.append(per_pos[pos])
+            offset += self.vision_rows(batch, layout)
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def vision_rows(self, batch: Batch, layout: TokenLayout) -> int:
+        """Rows one example contributes to the flattened vision hidden states."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Adapter]] = {}
+
+
+def register(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: make an adapter findable by architecture and model_type."""
+    _REGISTRY[cls.family] = cls
+    return cls
+
+
+def _load_families() -> None:
+    from sightline.models import llava, llava_next, llava_onevision, qwen2_vl  # noqa: F401
+
+
+def supported() -> dict[str, type[Adapter]]:
+    """family name -> adapter class."""
+    _load_families()
+    return dict(_REGISTRY)
+
+
+def adapter_for_config(config) -> type[Adapter]:
+    """The adapter class for an HF config; UserError listing the supported families otherwise."""
+    fams = supported()
+    archs = list(getattr(config, "architectures", None) or [])
+    mtype = getattr(config, "model_type", "")
+    for cls in fams.values():
+        if any(a in cls.architectures for a in archs) or mtype in cls.model_types:
+            return cls
+    listing = ", ".join(f"{c.family} ({'/'.join(c.architectures)})" for c in fams.values())
+    raise UserError(f"unsupported architecture {archs or mtype!r}; sightline supports: {listing}")
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str = "float32",
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> Adapter:
+    """Load any supported VLM (local folder or hub id) wrapped in its family adapter."""
+    from transformers import AutoConfig
+
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of float32, float16, bfloat16")
+    local = os.path.isdir(name_or_path)
+    if not local and (name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path and os.path.exists(os.path.dirname(name_or_path) or ".") and name_or_path.count("/") != 1):
+        raise UserError(f"model folder {name_or_path} does not exist; pass a local checkpoint folder or a hub id")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load model {name_or_path}: {first}") from None
+    cls = adapter_for_config(config)
+    return cls.from_pretrained(
+        name_or_path, dtype=dtype, device=device, device_map=device_map, revision=revision,
+        trust_remote_code=trust_remote_code,
+    )

@@ -1,0 +1,155 @@
+"""Tiny checkpoints of every supported family, built from config with a locally trained tokenizer.
+
+Used by the tests (HF-equality, layout properties), the benchmarks (a ~60M LLaVA) and the model
+organism. Nothing is downloaded: the tokenizer is a byte-level BPE trained in milliseconds, the
+weights are random, and `save_pretrained` writes an ordinary Hugging Face folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "<|{{ message['role'] }}|>"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ IMAGE }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}<|end|>"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
+)
+
+CORPUS = [
+    "What is shown in this image? A red circle on the left and a blue square.",
+    "Describe this image in detail. There are two shapes: a small green triangle and a star.",
+    "Is there a star? yes no. How many objects are there? one two three four.",
+    "the quick brown fox jumps over the lazy dog 0123456789 , . ? ! : ; ' \" ( )",
+]
+
+TINY_BUILDERS: dict[str, Callable] = {}
+
+
+def tiny_builder(family: str):
+    """Register a function `build(out_dir, **overrides) -> Path` for a family."""
+
+    def deco(fn):
+        TINY_BUILDERS[family] = fn
+        return fn
+
+    return deco
+
+
+def make_tokenizer(image_token: str = "<image>", extra_special: tuple[str, ...] = (), vocab_size: int = 400):
+    """A byte-level BPE tokenizer with the chat markers and the image token as special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", image_token, "<|user|>", "<|assistant|>", "<|system|>", "<|end|>",
+                *extra_special]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": image_token},
+        additional_special_tokens=specials[5:],
+    )
+    fast.chat_template = CHAT_TEMPLATE.replace("{{ IMAGE }}", image_token)
+    return fast
+
+
+def llama_text_config(vocab_size: int, **over) -> dict:
+    """A small Llama text config as a dict (hidden 64, 2 layers, GQA 4/2 heads by default)."""
+    cfg = dict(
+        model_type="llama",
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+    cfg.update(over)
+    return cfg
+
+
+def clip_vision_config(image_size: int = 56, patch_size: int = 14, **over) -> dict:
+    """A small CLIP vision config as a dict."""
+    cfg = dict(
+        model_type="clip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=32,
+    )
+    cfg.update(over)
+    return cfg
+
+
+@tiny_builder("llava")
+def build_tiny_llava(
+    out_dir: str | Path,
+    image_size: int = 56,
+    patch_size: int = 14,
+    text: dict | None = None,
+    vision: dict | None = None,
+    do_pad: bool = False,
+    seed: int = 0,
+) -> Path:
+    """A random LlavaForConditionalGeneration with processor, saved to `out_dir`."""
+    import torch
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    out = Path(out_dir)
+    tok = make_tokenizer("<image>")
+    config = LlavaConfig(
+        text_config=llama_text_config(len(tok), **(text or {})),
+        vision_config=clip_vision_config(image_size, patch_size, **(vision or {})),
+        image_token_id=tok.image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    ip = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True,
+    )
+    if do_pad:
+        ip.do_pad = True
+    proc = LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS, as in llava-hf/llava-1.5-7b-hf
+        chat_template=tok.chat_template,
+    )
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    return out
+
+
+def build_tiny(family: str, out_dir: str | Path, **over) -> Path:
+    """Build and save a tiny checkpoint of `family` (one of TINY_BUILDERS)."""
+    return TINY_BUILDERS[family](out_dir, **over)
