@@ -1,0 +1,112 @@
+"""LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`): LLaVA-NeXT's anyres layout, SigLIP, anyres_max.
+
+The grids are LLaVA-NeXT's (llava_next.py): base view g x g without newline, then the unpadded
+high-resolution map with one `image_newline` per row. What differs: with
+`vision_aspect_ratio="anyres_max_N"`, HF bilinearly shrinks an unpadded map of more than about
+N crops' worth of tokens (ratio = sqrt(rows*cols / (N*g*g)) > 1.1) to
+(int(rows // ratio), int(cols // ratio)); those tokens are blends of patches (`interpolated=True`,
+vision index -1), and their pixel boxes are the same window cut into fewer, larger cells (the
+footprint `F.interpolate(mode="bilinear", align_corners=False)` assigns each output cell).
+
+The processor owns a video processor, which cannot be built without torchvision; an image-only
+subclass of HF's processor is used there (see `ImageOnlyOnevisionProcessor`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from sightline.models.base import register
+from sightline.models.layout import ViewGrid
+from sightline.models.llava_next import AnyresPlan, LlavaNextAdapter
+
+
+def max_crops(vision_aspect_ratio: str) -> int:
+    """N of "anyres_max_N", parsed as HF does."""
+    return int(str(vision_aspect_ratio).strip("anyres_max_"))
+
+
+def interpolated_shape(rows: int, cols: int, side: int, vision_aspect_ratio: str) -> tuple[int, int] | None:
+    """The (rows, cols) HF interpolates an unpadded rows x cols map to, or None when it keeps it."""
+    ratio = math.sqrt(rows * cols / (max_crops(vision_aspect_ratio) * side**2))
+    if ratio > 1.1:
+        return int(rows // ratio), int(cols // ratio)
+    return None
+
+
+def _image_only_processor_class():
+    """HF's LlavaOnevisionProcessor without its video processor (built lazily: importing transformers is slow)."""
+    global _IMAGE_ONLY
+    if _IMAGE_ONLY is None:
+        from transformers import LlavaOnevisionProcessor
+
+        class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
+            """LlavaOnevisionProcessor holding only the image processor and tokenizer.
+
+            Without torchvision, the video processor cannot be constructed, and
+            `AutoProcessor.from_pretrained` silently returns only the tokenizer. Declaring just two
+            attributes makes construction and `from_pretrained` work; images are processed exactly
+            as by the parent class.
+            """
+
+            @classmethod
+            def get_attributes(cls):
+                return ["image_processor", "tokenizer"]
+
+        # Saved folders name HF's class, so a checkpoint written here loads anywhere as usual.
+        ImageOnlyOnevisionProcessor.__name__ = "LlavaOnevisionProcessor"
+        _IMAGE_ONLY = ImageOnlyOnevisionProcessor
+    return _IMAGE_ONLY
+
+
+_IMAGE_ONLY = None
+
+
+def image_only_processor(**kwargs):
+    """Construct the image-only OneVision processor (same arguments as LlavaOnevisionProcessor)."""
+    return _image_only_processor_class()(**kwargs)
+
+
+@register
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    family = "llava_onevision"
+    architectures = ("LlavaOnevisionForConditionalGeneration",)
+    model_types = ("llava_onevision",)
+    hf_class = "LlavaOnevisionForConditionalGeneration"
+
+    @classmethod
+    def load_processor(cls, path: str, revision: str | None = None, trust_remote_code: bool = False):
+        """HF's processor where torchvision is present; the image-only subclass otherwise."""
+        from transformers.utils import is_torchvision_available
+
+        if is_torchvision_available():
+            try:
+                proc = super().load_processor(path, revision=revision, trust_remote_code=trust_remote_code)
+            except Exception:  # a broken torchvision install: fall back to the image-only processor
+                proc = None
+            if proc is not None and hasattr(proc, "image_processor"):
+                return proc
+        return _image_only_processor_class().from_pretrained(path, revision=revision)
+
+    @property
+    def vision_aspect_ratio(self) -> str:
+        return getattr(self.config, "vision_aspect_ratio", None) or "anyres_max_9"
+
+    def source_map_grid(self, k: int, p: AnyresPlan, crop_offset: int = 0) -> ViewGrid:
+        """The unpadded map before any anyres_max interpolation (1:1 with patches)."""
+        return super()._map_grid(k, p, crop_offset)
+
+    def _map_grid(self, k: int, p: AnyresPlan, crop_offset: int) -> ViewGrid:
+        src = self.source_map_grid(k, p, crop_offset)
+        shape = interpolated_shape(src.rows, src.cols, p.side, self.vision_aspect_ratio)
+        if shape is None:
+            return src
+        rows, cols = shape
+        # same window, cut into rows x cols cells: output cell i spans input [i*in/out, (i+1)*in/out)
+        step = (src.step_xy[0] * src.cols / cols, src.step_xy[1] * src.rows / rows)
+        return ViewGrid(
+            k, 1, rows, cols, p.image_hw, src.origin_xy, step, newline=True, interpolated=True,
+            vision_index=np.full((rows, cols), -1, np.int64),
+        )

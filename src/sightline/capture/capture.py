@@ -1,0 +1,181 @@
+"""Read named sites at chosen positions during one forward pass of the native HF model.
+
+Hooks sit on the model's own modules (decoder layers, attention, MLP, vision blocks); keys and
+values are read from the KV cache the forward fills, so they are exactly what later tokens attend
+to. Each hook gathers only the chosen positions, so memory is proportional to what is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sightline.capture.sites import KV_KINDS, Site, site_shape
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every requested site is captured, to skip the rest of the model."""
+
+
+@dataclass
+class _Plan:
+    sites: list[Site]
+    last_layer: int  # last decoder layer whose forward must run (-1: none needed)
+    needs_cache: bool
+    needs_lm: bool
+
+
+def _plan(sites: list[str], n_layers: int) -> _Plan:
+    parsed = [Site.parse(s) for s in sites]
+    last = -1
+    for s in parsed:
+        if s.kind == "resid":
+            last = max(last, s.layer - 1)
+        elif s.kind in ("keys", "values", "keys_prerope", "attn_out", "mlp_out"):
+            last = max(last, s.layer)
+    needs_lm = any(s.kind != "vision" for s in parsed)
+    return _Plan(parsed, last, any(s.kind in KV_KINDS for s in parsed), needs_lm)
+
+
+def _first_tensor(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+class Capture:
+    """Capture sites at chosen positions of a batch: `Capture(adapter, sites).run(batch, positions)`.
+
+    `positions[i]` are sequence positions of example i (e.g. `layout.positions("image")`). The
+    result is one dict per example, site -> tensor [n_positions_i, *site_shape] on the CPU in
+    `dtype` (default: the model's). `vision.{i}` rows are NaN at positions that have no vision
+    patch (text, newline tokens).
+    """
+
+    def __init__(self, adapter, sites: list[str], dtype: torch.dtype | None = None, stop_early: bool = True):
+        self.adapter = adapter
+        self.sites = list(sites)
+        self.plan = _plan(self.sites, adapter.n_layers)
+        self.dtype = dtype
+        self.stop_early = stop_early
+        self.shapes = {s: site_shape(s, adapter) for s in self.sites}
+
+    @torch.no_grad()
+    def run(self, batch, positions: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
+        """One forward pass of `batch`; returns the captured sites per example."""
+        ad = self.adapter
+        dev = ad.device
+        counts = [len(p) for p in positions]
+        b_idx = torch.as_tensor(np.repeat(np.arange(len(positions)), counts), dtype=torch.long, device=dev)
+        s_idx = torch.as_tensor(np.concatenate(positions) if positions else np.zeros(0), dtype=torch.long, device=dev)
+        got: dict[str, torch.Tensor] = {}
+        vision_idx = None
+        if any(s.kind == "vision" for s in self.plan.sites):
+            vi = ad.vision_gather_index(batch, positions)
+            vision_idx = torch.as_tensor(vi, dtype=torch.long, device=dev)
+
+        def keep(name, t):
+            got[name] = t.to(self.dtype) if self.dtype is not None else t
+
+        def gather_seq(t):  # [B, S, ...] -> [N, ...]
+            return t[b_idx, s_idx]
+
+        def gather_vision(t):  # any [..., d] -> [N, (k,) d], NaN where index is -1
+            flat = t.reshape(-1, t.shape[-1])
+            idx = vision_idx.clamp(min=0)
+            out = flat[idx]
+            miss = vision_idx < 0
+            if miss.any():
+                out = out.clone()
+                out[miss] = float("nan")
+            return out
+
+        hooks = []
+        layers = ad.decoder_layers
+        cache = None
+        try:
+            for s in self.plan.sites:
+                name, L = s.name, s.layer
+                if s.kind == "resid" and L == 0:
+                    hooks.append(layers[0].register_forward_pre_hook(
+                        lambda m, a, kw, name=name: keep(name, gather_seq(a[0] if a else kw["hidden_states"])),
+                        with_kwargs=True))
+                elif s.kind == "resid":  # the stream entering block L is what block L-1 returned
+                    hooks.append(layers[L - 1].register_forward_hook(
+                        lambda m, a, o, name=name: keep(name, gather_seq(_first_tensor(o)))))
+                elif s.kind == "attn_out":
+                    hooks.append(layers[L].self_attn.register_forward_hook(
+                        lambda m, a, o, name=name: keep(name, gather_seq(_first_tensor(o)))))
+                elif s.kind == "mlp_out":
+                    hooks.append(layers[L].mlp.register_forward_hook(
+                        lambda m, a, o, name=name: keep(name, gather_seq(_first_tensor(o)))))
+                elif s.kind == "keys_prerope":
+                    attn = layers[L].self_attn
+                    mod = getattr(attn, "k_norm", None) or attn.k_proj  # keys before rotation, after any k-norm
+                    shape = self.shapes[name]
+                    hooks.append(mod.register_forward_hook(
+                        lambda m, a, o, name=name, shape=shape: keep(
+                            name, gather_seq(o.reshape(o.shape[0], o.shape[1], *shape)))))
+                elif s.kind == "projector":
+                    hooks.append(ad.decoder.register_forward_pre_hook(
+                        lambda m, a, kw: keep("projector", gather_seq(kw["inputs_embeds"])), with_kwargs=True))
+                elif s.kind == "vision":
+                    vl = ad.vision_layers
+                    if L < len(vl):
+                        hooks.append(vl[L].register_forward_pre_hook(
+                            lambda m, a, kw, name=name: keep(name, gather_vision(a[0] if a else kw["hidden_states"])),
+                            with_kwargs=True))
+                    else:
+                        hooks.append(vl[-1].register_forward_hook(
+                            lambda m, a, o, name=name: keep(name, gather_vision(_first_tensor(o)))))
+            if self.stop_early:
+                hooks.append(self._stop_hook())
+            kwargs = dict(batch.inputs)
+            kwargs = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+            if self.plan.needs_cache:
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=ad.model.config)
+                kwargs["past_key_values"] = cache
+            try:
+                ad.model(**kwargs, use_cache=self.plan.needs_cache, logits_to_keep=1, return_dict=True)
+            except _StopForward:
+                pass
+        finally:
+            for h in hooks:
+                h.remove()
+        if cache is not None:
+            for s in self.plan.sites:
+                if s.kind in KV_KINDS:
+                    layer = cache.layers[s.layer]
+                    t = layer.keys if s.kind == "keys" else layer.values  # [B, n_kv, S, hd]
+                    keep(s.name, gather_seq(t.transpose(1, 2)))
+        missing = [s for s in self.sites if s not in got]
+        if missing:
+            raise RuntimeError(f"sites not captured (hook never fired): {missing}")
+        out: list[dict[str, torch.Tensor]] = [{} for _ in positions]
+        for name, t in got.items():
+            t = t.detach().to("cpu")
+            for i, part in enumerate(torch.split(t, counts)):
+                out[i][name] = part
+        return out
+
+    def _stop_hook(self):
+        """After the last layer anything needs, stop the forward (skips later layers, norm, lm_head)."""
+        ad = self.adapter
+        if not self.plan.needs_lm:  # vision sites only: stop before the language model runs
+            def pre(m, a, kw):
+                raise _StopForward
+
+            return ad.decoder.register_forward_pre_hook(pre, with_kwargs=True)
+        last = self.plan.last_layer
+        if last < 0:  # only projector / resid.0: stop as the first layer starts
+            def pre0(m, a, kw):
+                raise _StopForward
+
+            return ad.decoder_layers[0].register_forward_pre_hook(pre0, with_kwargs=True)
+
+        def post(m, a, o):
+            raise _StopForward
+
+        return ad.decoder_layers[last].register_forward_hook(post)

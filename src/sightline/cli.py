@@ -1,0 +1,192 @@
+"""The `sightline` command: thin subcommands that parse arguments into a config and call one function.
+
+Imports are lazy so that `sightline --help` answers at once; a user mistake (UserError) prints one
+line and exits with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="local checkpoint folder or hub id")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--model-dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, float16, bfloat16")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device-map", default=None, help='e.g. "auto" to spread a large model over GPUs (accelerate)')
+    p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the checkpoint (off by default)")
+
+
+def _add_prompt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", default=None, help="text after the image (default: the image alone)")
+    p.add_argument("--prefix", default=None, help="text placed before the image in the user turn")
+    p.add_argument("--raw-prompt", action="store_true", help="feed --prompt as is, not through the chat template")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="sightline",
+        description="What a vision-language model's language model knows about its image, and how to edit it.",
+    )
+    ap.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the whole pipeline on the built-in model, no arguments needed")
+    p.add_argument("--out", default="sightline-demo", help="output folder (default: ./sightline-demo)")
+    p.add_argument("--n", type=int, default=48, help="number of held-out images")
+
+    p = sub.add_parser("extract", help="capture sites of a dataset into an ActivationStore")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="image folder (class subfolders or flat) or a .jsonl manifest")
+    _add_prompt_args(p)
+    p.add_argument("--sites", default="resid", help="kinds (resid,keys,values,keys_prerope,attn_out,mlp_out,"
+                   "vision,projector) and/or exact sites (resid.3)")
+    p.add_argument("--layers", default="all", help="all, 0,4,8 or 4-12 (for the kinds given without a layer)")
+    p.add_argument("--positions", default="image", choices=["image", "text", "all"])
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="store dtype")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", required=True, help="store folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted store")
+    p.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    p.add_argument("--skip-bad", action="store_true", help="record unreadable images in the store and go on")
+    p.add_argument("--shard-mb", type=float, default=256.0, help="shard size in MiB")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("inspect", help="print the token layout of one image in the model's prompt")
+    _add_model_args(p)
+    p.add_argument("--image", required=True)
+    _add_prompt_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser("store", help="look at an ActivationStore")
+    ssub = p.add_subparsers(dest="store_command", metavar="STORE_COMMAND")
+    q = ssub.add_parser("info", help="sites, shapes, examples, tokens and completeness of a store")
+    q.add_argument("path")
+    q.add_argument("--json", action="store_true")
+    return ap
+
+
+def cmd_extract(a) -> int:
+    from sightline.extract import ExtractConfig, extract
+
+    cfg = ExtractConfig(
+        model=a.model, data=a.data, out=a.out, prompt=a.prompt, prefix=a.prefix, raw_prompt=a.raw_prompt,
+        sites=a.sites, layers=a.layers, positions=a.positions, dtype=a.dtype, model_dtype=a.model_dtype,
+        batch_size=a.batch_size, device=a.device, device_map=a.device_map, revision=a.revision,
+        trust_remote_code=a.trust_remote_code, resume=a.resume, limit=a.limit, skip_bad=a.skip_bad,
+        shard_mb=a.shard_mb, progress=not a.no_progress,
+    )
+    path = extract(cfg)
+    from sightline.store import ActivationStore
+
+    s = ActivationStore.open(path)
+    print(f"wrote {path}: {len(s)} examples, {s.n_tokens} tokens, {len(s.sites)} sites"
+          + ("" if s.complete else " (incomplete: other ranks still writing, or rerun with --resume)"))
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from sightline.data import load_image
+    from sightline.extract import _resolve_device
+    from sightline.models import load_model
+
+    device = _resolve_device(a.device) if a.device_map is None else None
+    dtype = a.model_dtype if a.model_dtype != "auto" else ("bfloat16" if (device or "").startswith("cuda") else "float32")
+    image = load_image(a.image)
+    ad = load_model(a.model, dtype=dtype, device=device, device_map=a.device_map, revision=a.revision,
+                    trust_remote_code=a.trust_remote_code)
+    text = ad.render_prompt(a.prompt, prefix=a.prefix, raw=a.raw_prompt)
+    batch = ad.prepare([image], [text])
+    lay = batch.layouts[0]
+    info = {"model": ad.describe(), "image": a.image, "image_size_hw": [image.height, image.width], "text": text,
+            **lay.summary()}
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"model      {ad.name} ({ad.family}, {ad.n_layers} layers, {ad.n_kv_heads} KV heads x {ad.head_dim})")
+    print(f"image      {a.image}  {image.width}x{image.height} px")
+    print(f"text       {text!r}")
+    t = info["tokens"]
+    print(f"sequence   {info['seq_len']} tokens: {t['image']} image, {t['image_newline']} newline, "
+          f"{t['text']} text, {t['special']} special")
+    img_pos = lay.image_positions
+    if len(img_pos):
+        print(f"image at   positions {img_pos[0]}..{img_pos[-1]} ({len(img_pos)} placeholder tokens)")
+    for g in info["grids"]:
+        extra = (" + newline per row" if g["newline"] else "") + (" (interpolated)" if g["interpolated"] else "")
+        px, py = g["pixels_per_token_xy"]
+        print(f"  image {g['image']} view {g['view']}: {g['rows']}x{g['cols']} grid{extra}, from position "
+              f"{g['first_position']}, {g['n_tokens']} tokens, {px:g}x{py:g} px per token")
+    return 0
+
+
+def cmd_store_info(a) -> int:
+    from sightline.store import ActivationStore
+
+    s = ActivationStore.open(a.path)
+    info = {
+        "path": a.path,
+        "model": s.manifest.get("model", {}).get("name"),
+        "examples": len(s),
+        "skipped": len(s.skipped),
+        "planned": s.manifest.get("n_examples"),
+        "complete": s.complete,
+        "tokens": s.n_tokens,
+        "dtype": str(s.dtype).replace("torch.", ""),
+        "sites": {k: list(v) for k, v in s.manifest["sites"].items()},
+        "config": s.manifest.get("config", {}),
+    }
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"store     {a.path}")
+    print(f"model     {info['model']}")
+    print(f"examples  {info['examples']} written, {info['skipped']} skipped, {info['planned']} planned"
+          f" ({'complete' if info['complete'] else 'INCOMPLETE: rerun extract with --resume'})")
+    print(f"tokens    {info['tokens']}  dtype {info['dtype']}")
+    print("sites     " + ", ".join(f"{k} {tuple(v)}" for k, v in info["sites"].items()))
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from sightline.demo import run_demo
+
+    run_demo(a.out, n=a.n)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    if a.version:
+        from sightline import __version__
+
+        print(__version__)
+        return 0
+    handlers = {"extract": cmd_extract, "inspect": cmd_inspect, "demo": cmd_demo}
+    if a.command == "store":
+        if a.store_command != "info":
+            ap.parse_args(["store", "--help"])
+        handler = cmd_store_info
+    elif a.command in handlers:
+        handler = handlers[a.command]
+    else:
+        ap.print_help()
+        return 0
+    from sightline.errors import UserError
+
+    try:
+        return handler(a)
+    except UserError as e:
+        print(f"sightline: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sightline: interrupted (an extraction continues with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

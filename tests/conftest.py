@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny checkpoints of every family, built once per session from config."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """family -> folder of a saved tiny checkpoint (built on first use)."""
+    from sightline.models.testing import TINY_BUILDERS, build_tiny
+
+    made: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in TINY_BUILDERS:
+            pytest.skip(f"no tiny builder for {family}")
+        if family not in made:
+            made[family] = str(build_tiny(family, tmp_path_factory.mktemp(family)))
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_checkpoint):
+    """family -> loaded adapter (fp32, CPU), cached per session."""
+    from sightline.models import load_model
+
+    cache: dict = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = load_model(tiny_checkpoint(family))
+        return cache[family]
+
+    return get
+
+
+def gradient_image(h: int, w: int, seed: int = 0):
+    """A smooth colour image: red varies with x, green with y, blue with both (for geometry tests)."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    r = 255 * x / max(w - 1, 1)
+    g = 255 * y / max(h - 1, 1)
+    b = 127 + 120 * np.sin((x + y) / max(h, w) * 3 + seed)
+    return Image.fromarray(np.stack([r, g, b], -1).clip(0, 255).astype(np.uint8))
