@@ -18,6 +18,10 @@ from sightline.models.testing import build_tiny
 
 FAMILIES = ("llava_next", "llava_onevision")
 SIDES = st.integers(20, 300)
+# LLaVA-NeXT's CLIP-336 crops are 24 whole patches of 14 px; OneVision's SigLIP-384 crops are not
+# (27 patches = 378 px, the last 6 px of every crop unseen). The tiny models keep both: 56 = 4 x 14
+# for NeXT, 60 px crops of 4 patches (56 px seen) for OneVision.
+BUILD = {"llava_next": {}, "llava_onevision": {"image_size": 60}}
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +29,7 @@ def adapters(tmp_path_factory):
     """Each family's tiny checkpoint, saved and loaded back through `load_model` (fp32)."""
     out = {}
     for fam in FAMILIES:
-        folder = build_tiny(fam, tmp_path_factory.mktemp(fam))
+        folder = build_tiny(fam, tmp_path_factory.mktemp(fam), **BUILD[fam])
         out[fam] = load_model(str(folder))
     return out
 
@@ -125,10 +129,8 @@ def test_features_and_newlines_match_hf(adapters, family, h1, w1, h2, w2):
 
 # ---------------------------------------------------------------------- 2. pixel geometry
 def unclipped_boxes(g):
-    c, r = np.arange(g.cols), np.arange(g.rows)
-    x0 = g.origin_xy[0] + c * g.step_xy[0]
-    y0 = g.origin_xy[1] + r * g.step_xy[1]
-    return x0, x0 + g.step_xy[0], y0, y0 + g.step_xy[1]
+    xs, ys = g.spans()
+    return xs[:, 0], xs[:, 1], ys[:, 0], ys[:, 1]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -153,32 +155,46 @@ def test_pixel_geometry(adapters, family, h, w):
     mean = torch.tensor(ip.image_mean).view(3, 1, 1)
     std = torch.tensor(ip.image_std).view(3, 1, 1)
     crops = batch.inputs["pixel_values"][0] * std[None] + mean[None]  # [crops, 3, S, S] in 0..1
-    ps, g, seq, pre = adapter.config.vision_config.patch_size, adapter.grid_side, adapter.vision_seq_len, adapter.vision_prefix
+    vc = adapter.config.vision_config
+    ps, g, seq, pre = vc.patch_size, adapter.grid_side, adapter.vision_seq_len, adapter.vision_prefix
+    seen = g * ps / vc.image_size  # fraction of each crop that patches cover
     checked = 0
     for grid in lay.grids:
         if grid.interpolated:
-            continue
+            # interpolated tokens blend patches: check the 1:1 map they were resized from, and
+            # that they cover the same window of the image
+            src = adapter.source_map_grid(0, adapter.plan((h, w)))
+            for a, b in zip(grid.spans(), src.spans()):
+                np.testing.assert_allclose([a[0, 0], a[-1, 1]], [b[0, 0], b[-1, 1]], atol=1e-9)
+            grid = src
         x0, x1, y0, y1 = unclipped_boxes(grid)
         # clipped boxes lie inside the image
         b = grid.boxes()
         assert (b[..., 0] >= 0).all() and (b[..., 2] <= w).all() and (b[..., 1] >= 0).all() and (b[..., 3] <= h).all()
-        # coverage: the base view is the whole image exactly; the unpadded map covers it up to
-        # HF's rounding of the content size on the token grid (at most half a token per side),
-        # and no row or column of the map lies wholly in padding
-        sx, sy = grid.step_xy
-        if grid.view == 0:
-            np.testing.assert_allclose([x0[0], y0[0], x1[-1], y1[-1]], [0, 0, w, h], atol=1e-6)
-        elif grid.rows == 0 or grid.cols == 0:
+        if grid.rows == 0 or grid.cols == 0:
             # HF truncates the content size on the token grid (`int(round(., 7))`): an image less
             # than one token thick on its tiles (e.g. 20 x 300 on 1 x 3 tiles) keeps no map tokens,
             # only the newlines of its rows (300 x 20: 12 rows of 0 columns, 12 newlines)
-            assert grid.n_tokens == grid.rows and (grid.cols == 0 or grid.rows == 0)
+            assert grid.view == 1 and grid.n_tokens == grid.rows
             nph, npw = adapter.plan((h, w)).tiles_hw
             assert min(h * npw * g / w, w * nph * g / h) < 1  # the image is under one token thick
             continue
+        # every token is one patch wide; between tokens there is no gap, or exactly a tile's unseen strip
+        sx, sy = x1[0] - x0[0], y1[0] - y0[0]
+        gap_x, gap_y = sx * (1 / seen - 1) * g, sy * (1 / seen - 1) * g
+        for lo, hi, gap in ((x0, x1, gap_x), (y0, y1, gap_y)):
+            np.testing.assert_allclose(hi - lo, hi[0] - lo[0], atol=1e-6)
+            d = lo[1:] - hi[:-1]
+            assert (np.isclose(d, 0, atol=1e-6) | np.isclose(d, gap, atol=1e-6)).all()
+        # coverage: the base view is the whole image (less the crop's unseen strip) exactly; the
+        # unpadded map covers it up to HF's rounding of the content size on the token grid (at most
+        # half a token per side) and the unseen strip of the last tile; no row or column of the map
+        # lies wholly in padding
+        if grid.view == 0:
+            np.testing.assert_allclose([x0[0], y0[0], x1[-1], y1[-1]], [0, 0, w * seen, h * seen], atol=1e-6)
         else:
             assert x0[0] <= 0.5 * sx + 1e-6 and y0[0] <= 0.5 * sy + 1e-6
-            assert x1[-1] >= w - 0.5 * sx - 1e-6 and y1[-1] >= h - 0.5 * sy - 1e-6
+            assert x1[-1] >= w - 0.5 * sx - gap_x - 1e-6 and y1[-1] >= h - 0.5 * sy - gap_y - 1e-6
             assert x1[0] > 0 and y1[0] > 0 and x0[-1] < w and y0[-1] < h
         vi = grid.vision_index
         crop, patch = np.divmod(vi, seq)
@@ -210,13 +226,13 @@ def test_onevision_interpolated_map(adapters, size):
     assert grid.interpolated and (grid.vision_index == -1).all()
     pos = lay.grid_positions(0, 1).reshape(-1)
     assert lay.interpolated[pos].all() and not lay.interpolated[lay.grid_positions(0, 0)].any()
-    # the interpolated grid spans the same window of the image as the map it was resized from
+    # the interpolated grid spans the same window of the image as the map it was resized from,
+    # cut into fewer cells, each wider than a patch
     src = adapter.source_map_grid(0, adapter.plan(size))
-    assert (grid.rows, grid.cols) != (src.rows, src.cols)
-    np.testing.assert_allclose(grid.origin_xy, src.origin_xy)
-    np.testing.assert_allclose(
-        [grid.cols * grid.step_xy[0], grid.rows * grid.step_xy[1]], [src.cols * src.step_xy[0], src.rows * src.step_xy[1]]
-    )
+    assert grid.rows < src.rows and grid.cols < src.cols
+    for a, b in zip(grid.spans(), src.spans()):
+        np.testing.assert_allclose([a[0, 0], a[-1, 1]], [b[0, 0], b[-1, 1]], atol=1e-9)
+        assert (np.diff(a[:, 0]) > 0).all() and (a[:, 1] - a[:, 0] > (b[:, 1] - b[:, 0]).max()).all()
     # values: bilinear resize (as HF) of the projected source map, read through its vision index
     _, emb = run_batch(adapter, [noise_image(*size, 0)])
     feats = tower_features(adapter, batch)

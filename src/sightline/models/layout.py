@@ -39,21 +39,38 @@ class ViewGrid:
     # token (row-major) giving the flat index into the image's vision sequence (crop * seq + patch),
     # or -1 where no single patch corresponds. None when the family maps vision features itself.
     vision_index: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # Exact unclipped pixel spans per column [cols, 2] (x0, x1) and per row [rows, 2] (y0, y1), for
+    # grids that are affine only piecewise: anyres tiles whose patches do not fill the tile
+    # (LLaVA-OneVision: 27 patches of 14 px cover 378 of each 384-px tile). When set they override
+    # origin/step (which then hold the mean pitch, for summaries); None: affine.
+    col_spans: np.ndarray | None = field(default=None, compare=False, repr=False)
+    row_spans: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def n_tokens(self) -> int:
         """Tokens this grid occupies in the sequence, newlines included."""
         return self.rows * (self.cols + int(self.newline))
 
+    def spans(self) -> tuple[np.ndarray, np.ndarray]:
+        """Unclipped pixel spans of the columns [cols, 2] (x0, x1) and of the rows [rows, 2] (y0, y1)."""
+
+        def axis(explicit, n, origin, step):
+            if explicit is not None:
+                return np.asarray(explicit, np.float64).reshape(n, 2)
+            k = np.arange(n, dtype=np.float64)
+            return np.stack([origin + k * step, origin + (k + 1) * step], axis=1)
+
+        return (
+            axis(self.col_spans, self.cols, self.origin_xy[0], self.step_xy[0]),
+            axis(self.row_spans, self.rows, self.origin_xy[1], self.step_xy[1]),
+        )
+
     def boxes(self) -> np.ndarray:
         """Pixel boxes (x0, y0, x1, y1) of the grid's tokens, [rows, cols, 4], clipped to the image."""
         h, w = self.image_size_hw
-        c = np.arange(self.cols, dtype=np.float64)
-        r = np.arange(self.rows, dtype=np.float64)
-        x0 = np.clip(self.origin_xy[0] + c * self.step_xy[0], 0, w)
-        x1 = np.clip(self.origin_xy[0] + (c + 1) * self.step_xy[0], 0, w)
-        y0 = np.clip(self.origin_xy[1] + r * self.step_xy[1], 0, h)
-        y1 = np.clip(self.origin_xy[1] + (r + 1) * self.step_xy[1], 0, h)
+        xs, ys = self.spans()
+        x0, x1 = np.clip(xs[:, 0], 0, w), np.clip(xs[:, 1], 0, w)
+        y0, y1 = np.clip(ys[:, 0], 0, h), np.clip(ys[:, 1], 0, h)
         out = np.empty((self.rows, self.cols, 4), dtype=np.float32)
         out[..., 0] = x0[None, :]
         out[..., 1] = y0[:, None]
@@ -62,8 +79,35 @@ class ViewGrid:
         return out
 
     def pixel_to_grid(self, x: float, y: float) -> tuple[float, float]:
-        """Continuous grid coordinates (row, col) of an original-image pixel coordinate."""
-        return (y - self.origin_xy[1]) / self.step_xy[1], (x - self.origin_xy[0]) / self.step_xy[0]
+        """Continuous grid coordinates (row, col) of an original-image pixel coordinate.
+
+        NaN along an axis where the point falls in a gap between spans (seen by no token).
+        """
+        if self.col_spans is None and self.row_spans is None:
+            return (y - self.origin_xy[1]) / self.step_xy[1], (x - self.origin_xy[0]) / self.step_xy[0]
+        xs, ys = self.spans()
+        return _span_coord(float(y), ys), _span_coord(float(x), xs)
+
+
+def _span_coord(v: float, spans: np.ndarray) -> float:
+    """Continuous grid coordinate of v along an axis given by sorted spans; NaN inside a gap."""
+    if len(spans) == 0:
+        return float("nan")
+    k = int(np.searchsorted(spans[:, 0], v, side="right")) - 1
+    k0 = min(max(k, 0), len(spans) - 1)  # before the first / past the last span: extrapolate
+    x0, x1 = spans[k0]
+    if 0 <= k < len(spans) - 1 and v >= x1:
+        return float("nan")
+    return k0 + (v - x0) / (x1 - x0)
+
+
+def _span_index(v: np.ndarray, spans: np.ndarray) -> np.ndarray:
+    """Index of the span holding each value, -1 where none does."""
+    if len(spans) == 0:
+        return np.full(len(v), -1)
+    k = np.searchsorted(spans[:, 0], v, side="right") - 1
+    inside = (k >= 0) & (v < spans[np.maximum(k, 0), 1])
+    return np.where(inside, k, -1)
 
 
 @dataclass
@@ -254,6 +298,8 @@ def point_to_token(layout: TokenLayout, xy: tuple[float, float], image: int = 0,
     if not (0 <= x <= w and 0 <= y <= h):
         return -1
     r, c = g.pixel_to_grid(x, y)
+    if np.isnan(r) or np.isnan(c):  # in a gap between tiles' patches
+        return -1
     r, c = int(np.floor(r)), int(np.floor(c))
     # a point on the far edge belongs to the last token
     r, c = min(r, g.rows - 1), min(c, g.cols - 1)
@@ -274,8 +320,12 @@ def tokens_to_pixels(
     if s.shape != (g.rows, g.cols):
         raise ValueError(f"scores shape {s.shape} != grid shape {(g.rows, g.cols)}")
     h, w = g.image_size_hw
-    rr = np.floor((np.arange(h) + 0.5 - g.origin_xy[1]) / g.step_xy[1]).astype(int)
-    cc = np.floor((np.arange(w) + 0.5 - g.origin_xy[0]) / g.step_xy[0]).astype(int)
+    if g.col_spans is None and g.row_spans is None:
+        rr = np.floor((np.arange(h) + 0.5 - g.origin_xy[1]) / g.step_xy[1]).astype(int)
+        cc = np.floor((np.arange(w) + 0.5 - g.origin_xy[0]) / g.step_xy[0]).astype(int)
+    else:
+        xs, ys = g.spans()
+        rr, cc = _span_index(np.arange(h) + 0.5, ys), _span_index(np.arange(w) + 0.5, xs)
     okr = (rr >= 0) & (rr < g.rows)
     okc = (cc >= 0) & (cc < g.cols)
     out = np.full((h, w), np.nan, np.float32)

@@ -6,6 +6,9 @@ view, g x g tokens, no newline), crops 1.. are tiles of the image resized to fit
 (nph*g) x (npw*g) map, crops the padding rows or columns away (`unpad_image`, on the token grid) and
 emits the map row by row, each row followed by one `image_newline` token. The geometry below
 mirrors that on sizes: resize for patching, centred pad, tile grid, then the unpad offsets.
+Patches are `patch_size` processed pixels; where a crop is not a whole number of patches
+(SigLIP-384 with 14-px patches: 27 patches = 378 px) the rest of each tile is seen by no token, so
+the map is affine only piecewise and its grid carries exact per-column / per-row spans.
 LLaVA-OneVision (llava_onevision.py) reuses all of it and adds the anyres_max interpolation.
 """
 
@@ -62,8 +65,9 @@ class AnyresPlan:
     window: tuple[int, int, int, int]  # unpad window (top, left, rows, cols) on the (nph*g) x (npw*g) map
     base_origin_xy: tuple[float, float]
     base_step_xy: tuple[float, float]
-    map_origin_xy: tuple[float, float]  # of token (0, 0) of the UNPADDED map
-    map_step_xy: tuple[float, float]
+    map_col_spans: np.ndarray  # [cols, 2] original-pixel x0, x1 of each column of the UNPADDED map
+    map_row_spans: np.ndarray  # [rows, 2] y0, y1 of each row
+    map_pitch_xy: tuple[float, float]  # pixels per map token (one patch)
 
     @property
     def n_crops(self) -> int:
@@ -85,6 +89,42 @@ def _sd(size, key):
     return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
 
 
+def _patch_pitch(pipeline, in_hw, vision_config):
+    """(origin_xy, pitch_xy): where patch (0, 0) starts and how far apart patches are, in the crop
+    pipeline's INPUT pixels. Patches are `patch_size` processed pixels; when the tower's input is
+    not a whole number of patches (SigLIP 384 / 14), the last few processed pixels are seen by none."""
+    (ox, oy), (ex, ey) = clip_style_grid(pipeline, in_hw, 1, 1)  # whole processed crop, in input px
+    k = vision_config.patch_size / vision_config.image_size  # processed crop is image_size px square
+    return (ox, oy), (ex * k, ey * k)
+
+
+def _map_spans(start: int, count: int, side: int, tile: int, origin: float, pitch: float, paste: int, scale: float):
+    """Original-pixel spans of `count` map tokens from `start` along one axis of the tiled map."""
+    tile_idx, within = np.divmod(start + np.arange(count), side)
+    x0 = tile_idx * tile + origin + within * pitch  # on the padded canvas of the best resolution
+    return (np.stack([x0, x0 + pitch], axis=1) - paste) * scale
+
+
+def spans_grid(image: int, view: int, image_hw, col_spans, row_spans, pitch_xy, **kw) -> ViewGrid:
+    """A ViewGrid from per-column and per-row pixel spans: affine when they are evenly spaced and
+    contiguous (origin/step only), otherwise carrying the spans (origin/step: the mean pitch)."""
+    xs, ys = np.asarray(col_spans, np.float64), np.asarray(row_spans, np.float64)
+
+    def affine(sp, pitch):
+        if len(sp) == 0:
+            return 0.0, float(pitch), True
+        step = (sp[-1, 1] - sp[0, 0]) / len(sp)
+        even = sp[0, 0] + np.arange(len(sp) + 1) * step
+        tol = 1e-9 * max(1.0, float(np.abs(sp).max()))
+        ok = np.allclose(sp[:, 0], even[:-1], rtol=0, atol=tol) and np.allclose(sp[:, 1], even[1:], rtol=0, atol=tol)
+        return float(sp[0, 0]), float(step), ok
+
+    ox, sx, ax = affine(xs, pitch_xy[0])
+    oy, sy, ay = affine(ys, pitch_xy[1])
+    exact = {} if ax and ay else {"col_spans": xs, "row_spans": ys}
+    return ViewGrid(image, view, len(ys), len(xs), tuple(image_hw), (ox, oy), (sx, sy), **exact, **kw)
+
+
 def anyres_plan(image_processor, config, image_hw: tuple[int, int]) -> AnyresPlan:
     """Mirror, on sizes, the anyres image processor and the model's `pack_image_features`."""
     vc = config.vision_config
@@ -94,8 +134,7 @@ def anyres_plan(image_processor, config, image_hw: tuple[int, int]) -> AnyresPla
     pipeline = _crop_pipeline(ip)
     # the crop size the processor tiles with (crop_size.height, else size.height, else shortest_edge)
     size, crop = ip.size, getattr(ip, "crop_size", None)
-    tile = (crop and _sd(crop, "height")) or _sd(size, "height") or _sd(size, "shortest_edge")
-    tile = int(tile)
+    tile = int((crop and _sd(crop, "height")) or _sd(size, "height") or _sd(size, "shortest_edge"))
     if tile != vc.image_size:
         raise ValueError(f"image processor tiles of {tile} px do not match the vision tower's {vc.image_size} px")
 
@@ -104,26 +143,21 @@ def anyres_plan(image_processor, config, image_hw: tuple[int, int]) -> AnyresPla
         base_hw = (int(_sd(size, "height")), int(_sd(size, "width")))
     else:
         base_hw = (int(_sd(size, "shortest_edge")),) * 2
-    (ox, oy), (sx, sy) = clip_style_grid(pipeline, base_hw, g, g)
+    (ox, oy), (px, py) = _patch_pitch(pipeline, base_hw, vc)
     fx, fy = w / base_hw[1], h / base_hw[0]
-    base_origin, base_step = (ox * fx, oy * fy), (sx * fx, sy * fy)
+    base_origin, base_step = (ox * fx, oy * fy), (px * fx, py * fy)
 
-    # tiles: each tile x tile crop of the padded best resolution must map onto its g x g grid exactly
-    (tox, toy), (tsx, tsy) = clip_style_grid(pipeline, (tile, tile), g, g)
-    if abs(tox) > 1e-9 or abs(toy) > 1e-9 or abs(tsx * g - tile) > 1e-9 or abs(tsy * g - tile) > 1e-9:
-        raise ValueError("the image processor's per-crop resize/crop does not keep whole tiles; unsupported")
+    # tiles of the padded best resolution, laid out as one map, then unpadded on the token grid
+    (tox, toy), (tpx, tpy) = _patch_pitch(pipeline, (tile, tile), vc)
     best_h, best_w = select_best_resolution(image_hw, config.image_grid_pinpoints)
     nph, npw = best_h // vc.image_size, best_w // vc.image_size  # as get_anyres_image_grid_shape
     new_h, new_w = patch_output_hw(image_hw, (best_h, best_w))
     paste_y, paste_x = (best_h - new_h) // 2, (best_w - new_w) // 2
     top, left, rows, cols = unpad_window(image_hw, (nph * g, npw * g))
-    # unpadded token (r, c) -> padded-canvas pixel ((c + left) * tsx, ...) -> resized pixel -> original
-    kx, ky = w / new_w, h / new_h
-    map_origin = ((left * tsx - paste_x) * kx, (top * tsy - paste_y) * ky)
-    map_step = (tsx * kx, tsy * ky)
-    return AnyresPlan(
-        (h, w), g, (nph, npw), (top, left, rows, cols), base_origin, base_step, map_origin, map_step
-    )
+    col_spans = _map_spans(left, cols, g, tile, tox, tpx, paste_x, w / new_w)
+    row_spans = _map_spans(top, rows, g, tile, toy, tpy, paste_y, h / new_h)
+    pitch = (tpx * w / new_w, tpy * h / new_h)
+    return AnyresPlan((h, w), g, (nph, npw), (top, left, rows, cols), base_origin, base_step, col_spans, row_spans, pitch)
 
 
 def num_crops(image_hw: tuple[int, int], pinpoints, tile: int) -> int:
@@ -190,9 +224,15 @@ class LlavaNextAdapter(Adapter):
         return crop * seq + self.vision_prefix + (rr % g) * g + cc % g
 
     def _map_grid(self, k: int, p: AnyresPlan, crop_offset: int) -> ViewGrid:
-        _, _, rows, cols = p.window
         vi = self._map_index(p, crop_offset)
-        return ViewGrid(k, 1, rows, cols, p.image_hw, p.map_origin_xy, p.map_step_xy, newline=True, vision_index=vi)
+        return spans_grid(
+            k, 1, p.image_hw, p.map_col_spans, p.map_row_spans, p.map_pitch_xy, newline=True, vision_index=vi
+        )
+
+    def source_map_grid(self, k: int, p: AnyresPlan, crop_offset: int = 0) -> ViewGrid:
+        """Image k's unpadded high-resolution map as the tower sees it, 1:1 with patches (before
+        any OneVision interpolation): what an interpolated view 1 was resized from."""
+        return LlavaNextAdapter._map_grid(self, k, p, crop_offset)
 
     def image_grids(self, inputs, example: int, image_sizes_hw):
         """Per image: view 0 the base g x g grid, view 1 the unpadded high-resolution map."""

@@ -20,7 +20,7 @@ import numpy as np
 
 from sightline.models.base import register
 from sightline.models.layout import ViewGrid
-from sightline.models.llava_next import AnyresPlan, LlavaNextAdapter
+from sightline.models.llava_next import AnyresPlan, LlavaNextAdapter, spans_grid
 
 
 def max_crops(vision_aspect_ratio: str) -> int:
@@ -34,6 +34,20 @@ def interpolated_shape(rows: int, cols: int, side: int, vision_aspect_ratio: str
     if ratio > 1.1:
         return int(rows // ratio), int(cols // ratio)
     return None
+
+
+def resample_spans(spans: np.ndarray, n_out: int) -> np.ndarray:
+    """Pixel spans of the n_out cells that bilinear resizing (align_corners=False) cuts a map axis
+    into: cell i covers source grid coordinates [i * n / n_out, (i + 1) * n / n_out)."""
+    n = len(spans)
+    edges = np.arange(n_out + 1) * (n / n_out)
+
+    def at(u, k):  # pixel of continuous source coordinate u, measured inside source token k
+        return spans[k, 0] + (u - k) * (spans[k, 1] - spans[k, 0])
+
+    k_start = np.minimum(np.floor(edges[:-1]).astype(int), n - 1)
+    k_end = np.maximum(np.ceil(edges[1:]).astype(int) - 1, 0)
+    return np.stack([at(edges[:-1], k_start), at(edges[1:], k_end)], axis=1)
 
 
 def _image_only_processor_class():
@@ -94,19 +108,14 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def vision_aspect_ratio(self) -> str:
         return getattr(self.config, "vision_aspect_ratio", None) or "anyres_max_9"
 
-    def source_map_grid(self, k: int, p: AnyresPlan, crop_offset: int = 0) -> ViewGrid:
-        """The unpadded map before any anyres_max interpolation (1:1 with patches)."""
-        return super()._map_grid(k, p, crop_offset)
-
     def _map_grid(self, k: int, p: AnyresPlan, crop_offset: int) -> ViewGrid:
-        src = self.source_map_grid(k, p, crop_offset)
+        src = super()._map_grid(k, p, crop_offset)
         shape = interpolated_shape(src.rows, src.cols, p.side, self.vision_aspect_ratio)
         if shape is None:
             return src
         rows, cols = shape
-        # same window, cut into rows x cols cells: output cell i spans input [i*in/out, (i+1)*in/out)
-        step = (src.step_xy[0] * src.cols / cols, src.step_xy[1] * src.rows / rows)
-        return ViewGrid(
-            k, 1, rows, cols, p.image_hw, src.origin_xy, step, newline=True, interpolated=True,
-            vision_index=np.full((rows, cols), -1, np.int64),
+        xs, ys = src.spans()
+        return spans_grid(
+            k, 1, p.image_hw, resample_spans(xs, cols), resample_spans(ys, rows), src.step_xy, newline=True,
+            interpolated=True, vision_index=np.full((rows, cols), -1, np.int64),
         )

@@ -126,7 +126,7 @@ def build_tiny_llava(
     out = Path(out_dir)
     tok = make_tokenizer("<image>")
     config = LlavaConfig(
-        text_config=llama_text_config(len(tok), **(text or {})),
+        text_config=llama_text_config(**{"vocab_size": len(tok), **(text or {})}),
         vision_config=clip_vision_config(image_size, patch_size, **(vision or {})),
         image_token_id=tok.image_token_id,
         vision_feature_layer=-2,
@@ -208,7 +208,7 @@ def build_tiny_llava_next(
     pinpoints = image_grid_pinpoints or [[a * image_size // 56, b * image_size // 56] for a, b in NEXT_PINPOINTS]
     tok = make_tokenizer("<image>")
     config = LlavaNextConfig(
-        text_config=llama_text_config(len(tok), **(text or {})),
+        text_config=llama_text_config(**{"vocab_size": len(tok), **(text or {})}),
         vision_config=clip_vision_config(image_size, patch_size, **(vision or {})),
         image_token_id=tok.image_token_id,
         image_grid_pinpoints=pinpoints,
