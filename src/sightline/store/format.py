@@ -183,13 +183,39 @@ def write_text_atomic(path: Path, text: str, tag: str, *, exclusive: bool = Fals
     return True
 
 
-def save_tensor_atomic(path: Path, key: str, tensor: torch.Tensor, tag: str) -> None:
-    """Save one tensor as a safetensors file through a temporary name, fsynced before the rename."""
-    from safetensors.torch import save_file
+_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int32: "I32",
+              torch.int64: "I64"}
 
+
+def save_tensor_atomic(path: Path, key: str, parts: torch.Tensor | list[torch.Tensor], tag: str) -> None:
+    """Save the row-wise concatenation of `parts` as one safetensors tensor, atomically.
+
+    The parts are streamed into the file one after another (the safetensors layout: 8-byte header
+    length, JSON header, raw little-endian bytes), so a shard is never concatenated in memory.
+    The file is fsynced under a temporary name and then renamed into place.
+    """
+    parts = [parts] if torch.is_tensor(parts) else list(parts)
+    dtype = parts[0].dtype
+    tail = tuple(parts[0].shape[1:])
+    rows = sum(int(p.shape[0]) for p in parts)
+    nbytes = sum(p.numel() * p.element_size() for p in parts)
+    header = {key: {"dtype": _ST_DTYPES[dtype], "shape": [rows, *tail], "data_offsets": [0, nbytes]},
+              "__metadata__": {"format": "pt"}}
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)  # the data start stays 8-byte aligned, as safetensors writes it
     tmp = tmp_path(path, tag)
-    save_file({key: tensor.contiguous()}, str(tmp), metadata={"format": "pt"})
-    fsync_file(tmp)
+    with open(tmp, "wb") as f:
+        f.write(len(hb).to_bytes(8, "little"))
+        f.write(hb)
+        for p in parts:
+            if p.dtype != dtype or tuple(p.shape[1:]) != tail:
+                raise ValueError("all parts need the same dtype and trailing shape")
+            # bytes of the CPU tensor; bf16 has no numpy dtype, so view it as int16 (same bytes)
+            p = p.detach().to("cpu").contiguous()
+            raw = p.view(torch.int16) if p.dtype == torch.bfloat16 else p
+            f.write(raw.numpy().reshape(-1).view(np.uint8).data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

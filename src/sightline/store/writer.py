@@ -8,6 +8,7 @@ place, and the set of committed examples (`done`) is read from every rank's reco
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,9 @@ class StoreWriter:
     """Write examples (per-token index + tensors per site) into an ActivationStore directory.
 
     Examples are buffered in memory and written as one shard whenever the buffered tensor bytes
-    reach `shard_bytes`, so memory never holds more than about `shard_bytes` plus one example.
+    reach `shard_bytes`. With `background=True` (default) the shard is written by a thread while
+    the caller goes on; at most one shard is in flight, so memory holds at most about
+    2 x `shard_bytes` plus one example, whatever the dataset size. `done` grows as shards commit.
     Use as a context manager: leaving the block normally commits the last shard; leaving it by
     an exception drops the buffered examples (committed shards stay valid; resume redoes the rest).
     """
@@ -40,6 +43,7 @@ class StoreWriter:
         world_size: int = 1,
         resume: bool = False,
         shard_bytes: int = 256 << 20,
+        background: bool = True,
     ):
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
@@ -66,6 +70,10 @@ class StoreWriter:
         self._buffered_ids: set[int] = set()
         self.buffered_bytes = 0  # tensor bytes held in the buffer now
         self.closed = False
+        self.background = background  # write shards on a thread, overlapping the next batches' compute
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+        self._inflight_ids: set[int] = set()  # ids of the shard being written
 
         self._open_dir(resume)
         self.done: set[int] = set()
@@ -176,7 +184,7 @@ class StoreWriter:
         i = int(example_id)
         if i < 0 or (self.n_examples is not None and i >= self.n_examples):
             raise ValueError(f"example id {i} is outside range(n_examples={self.n_examples})")
-        if i in self.done or i in self._buffered_ids:
+        if i in self.done or i in self._buffered_ids or i in self._inflight_ids:
             raise ValueError(f"example {i} is already in the store (skip ids in writer.done when resuming)")
         return i
 
@@ -260,18 +268,28 @@ class StoreWriter:
             "examples": examples,
             "skipped": [{"example": e["example"], "reason": e["reason"], "meta": e["meta"]} for e in skipped],
         }
+        job = list(self._buffer)
+        self._next_shard += 1
+        self._discard()
+        self._wait()  # at most one shard in flight: memory stays about 2 x shard_bytes
+        self._inflight_ids = {e["example"] for e in job}
+        if self.background:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+            self._pending = self._pool.submit(self._write_shard, shard_dir, record, job, written)
+        else:
+            self._write_shard(shard_dir, record, job, written)
+
+    def _write_shard(self, shard_dir: Path, record: dict, job: list[dict], written: list[dict]) -> None:
+        """Write one shard's files and commit it (runs on the writer thread when `background`)."""
         shard_dir.mkdir()  # must not exist: leftovers were removed and numbers only grow
         try:
             for site, shape in self.site_shapes.items():
-                if written:
-                    acts = torch.cat([e["tensors"][site] for e in written])
-                else:
-                    acts = torch.empty((0, *shape), dtype=self.dtype)
-                fmt.save_tensor_atomic(shard_dir / fmt.site_file(site), fmt.ACTS_KEY, acts, self._tag)
-                del acts  # one site's concatenation at a time: peak memory is buffer + one site
-            index = (np.concatenate([e["index"] for e in written]) if written
-                     else np.zeros((0, len(fmt.INDEX_COLUMNS)), np.int32))
-            fmt.save_tensor_atomic(shard_dir / fmt.INDEX_FILE, fmt.INDEX_KEY, torch.from_numpy(index), self._tag)
+                parts = [e["tensors"][site] for e in written] or [torch.empty((0, *shape), dtype=self.dtype)]
+                fmt.save_tensor_atomic(shard_dir / fmt.site_file(site), fmt.ACTS_KEY, parts, self._tag)
+            index = [torch.from_numpy(e["index"]) for e in written] or [
+                torch.zeros((0, len(fmt.INDEX_COLUMNS)), dtype=torch.int32)]
+            fmt.save_tensor_atomic(shard_dir / fmt.INDEX_FILE, fmt.INDEX_KEY, index, self._tag)
             fmt.fsync_dir(shard_dir)
             # The commit: until this rename the shard does not exist for readers or resumes.
             fmt.write_text_atomic(shard_dir / fmt.RECORD, fmt.to_json(record) + "\n", self._tag)
@@ -280,9 +298,21 @@ class StoreWriter:
                 fmt.remove_tree(shard_dir)
             raise
         fmt.fsync_dir(shard_dir.parent)
-        self.done.update(e["example"] for e in self._buffer)
-        self._next_shard += 1
-        self._discard()
+        self.done.update(e["example"] for e in job)
+
+    @property
+    def in_flight(self) -> frozenset[int]:
+        """Ids of the shard being written in the background (committed once it finishes)."""
+        return frozenset(self._inflight_ids)
+
+    def _wait(self) -> None:
+        """Wait for the shard in flight, re-raising its error here."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            try:
+                pending.result()
+            finally:
+                self._inflight_ids = set()
 
     def _discard(self) -> None:
         self._buffer.clear()
@@ -290,11 +320,17 @@ class StoreWriter:
         self.buffered_bytes = 0
 
     def close(self) -> None:
-        """Commit the buffered examples as a last shard; calling it again does nothing."""
+        """Commit the buffered examples as a last shard and wait for it; calling it again does nothing."""
         if self.closed:
             return
-        self.flush()
-        self.closed = True
+        try:
+            self.flush()
+            self._wait()
+        finally:
+            self.closed = True
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -303,9 +339,16 @@ class StoreWriter:
         if exc_type is None:
             self.close()
         else:
-            # never commit a shard filled by a run that failed part way: resume redoes those examples
+            # never commit a shard filled by a run that failed part way: resume redoes those examples.
+            # A shard already in flight holds only complete examples: let it commit.
             self._discard()
-            self.closed = True
+            try:
+                self._wait()
+            finally:
+                self.closed = True
+                if self._pool is not None:
+                    self._pool.shutdown(wait=True)
+                    self._pool = None
 
     def __repr__(self) -> str:
         return (f"StoreWriter({str(self.path)!r}, rank={self.rank}/{self.world_size}, done={len(self.done)}, "
