@@ -9,7 +9,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_5_vl")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen2_vl")
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from PIL import Image
 
 from sightline.models import load_model
 from sightline.models.layout import _box_integral
-from sightline.models.qwen2_vl import Qwen2VLAdapter, Qwen2VLLegacyAdapter, window_order
+from sightline.models.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, window_order
 from sightline.models.testing import build_tiny
 
 QWEN_TEXT = (
@@ -148,7 +148,7 @@ def test_window_order_matches_transformers(rows, cols, window):
 
 
 def test_qwen2_layout_and_vision_features(qwen2):
-    assert type(qwen2) is Qwen2VLLegacyAdapter and qwen2.family == "qwen2_vl"
+    assert type(qwen2) is Qwen2VLAdapter and qwen2.family == "qwen2_vl"
     assert qwen2.vision_hidden_size == qwen2.config.vision_config.embed_dim
     check_vision_mapping(qwen2, [noise_image(200, 300), noise_image(57, 333, 1)])
 
@@ -210,9 +210,9 @@ def test_right_padding_equals_alone(qwen25):
 
 
 def test_load_model_processor_and_prompt(qwen25):
-    assert type(qwen25) is Qwen2VLAdapter and qwen25.family == "qwen2_5_vl"
+    assert type(qwen25) is Qwen2_5_VLAdapter and qwen25.family == "qwen2_5_vl"
     proc = qwen25.processor
-    assert type(proc).__name__ == "Qwen2_5_VLProcessor" and type(proc).__module__ == "sightline.models.qwen2_vl"
+    assert type(proc).__name__ == "Qwen2_5_VLProcessor" and type(proc).__module__ == "sightline.models.processors"
     assert not hasattr(proc, "video_processor")  # images only: loads with or without torchvision
     assert qwen25.vision_tower is qwen25.model.model.visual
     assert qwen25.n_vision_layers == 2 and qwen25.vision_hidden_size == 32

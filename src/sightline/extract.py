@@ -228,6 +228,10 @@ def _grid_json(g, start: int) -> dict:
         "image_size_hw": list(g.image_size_hw),
         "origin_xy": [float(v) for v in g.origin_xy],
         "step_xy": [float(v) for v in g.step_xy],
+        # exact per-column / per-row pixel spans (x0, x1) / (y0, y1): differ from origin + k * step
+        # where crops are not whole patches (LLaVA-OneVision's 384-px tiles)
+        "col_spans": np.round(g.spans()[0], 4).tolist(),
+        "row_spans": np.round(g.spans()[1], 4).tolist(),
     }
 
 

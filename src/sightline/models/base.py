@@ -48,6 +48,8 @@ class Adapter:
     architectures: ClassVar[tuple[str, ...]] = ()  # HF `config.architectures` names
     model_types: ClassVar[tuple[str, ...]] = ()  # HF `config.model_type` values
     hf_class: ClassVar[str] = ""  # transformers class used to load
+    # HF processor class owning a video processor: loaded images-only (works without torchvision)
+    processor_class: ClassVar[str] = ""
 
     def __init__(self, model, processor, name: str = "", revision: str | None = None):
         self.model = model
@@ -59,7 +61,12 @@ class Adapter:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load_processor(cls, path: str, revision: str | None = None, trust_remote_code: bool = False):
-        """The family's processor; subclasses override where AutoProcessor needs help."""
+        """The family's processor: AutoProcessor, or the images-only `processor_class` where set."""
+        if cls.processor_class:
+            from sightline.models.processors import image_only_processor_class
+
+            klass = image_only_processor_class(cls.processor_class)
+            return klass.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
         from transformers import AutoProcessor
 
         return AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)

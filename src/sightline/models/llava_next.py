@@ -223,16 +223,16 @@ class LlavaNextAdapter(Adapter):
         crop = crop_offset + 1 + (rr // g) * p.tiles_hw[1] + cc // g  # tiles row-major after the base
         return crop * seq + self.vision_prefix + (rr % g) * g + cc % g
 
-    def _map_grid(self, k: int, p: AnyresPlan, crop_offset: int) -> ViewGrid:
+    def source_map_grid(self, k: int, p: AnyresPlan, crop_offset: int = 0) -> ViewGrid:
+        """Image k's unpadded high-resolution map as the tower sees it, 1:1 with patches."""
         vi = self._map_index(p, crop_offset)
         return spans_grid(
             k, 1, p.image_hw, p.map_col_spans, p.map_row_spans, p.map_pitch_xy, newline=True, vision_index=vi
         )
 
-    def source_map_grid(self, k: int, p: AnyresPlan, crop_offset: int = 0) -> ViewGrid:
-        """Image k's unpadded high-resolution map as the tower sees it, 1:1 with patches (before
-        any OneVision interpolation): what an interpolated view 1 was resized from."""
-        return LlavaNextAdapter._map_grid(self, k, p, crop_offset)
+    def map_grid(self, k: int, p: AnyresPlan, crop_offset: int = 0) -> ViewGrid:
+        """View 1 as the language model receives it (LLaVA-NeXT: the source map itself)."""
+        return self.source_map_grid(k, p, crop_offset)
 
     def image_grids(self, inputs, example: int, image_sizes_hw):
         """Per image: view 0 the base g x g grid, view 1 the unpadded high-resolution map."""
@@ -241,7 +241,7 @@ class LlavaNextAdapter(Adapter):
         crop_offset = 0  # vision rows are per example: crops of earlier images come first
         for k, hw in enumerate(image_sizes_hw):
             p = self.plan(tuple(int(v) for v in hw))
-            grids.append([self._base_grid(k, p, crop_offset), self._map_grid(k, p, crop_offset)])
+            grids.append([self._base_grid(k, p, crop_offset), self.map_grid(k, p, crop_offset)])
             crop_offset += p.n_crops
         return grids
 

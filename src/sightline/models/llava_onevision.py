@@ -50,66 +50,28 @@ def resample_spans(spans: np.ndarray, n_out: int) -> np.ndarray:
     return np.stack([at(edges[:-1], k_start), at(edges[1:], k_end)], axis=1)
 
 
-def _image_only_processor_class():
-    """HF's LlavaOnevisionProcessor without its video processor (built lazily: importing transformers is slow)."""
-    global _IMAGE_ONLY
-    if _IMAGE_ONLY is None:
-        from transformers import LlavaOnevisionProcessor
-
-        class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
-            """LlavaOnevisionProcessor holding only the image processor and tokenizer.
-
-            Without torchvision, the video processor cannot be constructed, and
-            `AutoProcessor.from_pretrained` silently returns only the tokenizer. Declaring just two
-            attributes makes construction and `from_pretrained` work; images are processed exactly
-            as by the parent class.
-            """
-
-            @classmethod
-            def get_attributes(cls):
-                return ["image_processor", "tokenizer"]
-
-        # Saved folders name HF's class, so a checkpoint written here loads anywhere as usual.
-        ImageOnlyOnevisionProcessor.__name__ = "LlavaOnevisionProcessor"
-        _IMAGE_ONLY = ImageOnlyOnevisionProcessor
-    return _IMAGE_ONLY
-
-
-_IMAGE_ONLY = None
-
-
-def image_only_processor(**kwargs):
-    """Construct the image-only OneVision processor (same arguments as LlavaOnevisionProcessor)."""
-    return _image_only_processor_class()(**kwargs)
-
-
 @register
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
     architectures = ("LlavaOnevisionForConditionalGeneration",)
     model_types = ("llava_onevision",)
     hf_class = "LlavaOnevisionForConditionalGeneration"
-
-    @classmethod
-    def load_processor(cls, path: str, revision: str | None = None, trust_remote_code: bool = False):
-        """HF's processor where torchvision is present; the image-only subclass otherwise."""
-        from transformers.utils import is_torchvision_available
-
-        if is_torchvision_available():
-            try:
-                proc = super().load_processor(path, revision=revision, trust_remote_code=trust_remote_code)
-            except Exception:  # a broken torchvision install: fall back to the image-only processor
-                proc = None
-            if proc is not None and hasattr(proc, "image_processor"):
-                return proc
-        return _image_only_processor_class().from_pretrained(path, revision=revision)
+    processor_class = "LlavaOnevisionProcessor"
 
     @property
     def vision_aspect_ratio(self) -> str:
         return getattr(self.config, "vision_aspect_ratio", None) or "anyres_max_9"
 
-    def _map_grid(self, k: int, p: AnyresPlan, crop_offset: int) -> ViewGrid:
-        src = super()._map_grid(k, p, crop_offset)
+    def image_grids(self, inputs, example: int, image_sizes_hw):
+        if len(image_sizes_hw) > 1:
+            # HF tiles only single-image examples; several images each become one padded square
+            # crop followed by a single newline token, a layout this adapter does not describe
+            raise NotImplementedError("LLaVA-OneVision layouts are supported for one image per example")
+        return super().image_grids(inputs, example, image_sizes_hw)
+
+    def map_grid(self, k: int, p: AnyresPlan, crop_offset: int = 0) -> ViewGrid:
+        """The source map, or its anyres_max bilinear shrink (interpolated, no vision rows)."""
+        src = self.source_map_grid(k, p, crop_offset)
         shape = interpolated_shape(src.rows, src.cols, p.side, self.vision_aspect_ratio)
         if shape is None:
             return src

@@ -16,35 +16,11 @@ gathers through that permutation, so a token's capture is its own 2x2 patches
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
 
 import numpy as np
 
 from sightline.models.base import Adapter, Batch, register
 from sightline.models.layout import TokenLayout, ViewGrid
-
-
-@lru_cache(maxsize=None)
-def image_only_processor_class(name: str):
-    """The HF processor class `name` without its video processor.
-
-    Processors that own a video processor crash on construction without torchvision, and
-    `AutoProcessor` then silently returns only the tokenizer. sightline feeds images only, so this
-    subclass declares just (image_processor, tokenizer); it works with and without torchvision.
-    It keeps the HF class name, so a folder it saves is an ordinary checkpoint of that processor.
-    """
-    import transformers
-
-    base = getattr(transformers, name)
-    return type(
-        name,
-        (base,),
-        {
-            "__module__": __name__,
-            "__doc__": f"{name} for images only (no video processor, so no torchvision needed).",
-            "get_attributes": classmethod(lambda cls: ["image_processor", "tokenizer"]),
-        },
-    )
 
 
 def _numpy(x) -> np.ndarray:
@@ -68,8 +44,8 @@ def window_order(rows: int, cols: int, window: int) -> np.ndarray:
 
 
 @register
-class Qwen2VLAdapter(Adapter):
-    """Qwen2.5-VL (the family's current generation); `Qwen2VLLegacyAdapter` covers Qwen2-VL."""
+class Qwen2_5_VLAdapter(Adapter):
+    """Qwen2.5-VL (the family's current generation); `Qwen2VLAdapter` covers Qwen2-VL."""
 
     family = "qwen2_5_vl"
     architectures = ("Qwen2_5_VLForConditionalGeneration",)
@@ -77,12 +53,6 @@ class Qwen2VLAdapter(Adapter):
     hf_class = "Qwen2_5_VLForConditionalGeneration"
     processor_class = "Qwen2_5_VLProcessor"
     windowed = True  # vision blocks see merged groups in window order
-
-    @classmethod
-    def load_processor(cls, path: str, revision: str | None = None, trust_remote_code: bool = False):
-        """The family's processor, images only, so it loads without torchvision."""
-        klass = image_only_processor_class(cls.processor_class)
-        return klass.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -199,7 +169,7 @@ class Qwen2VLAdapter(Adapter):
 
 
 @register
-class Qwen2VLLegacyAdapter(Qwen2VLAdapter):
+class Qwen2VLAdapter(Qwen2_5_VLAdapter):
     """Qwen2-VL: the same layout, full attention in every vision block (no window order)."""
 
     family = "qwen2_vl"

@@ -256,7 +256,7 @@ def build_tiny_llava_onevision(
     import torch
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessor
 
-    from sightline.models.llava_onevision import image_only_processor
+    from sightline.models.processors import image_only_processor_class
 
     out = Path(out_dir)
     pinpoints = image_grid_pinpoints or [[a * image_size // 56, b * image_size // 56] for a, b in ONEVISION_PINPOINTS]
@@ -281,7 +281,7 @@ def build_tiny_llava_onevision(
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
-    proc = image_only_processor(
+    proc = image_only_processor_class("LlavaOnevisionProcessor")(
         image_processor=ip,
         tokenizer=tok,
         num_image_tokens=(image_size // patch_size) ** 2,
@@ -334,7 +334,7 @@ def _build_tiny_qwen(
     import transformers
     from transformers import Qwen2VLImageProcessorPil
 
-    from sightline.models.qwen2_vl import image_only_processor_class
+    from sightline.models.processors import image_only_processor_class
 
     out = Path(out_dir)
     tok = make_tokenizer("<|image_pad|>", extra_special=QWEN_SPECIAL)
