@@ -4,9 +4,11 @@
 
 (a) bare: `model(**inputs, logits_to_keep=1)` over prepared batches.
 (b) extraction: the same batches through `Capture` (resid, keys and values at every layer, image
-    tokens) with every example written to an ActivationStore (fp16 shards on disk).
-Both run on the same prepared inputs, alternating (a), (b) for --repeats rounds; the ratio of each
-round's times is reported as a median. Then peak RSS of the full `sightline extract` job on 100 vs
+    tokens) with every example written to an ActivationStore (fp16 shards on disk, the last
+    shard's write included).
+Both run on the same prepared inputs, alternating (a) and (b) batch by batch so that both see the
+same background load; each round gives sum(b) / sum(a), and the median over --repeats rounds is
+reported. Then peak RSS of the full `sightline extract` job on 100 vs
 1,000 images (separate processes), to show memory does not grow with the dataset.
 The last output line is `overhead_ratio=<median ratio>`.
 """
@@ -74,28 +76,33 @@ def overhead(adapter, batches, repeats: int, store_root: Path) -> dict:
         dev_batches.append(b)
 
     @torch.no_grad()
-    def bare():
-        for b in dev_batches:
-            model(**b.inputs, logits_to_keep=1)
+    def bare(b):
+        model(**b.inputs, logits_to_keep=1)
 
-    def extract(round_):
+    def extract_batch(w, b, start):
+        pos = [lay.image_positions for lay in b.layouts]
+        res = cap.run(b, pos)
+        for j, lay in enumerate(b.layouts):
+            w.add(start + j, {}, lay.index_rows(pos[j], start + j), res[j])
+
+    def round_(tag):
+        """(a) and (b) alternate batch by batch, so both see the same background load."""
         n = sum(len(b) for b in dev_batches)
-        w = StoreWriter(store_root / f"round{round_}", {"n_examples": n, "config": {}}, shapes, dtype="float16")
+        w = StoreWriter(store_root / f"round{tag}", {"n_examples": n, "config": {}}, shapes, dtype="float16")
+        ta = tb = 0.0
+        start = 0
         with w:
-            i = 0
             for b in dev_batches:
-                pos = [lay.image_positions for lay in b.layouts]
-                res = cap.run(b, pos)
-                for j, lay in enumerate(b.layouts):
-                    w.add(i, {}, lay.index_rows(pos[j], i), res[j])
-                    i += 1
+                ta += timed(lambda: bare(b))
+                tb += timed(lambda: extract_batch(w, b, start))
+                start += len(b)
+            tb += timed(w.close)  # the last shard's write counts against extraction
+        return ta, tb
 
-    bare()  # warm-up (allocator, kernels)
-    extract("warm")
+    round_("warm")  # warm-up (allocator, kernels, page cache)
     ratios, ta, tb = [], [], []
     for r in range(repeats):
-        a = timed(bare)
-        b = timed(lambda: extract(r))
+        a, b = round_(r)
         ta.append(a)
         tb.append(b)
         ratios.append(b / a)

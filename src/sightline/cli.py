@@ -61,6 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prompt_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
+    p = sub.add_parser("organism", help="the built-in model organism: path, eval, train")
+    osub = p.add_subparsers(dest="organism_command", metavar="ORGANISM_COMMAND")
+    osub.add_parser("path", help="print the shipped checkpoint's folder")
+    q = osub.add_parser("eval", help="accuracy per question type on fresh synthetic scenes, as JSON")
+    q.add_argument("--seed", type=int, default=1, help="scene seed (training used seed 0's train stream)")
+    q.add_argument("--n", type=int, default=200, help="scenes per set (single-object and 1-4 objects)")
+    q.add_argument("--model", default=None, help="a checkpoint folder (default: the shipped organism)")
+    q.add_argument("--out", default=None, help="also write the JSON here")
+    q = osub.add_parser("train", help="train an organism from scratch (resumes an interrupted run)")
+    q.add_argument("--out", default="organism-train", help="run folder (checkpoints, log, final model/)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--steps", type=int, default=None)
+    q.add_argument("--batch-size", type=int, default=None)
+    q.add_argument("--n-scenes", type=int, default=None)
+    q.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+
     p = sub.add_parser("store", help="look at an ActivationStore")
     ssub = p.add_subparsers(dest="store_command", metavar="STORE_COMMAND")
     q = ssub.add_parser("info", help="sites, shapes, examples, tokens and completeness of a store")
@@ -151,6 +167,41 @@ def cmd_store_info(a) -> int:
     return 0
 
 
+def cmd_organism(a) -> int:
+    if a.organism_command == "path":
+        from sightline.organism import checkpoint_path
+
+        print(checkpoint_path())
+        return 0
+    if a.organism_command == "eval":
+        from sightline.models import load_model
+        from sightline.organism import checkpoint_path
+        from sightline.organism.evaluate import evaluate
+
+        adapter = load_model(a.model or str(checkpoint_path()))
+        res = evaluate(adapter, seed=a.seed, n=a.n)
+        text = json.dumps(res, indent=2)
+        if a.out:
+            from pathlib import Path
+
+            Path(a.out).write_text(text)
+        print(text)
+        return 0
+    if a.organism_command == "train":
+        from dataclasses import replace
+
+        from sightline.organism.train import TrainConfig, train
+
+        cfg = TrainConfig(out=a.out, seed=a.seed, threads=a.threads)
+        over = {k: v for k, v in (("steps", a.steps), ("batch_size", a.batch_size), ("n_scenes", a.n_scenes))
+                if v is not None}
+        path = train(replace(cfg, **over))
+        print(f"trained organism saved to {path}")
+        return 0
+    build_parser().parse_args(["organism", "--help"])
+    return 2
+
+
 def cmd_demo(a) -> int:
     from sightline.demo import run_demo
 
@@ -166,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
-    handlers = {"extract": cmd_extract, "inspect": cmd_inspect, "demo": cmd_demo}
+    handlers = {"extract": cmd_extract, "inspect": cmd_inspect, "demo": cmd_demo, "organism": cmd_organism}
     if a.command == "store":
         if a.store_command != "info":
             ap.parse_args(["store", "--help"])

@@ -42,7 +42,12 @@ def tiny_builder(family: str):
     return deco
 
 
-def make_tokenizer(image_token: str = "<image>", extra_special: tuple[str, ...] = (), vocab_size: int = 400):
+def make_tokenizer(
+    image_token: str = "<image>",
+    extra_special: tuple[str, ...] = (),
+    vocab_size: int = 400,
+    corpus: list[str] | None = None,
+):
     """A byte-level BPE tokenizer with the chat markers and the image token as special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -55,7 +60,7 @@ def make_tokenizer(image_token: str = "<image>", extra_special: tuple[str, ...] 
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(CORPUS, trainer)
+    tok.train_from_iterator(corpus or CORPUS, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",

@@ -30,6 +30,7 @@ __all__ = [
     "extent",
     "keypoints_xy",
     "placement",
+    "pose",
     "rasterize",
 ]
 
@@ -130,6 +131,19 @@ def placement(centre_xy: tuple[float, float], radius: float, rotation_deg: float
     return np.concatenate([linear, np.array(centre_xy, dtype=float)[:, None]], 1)
 
 
+def pose(affine: np.ndarray) -> tuple[float, bool, float]:
+    """(rotation_deg in (-180, 180], flip, radius) of a placement; exact for `placement` outputs and
+    their similarity transforms, the rotation of the first row for a sheared affine."""
+    linear = np.asarray(affine, dtype=float)[:, :2]
+    det = float(linear[0, 0] * linear[1, 1] - linear[0, 1] * linear[1, 0])
+    flip = det > 0  # `placement` without a mirror has det < 0 (y points down)
+    if flip:
+        linear = linear @ np.diag([-1.0, 1.0])
+    rotation = math.degrees(math.atan2(-linear[0, 1], linear[0, 0]))
+    radius = math.sqrt(abs(det))
+    return (rotation + 0.0 if rotation > -180.0 else 180.0), flip, radius  # + 0.0: no -0.0
+
+
 def compose(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
     """The 2x3 affine `outer o inner` (apply inner first)."""
     out = outer[:, :2] @ inner
@@ -160,8 +174,12 @@ def contains(shape: str, affine: np.ndarray, points_xy: np.ndarray) -> np.ndarra
     points = np.asarray(points_xy, dtype=float).reshape(-1, 2)
     unit = UNIT_SHAPES[shape]
     if unit.polygon is None:
-        uv = (points - affine[:, 2]) @ np.linalg.inv(affine[:, :2]).T
-        return (uv**2).sum(1) <= 1.0
+        # closed-form 2x2 inverse (not LAPACK), so the pixels do not depend on the BLAS build
+        (a, b), (c, d) = affine[:, :2]
+        dx, dy = points[:, 0] - affine[0, 2], points[:, 1] - affine[1, 2]
+        det = a * d - b * c
+        u, v = (d * dx - b * dy) / det, (a * dy - c * dx) / det
+        return u * u + v * v <= 1.0
     return _inside_polygon(affine_apply(affine, unit.polygon), points)
 
 

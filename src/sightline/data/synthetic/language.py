@@ -27,6 +27,7 @@ from sightline.data.synthetic.vocab import COLOURS, NUMBERS, QTYPES, SHAPES, SIZ
 __all__ = [
     "LOCATIONS",
     "MARGIN_FRACTION",
+    "MIN_SEEN",
     "RELATIONS",
     "Question",
     "RefExp",
@@ -38,6 +39,9 @@ __all__ = [
 ]
 
 MARGIN_FRACTION = 0.08
+# An object showing less than this fraction of itself (possible in clips and pairs) makes counts,
+# presence and captions ambiguous: such scenes get none of those questions.
+MIN_SEEN = 0.25
 LOCATIONS: dict[str, str] = {"left": "on the left", "right": "on the right", "top": "at the top",
                              "bottom": "at the bottom"}
 RELATIONS: dict[str, str] = {"above": "above", "below": "below", "left_of": "to the left of",
@@ -270,14 +274,18 @@ def _sided(scene: Scene, obj: SceneObject) -> list[tuple[str, str]]:
 def questions(scene: Scene, qtypes: Sequence[str] = QTYPES) -> list[Question]:
     """Every question of these types whose answer the scene settles, in a fixed order.
 
-    Presence questions come in yes/no pairs (one present, one absent), so they are balanced."""
+    Presence questions come in yes/no pairs (one present, one absent), so they are balanced. Counts,
+    presence and captions are about the visible objects, and are skipped when one is barely visible."""
     bad = [q for q in qtypes if q not in QTYPES]
     if bad:
         raise ValueError(f"unknown question types {bad}: use {list(QTYPES)}")
     rng = rng_for(scene.seed if scene.seed is not None else 0, "questions")
     present = [o for o in scene.objects if o.area > 0]
+    faint = any(o.visible_fraction < MIN_SEEN for o in present)
     out: list[Question] = []
     for qtype in qtypes:
+        if faint and qtype in ("count", "presence", "caption"):
+            continue
         if qtype == "shape":
             if len(present) == 1:
                 out.append(Question("What shape is shown?", present[0].shape, qtype, present[0].index))

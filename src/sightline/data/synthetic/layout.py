@@ -15,7 +15,8 @@ from sightline.data.synthetic.geometry import placement, rasterize
 from sightline.data.synthetic.vocab import COLOURS, SHAPES, SIZE_FRACTIONS, SIZES, STYLES
 from sightline.errors import UserError
 
-__all__ = ["ObjectSpec", "WorldConfig", "derive_seed", "rng_for", "sample_objects"]
+__all__ = ["ObjectSpec", "WorldConfig", "check_seed", "configure", "derive_seed", "radius_px", "rng_for",
+           "sample_objects"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class WorldConfig:
     noise_amplitude: int = 12  # "noisy" style: uniform integer noise in [-a, a] per channel
 
     def __post_init__(self) -> None:
+        size = self.image_size
+        if not (isinstance(size, int) or (isinstance(size, tuple) and len(size) == 2
+                                          and all(isinstance(v, int) for v in size))):
+            raise UserError(f"image_size must be a side or a (height, width) pair of whole numbers, got {size!r}")
         height, width = self.size_hw
         if not (16 <= height <= 4096 and 16 <= width <= 4096):
             raise UserError(f"synthetic image_size {self.image_size!r} is out of range: use 16..4096 pixels")
@@ -49,8 +54,9 @@ class WorldConfig:
         if self.n_objects is not None and not 1 <= self.n_objects <= 8:
             raise UserError(f"n_objects={self.n_objects} is out of range: use 1..8 (or None)")
         probs = np.asarray(self.count_probs, dtype=float)
-        if probs.ndim != 1 or len(probs) == 0 or (probs < 0).any() or not math.isclose(probs.sum(), 1.0, abs_tol=1e-6):
-            raise UserError(f"count_probs {self.count_probs!r} must be non-negative and sum to 1")
+        if (probs.ndim != 1 or not 1 <= len(probs) <= 8 or (probs < 0).any()
+                or not math.isclose(probs.sum(), 1.0, abs_tol=1e-6)):
+            raise UserError(f"count_probs {self.count_probs!r} must be 1 to 8 non-negative numbers summing to 1")
         if not 0.0 < self.min_visible <= 1.0:
             raise UserError(f"min_visible={self.min_visible} must be in (0, 1]")
 
@@ -115,9 +121,25 @@ def radius_px(size: str, size_hw: tuple[int, int]) -> float:
     return SIZE_FRACTIONS[size] * min(size_hw) / 2.0
 
 
-def _words(seed: int, keys: tuple[int | str, ...]) -> list[int]:
+def configure(config: WorldConfig | None, overrides: Mapping[str, Any]) -> WorldConfig:
+    """`config` (default: WorldConfig()) with some fields replaced."""
+    config = config or WorldConfig()
+    try:
+        return dataclasses.replace(config, **overrides) if overrides else config
+    except TypeError as err:
+        names = sorted(f.name for f in dataclasses.fields(WorldConfig))
+        raise UserError(f"unknown world setting ({err}): use one of {', '.join(names)}") from None
+
+
+def check_seed(seed: int) -> int:
+    """`seed` as an int, or a UserError if it is not a non-negative whole number."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise UserError(f"seed must be a non-negative whole number, got {seed!r}")
+    return int(seed)
+
+
+def _words(seed: int, keys: tuple[int | str, ...]) -> list[int]:
+    check_seed(seed)
     return [int(seed)] + [k if isinstance(k, int) else int.from_bytes(k.encode(), "little") for k in keys]
 
 
@@ -145,6 +167,9 @@ def sample_objects(rng: np.random.Generator, config: WorldConfig, n_objects: int
     if n_objects is None:
         n_objects = 1 + int(rng.choice(len(config.count_probs), p=np.asarray(config.count_probs, float)))
     fixed_shapes = dict(fixed_shapes or {})
+    if not config.allow_duplicates and n_objects > len(config.shapes) * len(config.colours):
+        raise UserError(f"{n_objects} objects cannot all differ in shape or colour with {len(config.shapes)} "
+                        f"shapes and {len(config.colours)} colours: set allow_duplicates=True")
     for _ in range(max_restarts):
         specs = _try_layout(rng, config, n_objects, fixed_shapes, height, width)
         if specs is not None:

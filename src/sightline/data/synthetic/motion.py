@@ -10,8 +10,15 @@ from typing import Any
 
 import numpy as np
 
-from sightline.data.synthetic.geometry import compose, extent, placement
-from sightline.data.synthetic.layout import ObjectSpec, WorldConfig, radius_px, rng_for, sample_objects
+from sightline.data.synthetic.geometry import compose, extent, placement, pose
+from sightline.data.synthetic.layout import (
+    ObjectSpec,
+    WorldConfig,
+    configure,
+    radius_px,
+    rng_for,
+    sample_objects,
+)
 from sightline.data.synthetic.render import Scene, compose_scene, make_background
 from sightline.data.synthetic.vocab import SIZE_FRACTIONS
 from sightline.errors import UserError
@@ -36,7 +43,9 @@ class ScenePair:
     """Two images that each hold an object of the same shape, with keypoint correspondences.
 
     mode "transform": the target is the source with every object mapped by `transform` (2x3, source
-    pixels -> target pixels; same background). mode "scene": an unrelated scene; `transform` is None.
+    pixels -> target pixels; same background; size labels re-read from the new radii). mode "scene":
+    an unrelated scene; `transform` is None. Keypoints correspond by name (the same point of the
+    unit shape), so a mirrored object keeps its keypoint names.
     """
 
     source: Scene
@@ -80,7 +89,7 @@ def render_pair(seed: int, config: WorldConfig | None = None, *, mode: str = "tr
     independent scene forced to contain the same shape."""
     if mode not in PAIR_MODES:
         raise UserError(f"unknown pair mode {mode!r}: use one of {', '.join(PAIR_MODES)}")
-    config = dataclasses.replace(config or WorldConfig(), **overrides) if overrides else (config or WorldConfig())
+    config = configure(config, overrides)
     rng = rng_for(seed, "pair")
     style = config.style or str(rng.choice(config.styles))
     height, width = config.size_hw
@@ -112,8 +121,11 @@ def render_pair(seed: int, config: WorldConfig | None = None, *, mode: str = "tr
     new_centre = np.array([rng.uniform(1 - x0, width - 1 - x1), rng.uniform(1 - y0, height - 1 - y1)])
     old_centre = obj_affine[:, 2]
     transform = np.concatenate([linear, (new_centre - linear @ old_centre)[:, None]], 1)
-    target_specs = [dataclasses.replace(s, affine=tuple(map(tuple, compose(transform, s.matrix((height, width))))))
-                    for s in specs]
+    target_specs = []
+    for spec in specs:
+        moved = compose(transform, spec.matrix((height, width)))
+        target_specs.append(dataclasses.replace(spec, size=_size_label(pose(moved)[2], (height, width)),
+                                                affine=tuple(map(tuple, moved))))
     target = compose_scene(target_specs, background, seed=seed)
     return ScenePair(source, target, category, i, i, mode, transform, _correspondences(source, target, i, i))
 
@@ -171,7 +183,7 @@ def render_clip(seed: int, config: WorldConfig | None = None, *, n_frames: int =
     label of each frame is the size nearest the current radius. The background does not move."""
     if not 2 <= n_frames <= 1000:
         raise UserError(f"n_frames={n_frames} is out of range: use 2..1000")
-    config = dataclasses.replace(config or WorldConfig(), **overrides) if overrides else (config or WorldConfig())
+    config = configure(config, overrides)
     rng = rng_for(seed, "clip")
     height, width = config.size_hw
     side = min(height, width)

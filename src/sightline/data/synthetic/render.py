@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,10 +11,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sightline.data.synthetic.geometry import UNIT_SHAPES, keypoints_xy, rasterize
+from sightline.data.synthetic.geometry import UNIT_SHAPES, keypoints_xy, pose, rasterize
 from sightline.data.synthetic.layout import (
     ObjectSpec,
     WorldConfig,
+    configure,
     rng_for,
     sample_objects,
     validate_specs,
@@ -193,7 +193,7 @@ def render_scene(seed: int, config: WorldConfig | None = None, *, objects: Seque
     `overrides` replace fields of `config` (e.g. image_size=64, n_objects=1). `objects` draws these
     objects instead of sampling them; `style` fixes the style. The style, background and layout come
     from separate streams of `seed`, so fixing the style keeps the same objects."""
-    config = dataclasses.replace(config or WorldConfig(), **overrides) if overrides else (config or WorldConfig())
+    config = configure(config, overrides)
     style = style or config.style or str(rng_for(seed, "style").choice(config.styles))
     background = make_background(rng_for(seed, "background"), style, config.size_hw, config.noise_amplitude)
     specs = (validate_specs(objects) if objects is not None
@@ -226,10 +226,10 @@ def compose_scene(objects: Sequence[ObjectSpec], background: Background, seed: i
         visible = instance == index + 1
         area = int(visible.sum())
         affine = affines[index]
+        rotation, flip, radius = pose(affine)
         built.append(SceneObject(
             index=index, shape=spec.shape, colour=spec.colour, size=spec.size,
-            centre=(float(affine[0, 2]), float(affine[1, 2])), rotation=float(spec.rotation),
-            flip=bool(spec.flip), radius=float(math.sqrt(abs(np.linalg.det(affine[:, :2])))),
+            centre=(float(affine[0, 2]), float(affine[1, 2])), rotation=rotation, flip=flip, radius=radius,
             affine=affine, mask=visible, full_mask=full_masks[index], area=area,
             full_area=full_areas[index], box=_box(visible) if area else None,
             keypoints=_keypoints(index, spec.shape, affine, instance),

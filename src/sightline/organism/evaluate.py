@@ -1,0 +1,80 @@
+"""Held-out accuracy of a VLM on the synthetic world, per question type, by greedy generation.
+
+Scenes come from a seed the training set never used (`derive_seed(seed, "eval", i)`), questions
+from the world's own generator; an answer counts when the generated text equals the true answer
+(lower-case, stripped). `single_shape` and `single_colour` are single-object scenes, the
+organism's headline figures.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from sightline.data.synthetic import QTYPES, WorldConfig, derive_seed, questions, render_scene
+
+
+def eval_items(seed: int = 1, n: int = 200, image_size: int = 112) -> list[tuple[object, str, str, str]]:
+    """(PIL image, question, answer, qtype) items: n single-object scenes asked shape and colour,
+    and n scenes of 1-4 objects asked one question of every type they settle."""
+    items = []
+    single = WorldConfig(image_size=image_size, n_objects=1)
+    multi = WorldConfig(image_size=image_size)
+    for i in range(n):
+        scene = render_scene(derive_seed(seed, "eval-single", i), single)
+        img = scene.to_pil()
+        obj = scene.objects[0]
+        items.append((img, "What shape is shown?", obj.shape, "single_shape"))
+        items.append((img, "What colour is the shape?", obj.colour, "single_colour"))
+    for i in range(n):
+        scene = render_scene(derive_seed(seed, "eval", i), multi)
+        img = scene.to_pil()
+        by_type = defaultdict(list)
+        for q in questions(scene):
+            by_type[q.qtype].append(q)
+        rng = np.random.default_rng([seed, i])
+        for qtype in QTYPES:
+            if by_type[qtype]:
+                q = by_type[qtype][rng.integers(len(by_type[qtype]))]
+                items.append((img, q.question, q.answer, qtype))
+    return items
+
+
+@torch.no_grad()
+def answer(adapter, images, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
+    """Greedy answers of the model to one question per image (left-padded batch generation)."""
+    tok = adapter.tokenizer
+    texts = [adapter.render_prompt(p) for p in prompts]
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        inputs = adapter.processor(images=list(images), text=texts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    inputs = {k: v.to(adapter.device) for k, v in inputs.items()}
+    out = adapter.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    return [t.strip().lower() for t in tok.batch_decode(new, skip_special_tokens=True)]
+
+
+def evaluate(adapter, seed: int = 1, n: int = 200, batch_size: int = 64, progress: bool = True) -> dict:
+    """Accuracy per question type (and counts) on fresh scenes from `seed`."""
+    from tqdm.auto import tqdm
+
+    size = adapter.config.vision_config.image_size
+    items = eval_items(seed, n, size)
+    correct: dict[str, int] = defaultdict(int)
+    total: dict[str, int] = defaultdict(int)
+    examples: dict[str, list] = defaultdict(list)
+    for k in tqdm(range(0, len(items), batch_size), desc="eval", disable=not progress, dynamic_ncols=True):
+        chunk = items[k : k + batch_size]
+        got = answer(adapter, [c[0] for c in chunk], [c[1] for c in chunk])
+        for (_, q, a, t), g in zip(chunk, got):
+            total[t] += 1
+            correct[t] += int(g == a)
+            if len(examples[t]) < 3:
+                examples[t].append({"question": q, "answer": a, "generated": g})
+    acc = {t: round(correct[t] / total[t], 4) for t in total}
+    return {"seed": seed, "n": n, "accuracy": acc, "count": dict(total), "examples": dict(examples)}
