@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the whole pipeline on the built-in model, no arguments needed")
     p.add_argument("--out", default="sightline-demo", help="output folder (default: ./sightline-demo)")
-    p.add_argument("--n", type=int, default=48, help="number of held-out images")
+    p.add_argument("--n", type=int, default=96, help="number of held-out images to extract")
 
     p = sub.add_parser("extract", help="capture sites of a dataset into an ActivationStore")
     _add_model_args(p)

@@ -17,17 +17,18 @@ from sightline.data.synthetic import QTYPES, WorldConfig, derive_seed, questions
 
 
 def eval_items(seed: int = 1, n: int = 200, image_size: int = 112) -> list[tuple[object, str, str, str]]:
-    """(PIL image, question, answer, qtype) items: n single-object scenes asked shape and colour,
-    and n scenes of 1-4 objects asked one question of every type they settle."""
+    """(PIL image, question, answer, qtype) items: n single-object scenes asked the world's shape and
+    colour questions, and n scenes of 1-4 objects asked one question of every type they settle."""
     items = []
     single = WorldConfig(image_size=image_size, n_objects=1)
     multi = WorldConfig(image_size=image_size)
     for i in range(n):
         scene = render_scene(derive_seed(seed, "eval-single", i), single)
         img = scene.to_pil()
-        obj = scene.objects[0]
-        items.append((img, "What shape is shown?", obj.shape, "single_shape"))
-        items.append((img, "What colour is the shape?", obj.colour, "single_colour"))
+        qs = questions(scene, ("shape", "colour"))  # "What shape is shown?", "What colour is the <shape>?"
+        for qtype in ("shape", "colour"):
+            q = next(q for q in qs if q.qtype == qtype)
+            items.append((img, q.question, q.answer, f"single_{qtype}"))
     for i in range(n):
         scene = render_scene(derive_seed(seed, "eval", i), multi)
         img = scene.to_pil()

@@ -31,15 +31,19 @@ class TrainConfig:
     out: str = "organism-train"
     seed: int = 0
     n_scenes: int = 8000  # distinct training scenes, rendered once
-    steps: int = 1800
+    steps: int = 4000
     batch_size: int = 32
     turns: int = 4  # question/answer turns per sequence
-    lr: float = 2e-3
+    lr: float = 6e-4  # 2e-3 blew up the from-scratch vision tower (its residual grew 20x, answers stayed at chance)
     min_lr_frac: float = 0.05
     warmup: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     count_probs: tuple[float, ...] = (0.4, 0.2, 0.2, 0.2)  # P(1 object), P(2), ...
+    qtypes: tuple[str, ...] = ()  # question types to train on; () = all
+    # first steps: single-object scenes asked shape and colour only, so the vision path is learnt
+    # before the language model settles on answering from priors
+    curriculum_steps: int = 400
     checkpoint_every: int = 250
     threads: int = 0  # torch threads; 0 = torch's default
     arch: OrganismArch = field(default_factory=OrganismArch)
@@ -47,6 +51,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["count_probs"] = list(self.count_probs)
+        d["qtypes"] = list(self.qtypes)
         return d
 
     @classmethod
@@ -54,6 +59,7 @@ class TrainConfig:
         d = dict(d)
         d["arch"] = OrganismArch(**d.get("arch", {}))
         d["count_probs"] = tuple(d.get("count_probs", cls.count_probs))
+        d["qtypes"] = tuple(d.get("qtypes", ()))
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -71,10 +77,14 @@ class SceneBank:
         s = cfg.arch.image_size
         self.pixels = np.empty((n, s, s, 3), np.uint8)
         self.questions: list[list[tuple[str, str, str]]] = []
+        single = []
         for i in tqdm(range(n), desc="render scenes", disable=not progress, dynamic_ncols=True):
             scene = render_scene(derive_seed(cfg.seed, "train", i), world)
             self.pixels[i] = np.asarray(scene.to_pil())
             self.questions.append([(q.question, q.answer, q.qtype) for q in questions(scene)])
+            if len(scene.objects) == 1:
+                single.append(i)
+        self.single = np.asarray(single, dtype=np.int64)  # single-object scenes, for the curriculum
 
     def __len__(self) -> int:
         return len(self.pixels)
@@ -119,7 +129,7 @@ class Encoder:
 
     def pixel_values(self, pixels_uint8: np.ndarray) -> torch.Tensor:
         """What the CLIP processor gives for images already at the model's size: rescale, normalise."""
-        x = torch.from_numpy(pixels_uint8).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.as_tensor(np.ascontiguousarray(pixels_uint8)).permute(0, 3, 1, 2).float() / 255.0
         return (x - self.mean) / self.std
 
     def batch(self, seqs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,13 +147,17 @@ class Encoder:
 def draw_batch(bank: SceneBank, cfg: TrainConfig, step: int):
     """Scenes and questions of batch `step`: a pure function of (seed, step)."""
     rng = np.random.default_rng([cfg.seed, step])
-    scenes = rng.integers(0, len(bank), cfg.batch_size)
+    early = step < cfg.curriculum_steps
+    pool = bank.single if early and len(bank.single) else np.arange(len(bank))
+    scenes = pool[rng.integers(0, len(pool), cfg.batch_size)]
+    qtypes = ("shape", "colour") if early else cfg.qtypes
     turns = []
     for i in scenes:
         qs = bank.questions[i]
         by_type: dict[str, list[tuple[str, str]]] = {}
         for q, a, t in qs:
-            by_type.setdefault(t, []).append((q, a))
+            if not qtypes or t in qtypes:
+                by_type.setdefault(t, []).append((q, a))
         types = sorted(by_type)
         picked = []
         for _ in range(cfg.turns):  # a question type uniformly, then a question of that type
@@ -202,8 +216,11 @@ def _load_checkpoint(path: Path, model, opt) -> tuple[int, list[dict]]:
     return int(meta["step"]), list(meta["log"])
 
 
-def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
-    """Train (or resume) and save the final checkpoint to `cfg.out/model`; returns that folder."""
+def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, stop_after: int | None = None) -> Path:
+    """Train (or resume) and save the final checkpoint to `cfg.out/model`; returns that folder.
+
+    `stop_after` ends the session after that many steps in total (as an interruption would), leaving
+    the run to be resumed from its last checkpoint."""
     from tqdm.auto import tqdm
 
     out = Path(cfg.out)
@@ -251,6 +268,9 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
             log.append({"step": step + 1, "loss_ema": round(ema, 5), "seconds": round(time.perf_counter() - t0, 1)})
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             _save_checkpoint(ckpt, model, opt, step + 1, cfg, log)
+        if stop_after is not None and step + 1 >= stop_after:
+            bar.close()
+            return ckpt
     bar.close()
     model.eval()
     final = save_organism(model, processor, out / "model")

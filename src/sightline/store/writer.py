@@ -321,10 +321,16 @@ class StoreWriter:
 
     def close(self) -> None:
         """Commit the buffered examples as a last shard and wait for it; calling it again does nothing."""
-        if self.closed:
-            return
+        if not self.closed:
+            self._finish(commit_buffer=True)
+
+    def _finish(self, commit_buffer: bool) -> None:
+        """Commit (or drop) the buffer, wait for the shard in flight, and release the writer thread."""
         try:
-            self.flush()
+            if commit_buffer:
+                self.flush()
+            else:
+                self._discard()
             self._wait()
         finally:
             self.closed = True
@@ -336,19 +342,11 @@ class StoreWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            # never commit a shard filled by a run that failed part way: resume redoes those examples.
-            # A shard already in flight holds only complete examples: let it commit.
-            self._discard()
-            try:
-                self._wait()
-            finally:
-                self.closed = True
-                if self._pool is not None:
-                    self._pool.shutdown(wait=True)
-                    self._pool = None
+        if self.closed:
+            return
+        # On an exception, never commit a shard filled by a run that failed part way (resume redoes
+        # those examples); a shard already in flight holds only complete examples: it commits.
+        self._finish(commit_buffer=exc_type is None)
 
     def __repr__(self) -> str:
         return (f"StoreWriter({str(self.path)!r}, rank={self.rank}/{self.world_size}, done={len(self.done)}, "
