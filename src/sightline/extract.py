@@ -9,7 +9,6 @@ and writes bit-identical tensors.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -20,8 +19,6 @@ import numpy as np
 
 from sightline import __version__
 from sightline.errors import BadImageError, UserError
-
-log = logging.getLogger(__name__)
 
 POSITIONS = ("image", "text", "all")
 STORE_DTYPES = ("float16", "bfloat16", "float32")

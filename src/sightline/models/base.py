@@ -8,7 +8,6 @@ processor's output for one example becomes token grids on the original image. Ev
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -19,10 +18,7 @@ from sightline.errors import UserError
 from sightline.models.layout import TokenLayout, ViewGrid
 
 if TYPE_CHECKING:
-    import torch
     from PIL import Image
-
-log = logging.getLogger(__name__)
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -341,8 +337,8 @@ def load_model(
 
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of float32, float16, bfloat16")
-    local = os.path.isdir(name_or_path)
-    if not local and (name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path and os.path.exists(os.path.dirname(name_or_path) or ".") and name_or_path.count("/") != 1):
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
         raise UserError(f"model folder {name_or_path} does not exist; pass a local checkpoint folder or a hub id")
     try:
         config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)

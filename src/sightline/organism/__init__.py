@@ -16,8 +16,8 @@ def checkpoint_path() -> Path:
     from sightline.errors import UserError
 
     if not (CHECKPOINT / "config.json").exists():
-        raise UserError(f"the model organism checkpoint is missing from {CHECKPOINT}; reinstall sightline "
-                        "or train one with `sightline organism train`")
+        raise UserError(f"no model organism checkpoint in {CHECKPOINT}; train one with "
+                        "`sightline organism train --out DIR` and use DIR/model")
     return CHECKPOINT
 
 

@@ -129,7 +129,7 @@ class Encoder:
 
     def pixel_values(self, pixels_uint8: np.ndarray) -> torch.Tensor:
         """What the CLIP processor gives for images already at the model's size: rescale, normalise."""
-        x = torch.as_tensor(np.ascontiguousarray(pixels_uint8)).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.from_numpy(np.array(pixels_uint8)).permute(0, 3, 1, 2).float() / 255.0  # a writable copy
         return (x - self.mean) / self.std
 
     def batch(self, seqs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
