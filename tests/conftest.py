@@ -54,3 +54,11 @@ def gradient_image(h: int, w: int, seed: int = 0):
     g = 255 * y / max(h - 1, 1)
     b = 127 + 120 * np.sin((x + y) / max(h, w) * 3 + seed)
     return Image.fromarray(np.stack([r, g, b], -1).clip(0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="session")
+def organism():
+    """The shipped model organism (sightline/organism/checkpoint) as an adapter (fp32, CPU)."""
+    from sightline.organism import load_organism
+
+    return load_organism()

@@ -63,23 +63,57 @@ def test_training_resumes_exactly(tmp_path):
     """A run interrupted after a checkpoint and resumed ends with the same weights as an uninterrupted one."""
     from safetensors.torch import load_file
 
-    cfg = TrainConfig(out=str(tmp_path / "a"), n_scenes=24, steps=6, batch_size=4, turns=2, warmup=2,
-                      checkpoint_every=3, curriculum_steps=2, arch=TINY)
+    cfg = TrainConfig(out=str(tmp_path / "a"), n_scenes=24, vision_steps=4, vision_batch_size=4, steps=6,
+                      batch_size=4, turns=2, warmup=2, checkpoint_every=3, curriculum_steps=2, arch=TINY)
     train(cfg, progress=False)
     b = replace(cfg, out=str(tmp_path / "b"))
-    train(b, progress=False, stop_after=3)  # as if killed after the step-3 checkpoint
+    train(b, progress=False, stop_after=3)  # killed after the step-3 checkpoint, inside stage 1
     assert (tmp_path / "b" / "checkpoint" / "state.json").exists()
     assert not (tmp_path / "b" / "model").exists()
+    train(b, progress=False, stop_after=7)  # resumed across the stage boundary, killed in stage 2 (step 6)
     train(b, progress=False)
     wa = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
     wb = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_patch_labels_match_the_masks():
+    """Stage 1's per-patch labels: the majority shape/colour of each 14-px patch, 0 where background wins."""
+    from sightline.data.synthetic import COLOURS, SHAPES, WorldConfig, render_scene
+    from sightline.organism.train import patch_labels
+
+    scene = render_scene(3, WorldConfig(image_size=112, n_objects=1))
+    shape_p, colour_p = patch_labels(scene, 14)
+    assert shape_p.shape == colour_p.shape == (64,)
+    obj = scene.objects[0]
+    cover = scene.instance_mask.reshape(8, 14, 8, 14).transpose(0, 2, 1, 3).reshape(64, -1).astype(bool).mean(1)
+    assert np.array_equal(shape_p > 0, cover > 0.5)
+    assert set(shape_p[shape_p > 0]) == {1 + SHAPES.index(obj.shape)}
+    assert set(colour_p[colour_p > 0]) == {1 + COLOURS.index(obj.colour)}
+
+
 def test_training_refuses_another_config_in_the_same_folder(tmp_path):
     from sightline.errors import UserError
 
-    cfg = TrainConfig(out=str(tmp_path / "a"), n_scenes=8, steps=1, batch_size=2, turns=1, warmup=1, arch=TINY)
+    cfg = TrainConfig(out=str(tmp_path / "a"), n_scenes=8, vision_steps=1, vision_batch_size=2, steps=1, batch_size=2,
+                      turns=1, warmup=1, arch=TINY)
     train(cfg, progress=False)
     with pytest.raises(UserError, match="another config"):
         train(replace(cfg, lr=1.0), progress=False)
+
+
+def test_shipped_organism_answers_the_fixed_held_out_batch_as_its_card_states(organism):
+    """The shipped checkpoint loads offline through the adapter and scores the card's test batch."""
+    import json
+
+    from sightline.organism import CHECKPOINT
+    from sightline.organism.evaluate import evaluate
+
+    card = json.loads((CHECKPOINT / "eval.json").read_text())
+    batch = card["test_batch"]
+    got = evaluate(organism, seed=batch["seed"], n=batch["n"], progress=False)
+    assert organism.family == "llava" and organism.n_layers == 4
+    assert got["count"] == batch["count"]
+    for qtype, acc in batch["accuracy"].items():
+        assert abs(got["accuracy"][qtype] - acc) <= 0.02, (qtype, got["accuracy"][qtype], acc)
+    assert got["accuracy"]["single_shape"] >= 0.95 and got["accuracy"]["single_colour"] >= 0.95

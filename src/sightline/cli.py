@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the whole pipeline on the built-in model, no arguments needed")
     p.add_argument("--out", default="sightline-demo", help="output folder (default: ./sightline-demo)")
-    p.add_argument("--n", type=int, default=96, help="number of held-out images to extract")
+    p.add_argument("--n", type=int, default=None, help="held-out scenes in the store (default 320)")
+    p.add_argument("--model", default=None, help="a checkpoint folder instead of the shipped organism")
 
     p = sub.add_parser("extract", help="capture sites of a dataset into an ActivationStore")
     _add_model_args(p)
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = osub.add_parser("train", help="train an organism from scratch (resumes an interrupted run)")
     q.add_argument("--out", default="organism-train", help="run folder (checkpoints, log, final model/)")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--steps", type=int, default=None)
+    q.add_argument("--vision-steps", type=int, default=None, help="stage 1 steps (dense patch labels)")
+    q.add_argument("--steps", type=int, default=None, help="stage 2 steps (question answering)")
     q.add_argument("--batch-size", type=int, default=None)
     q.add_argument("--n-scenes", type=int, default=None)
     q.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -193,7 +195,8 @@ def cmd_organism(a) -> int:
         from sightline.organism.train import TrainConfig, train
 
         cfg = TrainConfig(out=a.out, seed=a.seed, threads=a.threads)
-        over = {k: v for k, v in (("steps", a.steps), ("batch_size", a.batch_size), ("n_scenes", a.n_scenes))
+        over = {k: v for k, v in (("steps", a.steps), ("vision_steps", a.vision_steps), ("batch_size", a.batch_size),
+                                  ("n_scenes", a.n_scenes))
                 if v is not None}
         path = train(replace(cfg, **over))
         print(f"trained organism saved to {path}")
@@ -203,9 +206,10 @@ def cmd_organism(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from sightline.demo import run_demo
+    from sightline.demo import DemoConfig, run_demo
 
-    run_demo(a.out, n=a.n)
+    over = {k: v for k, v in (("n", a.n), ("model", a.model)) if v is not None}
+    run_demo(DemoConfig(out=a.out, **over))
     return 0
 
 

@@ -1,84 +1,146 @@
-"""`sightline demo`: the whole pipeline end to end on a built-in model, offline, with no arguments.
+"""`sightline demo`: every analysis of the toolkit on the shipped model organism, offline, with no arguments.
 
-Until the trained model organism ships (it becomes the demo's model), the demo builds a small
-LLaVA-1.5 checkpoint from config with random weights, draws a labelled set of shape images,
-extracts the residual stream, keys and values over the image tokens into an ActivationStore, and
-writes summary.json with the headline figures of what exists so far.
+It loads the organism, renders held-out synthetic scenes (seeds the training never used), measures
+the organism's accuracy per question type, extracts the residual stream, keys and values of every
+layer over image and text tokens into an ActivationStore, runs each analysis that exists, and writes
+a report: summary.json (stable keys, docs/report.md), figures and index.html.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 from sightline.errors import UserError
+from sightline.report.html import Section, write_json, write_page
 
 MARKER = ".sightline-demo"
-SHAPES = ("circle", "square", "triangle")
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220)}
+DEMO_QTYPES = ("shape", "colour", "size", "position", "presence", "count")
 
 
-def draw_shapes(root: Path, n: int, size: int = 112, seed: int = 0) -> None:
-    """An imagefolder of n images (class = shape) with a coloured shape on a noisy background."""
-    from PIL import Image, ImageDraw
+@dataclass(frozen=True)
+class DemoConfig:
+    """What the demo runs on (defaults: the shipped organism, a few minutes on 2 CPU cores)."""
 
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        shape = SHAPES[i % len(SHAPES)]
-        colour = list(COLOURS)[rng.integers(len(COLOURS))]
-        bg = rng.integers(90, 160, (size, size, 3), dtype=np.uint8)
-        im = Image.fromarray(bg)
-        d = ImageDraw.Draw(im)
-        r = int(rng.integers(size // 6, size // 3))
-        cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
-        box = [cx - r, cy - r, cx + r, cy + r]
-        if shape == "circle":
-            d.ellipse(box, fill=COLOURS[colour])
-        elif shape == "square":
-            d.rectangle(box, fill=COLOURS[colour])
-        else:
-            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
-        (root / shape).mkdir(parents=True, exist_ok=True)
-        im.save(root / shape / f"{i:04d}_{colour}.png")
+    out: str = "sightline-demo"
+    n: int = 320  # held-out single-object scenes in the store
+    seed: int = 7  # scene seed of the held-out data (training drew from seed 0's "train" stream)
+    eval_n: int = 60  # scenes per set for the accuracy table (see sightline.organism.evaluate)
+    model: str | None = None  # a checkpoint folder; None = the shipped organism
+    progress: bool = True
 
 
-def run_demo(out: str | Path = "sightline-demo", n: int = 48) -> dict:
-    """Build the demo model and data, extract a store, and write summary.json; returns the summary."""
-    from sightline.extract import ExtractConfig, extract
-    from sightline.models.testing import build_tiny
-    from sightline.store import ActivationStore
+@dataclass
+class DemoContext:
+    """What every section of the demo can use."""
 
-    out = Path(out)
+    config: DemoConfig
+    out: Path
+    adapter: object  # the loaded organism (a sightline adapter)
+    model_path: str
+    store_path: Path  # ActivationStore: resid.0..n, keys, values of every layer, all positions
+    manifest: Path  # the held-out JSONL (image, prompt, label, facts) the store was extracted from
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; choose another --out")
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
             raise UserError(f"{out} exists and is not a sightline demo folder; choose another --out")
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by sightline demo; safe to delete\n")
-    t0 = time.perf_counter()
-    model_dir = build_tiny("llava", out / "model", image_size=112, patch_size=14,
-                           text={"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4})
-    draw_shapes(out / "data", n)
-    store_dir = extract(ExtractConfig(model=str(model_dir), data=str(out / "data"), out=str(out / "store"),
-                                      prompt="What is shown in this image?", sites="resid,keys,values",
-                                      batch_size=8))
-    store = ActivationStore.open(store_dir)
+
+
+def _organism_section(ctx: DemoContext) -> tuple[dict, Section]:
+    from sightline.organism.evaluate import evaluate
+
+    cfg = ctx.config
+    res = evaluate(ctx.adapter, seed=cfg.seed, n=cfg.eval_n, progress=cfg.progress)
+    write_json(ctx.out / "organism_eval.json", res)
+    ad = ctx.adapter
     summary = {
-        "sightline_demo": {
-            "model": store.manifest["model"],
-            "examples": len(store),
-            "image_tokens_per_example": int(store.examples[0]["n_tokens"]) if len(store) else 0,
-            "tokens": store.n_tokens,
-            "sites": store.sites,
-            "store": str(store_dir),
-            "seconds": round(time.perf_counter() - t0, 2),
-            "note": "interim demo on a random LLaVA; the trained model organism replaces it",
-        }
+        "model": ctx.model_path,
+        "n_layers": ad.n_layers,
+        "hidden_size": ad.hidden_size,
+        "image_tokens": 64,
+        "eval_seed": cfg.seed,
+        "eval_n": cfg.eval_n,
+        "accuracy": res["accuracy"],
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"demo: {len(store)} images, {store.n_tokens} image tokens, {len(store.sites)} sites -> {out}/summary.json")
+    rows = [(t, res["count"][t], res["accuracy"][t]) for t in res["accuracy"]]
+    ex = [(t, e["question"], e["answer"], e["generated"]) for t, es in res["examples"].items() for e in es[:1]]
+    sec = Section(
+        "The model organism",
+        f"A {ad.n_layers}-layer LLaVA trained from scratch on the synthetic world, asked about fresh scenes "
+        f"(seed {cfg.seed}); an answer counts when the greedy generation equals the true answer.",
+        tables=[("accuracy per question type", ["question type", "questions", "accuracy"], rows),
+                ("one example per type", ["type", "question", "answer", "generated"], ex)],
+        links=[("organism_eval.json", "organism_eval.json")],
+    )
+    return summary, sec
+
+
+def _store_section(ctx: DemoContext) -> tuple[dict, Section]:
+    from sightline.store import ActivationStore
+
+    s = ActivationStore.open(ctx.store_path)
+    idx = s.index
+    from sightline.store.format import MODALITIES
+
+    mods = {m: int((idx["modality"] == k).sum()) for k, m in enumerate(MODALITIES)}
+    summary = {"path": str(ctx.store_path.relative_to(ctx.out)), "examples": len(s), "tokens": s.n_tokens,
+               "tokens_by_modality": mods, "sites": s.sites}
+    sec = Section("Activations", "Residual stream entering every block (and the last block's output), keys and "
+                  "values of every layer, over every token of each held-out example.",
+                  figures={"examples": len(s), "tokens": s.n_tokens, **{f"{m} tokens": n for m, n in mods.items()},
+                           "sites": len(s.sites)})
+    return summary, sec
+
+
+# Sections that analyses add: name -> function(ctx) -> (summary dict, Section). Run in this order.
+SECTIONS: list[tuple[str, Callable[[DemoContext], tuple[dict, Section]]]] = [
+    ("organism", _organism_section),
+    ("store", _store_section),
+]
+
+
+def run_demo(config: DemoConfig | None = None, **overrides) -> dict:
+    """Run the demo; returns the summary (also written to OUT/summary.json next to OUT/index.html)."""
+    from dataclasses import replace
+
+    from sightline.data.synthetic import WorldConfig, export_jsonl
+    from sightline.extract import ExtractConfig, extract
+    from sightline.models import load_model
+    from sightline.organism import checkpoint_path
+
+    cfg = replace(config or DemoConfig(), **overrides)
+    out = Path(cfg.out)
+    _prepare_out(out)
+    t0 = time.perf_counter()
+    model_path = cfg.model or str(checkpoint_path())
+    adapter = load_model(model_path)
+    manifest = export_jsonl(out / "data", seed=cfg.seed, n=cfg.n, config=WorldConfig(n_objects=1),
+                            qtypes=DEMO_QTYPES, per_image=1, progress=cfg.progress)
+    store = extract(ExtractConfig(model=model_path, data=str(manifest), out=str(out / "store"),
+                                  sites="resid,keys,values", positions="all", batch_size=32, progress=cfg.progress))
+    ctx = DemoContext(cfg, out, adapter, model_path, Path(store), manifest)
+    summary: dict = {"sightline_demo": {"config": asdict(cfg)}}
+    sections: list[Section] = []
+    for name, fn in SECTIONS:
+        t = time.perf_counter()
+        part, sec = fn(ctx)
+        part["seconds"] = round(time.perf_counter() - t, 2)
+        summary[name] = part
+        sections.append(sec)
+    summary["sightline_demo"]["seconds"] = round(time.perf_counter() - t0, 2)
+    write_json(out / "summary.json", summary)
+    write_page(out / "index.html", "sightline demo",
+               f"The model organism, {cfg.n} held-out scenes, every analysis of the toolkit "
+               f"({summary['sightline_demo']['seconds']:.0f} s).", sections)
+    print(f"demo: report in {out}/index.html, figures in {out}/summary.json")
     return summary

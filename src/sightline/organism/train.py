@@ -1,10 +1,16 @@
-"""Train the model organism from scratch on question-answer pairs about the synthetic world.
+"""Train the model organism from scratch on the synthetic world, in two stages.
+
+Stage 1 (vision warm-up, `vision_steps`): the vision tower alone learns to say, for every patch,
+which shape and which colour covers it (the world's exact masks), through two linear heads that
+are thrown away afterwards, as a vision encoder is pretrained before a VLM is assembled. A ViT
+trained from scratch only through the language model's answers learnt colour but stayed at chance
+on shape; dense labels teach it shape in minutes. Stage 2: the whole VLM learns question-answer
+pairs. Each training sequence is one image followed by several question/answer turns of the chat
+template; the loss is on the answer tokens (and the turn's end marker) only.
 
 Reproducible from its seed: scene i of the training set is `render_scene(derive_seed(seed, "train", i))`
 and batch k draws its scenes and questions from a generator seeded by (seed, k), so a resumed run
-sees exactly the batches an uninterrupted one would. Each training sequence is one image followed
-by several question/answer turns of the chat template; the loss is on the answer tokens (and the
-turn's end marker) only.
+sees exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -30,8 +36,11 @@ class TrainConfig:
 
     out: str = "organism-train"
     seed: int = 0
-    n_scenes: int = 8000  # distinct training scenes, rendered once
-    steps: int = 4000
+    n_scenes: int = 16000  # distinct training scenes, rendered once
+    vision_steps: int = 1500  # stage 1: dense patch labels for the vision tower alone
+    vision_batch_size: int = 64
+    vision_lr: float = 2e-3
+    steps: int = 3000  # stage 2: question answering, the whole model
     batch_size: int = 32
     turns: int = 4  # question/answer turns per sequence
     lr: float = 6e-4  # 2e-3 blew up the from-scratch vision tower (its residual grew 20x, answers stayed at chance)
@@ -76,11 +85,15 @@ class SceneBank:
         n = cfg.n_scenes
         s = cfg.arch.image_size
         self.pixels = np.empty((n, s, s, 3), np.uint8)
+        g = s // cfg.arch.patch_size
+        self.patch_shape = np.empty((n, g * g), np.int64)  # 0 background, 1 + SHAPES index
+        self.patch_colour = np.empty((n, g * g), np.int64)  # 0 background, 1 + COLOURS index
         self.questions: list[list[tuple[str, str, str]]] = []
         single = []
         for i in tqdm(range(n), desc="render scenes", disable=not progress, dynamic_ncols=True):
             scene = render_scene(derive_seed(cfg.seed, "train", i), world)
             self.pixels[i] = np.asarray(scene.to_pil())
+            self.patch_shape[i], self.patch_colour[i] = patch_labels(scene, cfg.arch.patch_size)
             self.questions.append([(q.question, q.answer, q.qtype) for q in questions(scene)])
             if len(scene.objects) == 1:
                 single.append(i)
@@ -88,6 +101,52 @@ class SceneBank:
 
     def __len__(self) -> int:
         return len(self.pixels)
+
+
+def patch_labels(scene, patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per patch (row-major), the shape and the colour covering most of its pixels (0 = background)."""
+    from sightline.data.synthetic import COLOURS
+
+    h, w = scene.class_mask.shape
+    gh, gw = h // patch, w // patch
+
+    def majority(label_hw: np.ndarray, k: int) -> np.ndarray:
+        cells = label_hw[: gh * patch, : gw * patch].reshape(gh, patch, gw, patch).transpose(0, 2, 1, 3)
+        cells = cells.reshape(gh * gw, patch * patch).astype(np.int64)
+        counts = np.zeros((gh * gw, k), np.int64)
+        np.add.at(counts, (np.repeat(np.arange(gh * gw), patch * patch), cells.reshape(-1)), 1)
+        return counts.argmax(1)
+
+    colour_of = np.zeros(len(scene.objects) + 1, np.uint8)
+    for o in scene.objects:
+        colour_of[o.index + 1] = 1 + COLOURS.index(o.colour)
+    return majority(scene.class_mask, 9), majority(colour_of[scene.instance_mask], 9)
+
+
+class VisionHeads(torch.nn.Module):
+    """Stage 1's per-patch shape and colour classifiers over the vision tower's last hidden state."""
+
+    def __init__(self, d: int, n_shapes: int = 8, n_colours: int = 8):
+        super().__init__()
+        self.shape = torch.nn.Linear(d, n_shapes + 1)
+        self.colour = torch.nn.Linear(d, n_colours + 1)
+
+
+def vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The patch features the projector reads: the vision tower's selected layer, CLS dropped. [B, g*g, d]"""
+    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
+def vision_loss(model, heads: VisionHeads, pix: torch.Tensor, shape_bp: torch.Tensor, colour_bp: torch.Tensor):
+    """Mean patch cross-entropy for shape and colour; object patches weigh as much as all background ones."""
+    f = vision_features(model, pix)
+    loss = 0.0
+    for head, target in ((heads.shape, shape_bp), (heads.colour, colour_bp)):
+        ce = torch.nn.functional.cross_entropy(head(f).flatten(0, 1), target.reshape(-1), reduction="none")
+        obj = (target.reshape(-1) > 0).float()
+        loss = loss + (ce * (1 - obj)).sum() / (1 - obj).sum().clamp(min=1) + (ce * obj).sum() / obj.sum().clamp(min=1)
+    return loss
 
 
 class Encoder:
@@ -167,16 +226,28 @@ def draw_batch(bank: SceneBank, cfg: TrainConfig, step: int):
     return scenes, turns
 
 
+def draw_vision_batch(bank: SceneBank, cfg: TrainConfig, step: int) -> np.ndarray:
+    """Scene indices of stage-1 batch `step` (a pure function of (seed, step))."""
+    rng = np.random.default_rng([cfg.seed, 1, step])
+    return rng.integers(0, len(bank), cfg.vision_batch_size)
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int, min_frac: float) -> float:
+    """Linear warm-up, then cosine decay to min_frac * peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr_frac * lr."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+    """Stage 2's learning rate at its step `step`."""
+    return cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)
 
 
 def _save_checkpoint(path: Path, model, opt, step: int, cfg: TrainConfig, log: list[dict]) -> None:
-    """model weights + Adam state (safetensors) + step and log (JSON), committed by a final rename."""
+    """model weights (stage-1 heads included) + Adam state (safetensors) + step and log (JSON),
+    committed by a final rename. `model` is a Module holding the organism (and, in stage 1, heads)."""
     from safetensors.torch import save_file
 
     tmp = path.with_name(path.name + ".tmp")
@@ -216,11 +287,46 @@ def _load_checkpoint(path: Path, model, opt) -> tuple[int, list[dict]]:
     return int(meta["step"]), list(meta["log"])
 
 
+class _Stage1(torch.nn.Module):
+    """The organism and stage 1's heads under one module, so that one checkpoint holds both."""
+
+    def __init__(self, model, heads: VisionHeads):
+        super().__init__()
+        self.model = model
+        self.heads = heads
+
+
+def _adamw(params_named, cfg: TrainConfig, lr: float):
+    decay = [p for n, p in params_named if p.ndim >= 2]
+    no_decay = [p for n, p in params_named if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+
+
+@torch.no_grad()
+def vision_heldout(model, heads: VisionHeads, enc, cfg: TrainConfig, n: int = 256) -> dict:
+    """Stage 1's held-out figures on fresh single-object scenes: patch accuracy on object patches,
+    and the image's shape by majority vote of its object patches."""
+    from sightline.data.synthetic import SHAPES, WorldConfig, derive_seed, render_scene
+
+    world = WorldConfig(image_size=cfg.arch.image_size, n_objects=1)
+    scenes = [render_scene(derive_seed(cfg.seed, "stage1-heldout", i), world) for i in range(n)]
+    labels = np.stack([patch_labels(sc, cfg.arch.patch_size)[0] for sc in scenes])
+    f = vision_features(model, enc.pixel_values(np.stack([np.asarray(sc.to_pil()) for sc in scenes])))
+    pred = heads.shape(f).argmax(-1).numpy()
+    obj = labels > 0
+    votes = [np.bincount(pred[i][obj[i]], minlength=9)[1:].argmax() + 1 if obj[i].any() else 0 for i in range(n)]
+    truth = [1 + SHAPES.index(sc.objects[0].shape) for sc in scenes]
+    return {"patch_shape_acc": round(float((pred[obj] == labels[obj]).mean()), 4),
+            "image_shape_vote_acc": round(float(np.mean(np.asarray(votes) == np.asarray(truth))), 4)}
+
+
 def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, stop_after: int | None = None) -> Path:
     """Train (or resume) and save the final checkpoint to `cfg.out/model`; returns that folder.
 
-    `stop_after` ends the session after that many steps in total (as an interruption would), leaving
-    the run to be resumed from its last checkpoint."""
+    Steps count both stages: 0 .. vision_steps-1 are stage 1, then stage 2's `steps`. `stop_after`
+    ends the session after that many steps in total (as an interruption would), leaving the run to
+    be resumed from its last checkpoint."""
     from tqdm.auto import tqdm
 
     out = Path(cfg.out)
@@ -235,43 +341,64 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, stop_aft
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model, processor = build_organism(cfg.arch, seed=cfg.seed)
+    heads = VisionHeads(cfg.arch.vision_hidden)
+    both = _Stage1(model, heads)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    total = cfg.vision_steps + cfg.steps
     start, log = 0, []
     if resume and ckpt.exists():
-        start, log = _load_checkpoint(ckpt, model, opt)
+        start = int(json.loads((ckpt / "state.json").read_text())["step"])
+    stage1 = start < cfg.vision_steps
+    opt = (_adamw(list(both.model.model.vision_tower.named_parameters(prefix="model.model.vision_tower"))
+                  + list(both.heads.named_parameters(prefix="heads")), cfg, cfg.vision_lr)
+           if stage1 else _adamw(list(both.model.named_parameters(prefix="model")), cfg, cfg.lr))
+    if resume and ckpt.exists():
+        start, log = _load_checkpoint(ckpt, both, opt)
     bank = SceneBank(cfg, progress=progress)
     g = cfg.arch.image_size // cfg.arch.patch_size
     enc = Encoder(processor, g * g)
     t0 = time.perf_counter()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress,
+    bar = tqdm(range(start, total), initial=start, total=total, desc="train", disable=not progress,
                dynamic_ncols=True)
     ema = None
     for step in bar:
-        scenes, turns = draw_batch(bank, cfg, step)
-        ids, labels, att = enc.batch([enc.sequence(t) for t in turns])
-        pix = enc.pixel_values(bank.pixels[scenes])
+        if step == cfg.vision_steps and stage1:  # stage 1 done: record it, then the whole model trains
+            log.append({"step": step, "stage1_heldout": vision_heldout(model, heads, enc, cfg),
+                        "seconds": round(time.perf_counter() - t0, 1)})
+            bar.write(f"stage 1 held-out: {log[-1]['stage1_heldout']}")
+            stage1, ema = False, None
+            opt = _adamw(list(both.model.named_parameters(prefix="model")), cfg, cfg.lr)
+        if stage1:
+            scenes = draw_vision_batch(bank, cfg, step)
+            lr = cosine_lr(step, cfg.vision_steps, cfg.vision_lr, cfg.warmup, cfg.min_lr_frac)
+            loss = vision_loss(model, heads, enc.pixel_values(bank.pixels[scenes]),
+                               torch.from_numpy(bank.patch_shape[scenes]), torch.from_numpy(bank.patch_colour[scenes]))
+        else:
+            k = step - cfg.vision_steps
+            scenes, turns = draw_batch(bank, cfg, k)
+            ids, labels, att = enc.batch([enc.sequence(t) for t in turns])
+            lr = lr_at(k, cfg)
+            loss = model(input_ids=ids, attention_mask=att, pixel_values=enc.pixel_values(bank.pixels[scenes]),
+                         labels=labels).loss
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        out_ = model(input_ids=ids, attention_mask=att, pixel_values=pix, labels=labels)
-        loss = out_.loss
+            group["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], cfg.grad_clip)
         opt.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr_at(step, cfg):.2e}")
+        bar.set_postfix(stage=1 if stage1 else 2, loss=f"{ema:.4f}", lr=f"{lr:.2e}")
         if (step + 1) % 50 == 0:
-            log.append({"step": step + 1, "loss_ema": round(ema, 5), "seconds": round(time.perf_counter() - t0, 1)})
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            _save_checkpoint(ckpt, model, opt, step + 1, cfg, log)
+            log.append({"step": step + 1, "stage": 1 if stage1 else 2, "loss_ema": round(ema, 5),
+                        "seconds": round(time.perf_counter() - t0, 1)})
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+            _save_checkpoint(ckpt, both, opt, step + 1, cfg, log)
         if stop_after is not None and step + 1 >= stop_after:
             bar.close()
             return ckpt
     bar.close()
+    if cfg.vision_steps and not any("stage1_heldout" in e for e in log):  # stage 1 only (steps=0)
+        log.append({"step": total, "stage1_heldout": vision_heldout(model, heads, enc, cfg)})
     model.eval()
     final = save_organism(model, processor, out / "model")
     (out / "train_log.json").write_text(json.dumps({"config": cfg.to_dict(), "log": log,
