@@ -37,7 +37,7 @@ class TrainConfig:
     out: str = "organism-train"
     seed: int = 0
     n_scenes: int = 16000  # distinct training scenes, rendered once
-    vision_steps: int = 1500  # stage 1: dense patch labels for the vision tower alone
+    vision_steps: int = 5000  # stage 1: dense patch labels for the vision tower alone
     vision_batch_size: int = 64
     vision_lr: float = 2e-3
     steps: int = 3000  # stage 2: question answering, the whole model
