@@ -16,19 +16,19 @@ TINY = OrganismArch(vision_hidden=32, vision_layers=1, vision_heads=2, lm_hidden
 
 
 @pytest.fixture(scope="module")
-def organism():
+def tiny_organism():
     from sightline.models.llava import LlavaAdapter
 
     model, processor = build_organism(TINY)
     return LlavaAdapter(model.eval(), processor, name="tiny-organism")
 
 
-def test_organism_is_an_ordinary_llava_with_an_8x8_grid(organism, tmp_path):
+def test_organism_is_an_ordinary_llava_with_an_8x8_grid(tiny_organism, tmp_path):
     from sightline.data.synthetic import render_scene
     from sightline.models import load_model
     from sightline.organism.model import save_organism
 
-    save_organism(organism.model, organism.processor, tmp_path)
+    save_organism(tiny_organism.model, tiny_organism.processor, tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     ad = load_model(str(tmp_path))
     assert ad.family == "llava"
@@ -37,25 +37,25 @@ def test_organism_is_an_ordinary_llava_with_an_8x8_grid(organism, tmp_path):
     assert (g.rows, g.cols) == (8, 8)
 
 
-def test_training_sequences_are_what_the_chat_template_renders(organism):
+def test_training_sequences_are_what_the_chat_template_renders(tiny_organism):
     """The trainer's token ids equal processor(chat template) ids, and its pixels equal the processor's."""
     from sightline.data.synthetic import questions, render_scene
 
     scene = render_scene(11)
     img = scene.to_pil()
     qs = [(q.question, q.answer) for q in questions(scene)[:3]]
-    enc = Encoder(organism.processor, 64)
+    enc = Encoder(tiny_organism.processor, 64)
     messages = []
     for k, (q, a) in enumerate(qs):
         content = ([{"type": "image"}] if k == 0 else []) + [{"type": "text", "text": q}]
         messages += [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": a}]}]
-    text = organism.processor.apply_chat_template(messages, tokenize=False)
-    ref = organism.processor(images=[img], text=[text], return_tensors="pt")
+    text = tiny_organism.processor.apply_chat_template(messages, tokenize=False)
+    ref = tiny_organism.processor(images=[img], text=[text], return_tensors="pt")
     ids, labels = enc.sequence(qs)
     assert ref["input_ids"][0].tolist() == ids
-    end = organism.tokenizer.convert_tokens_to_ids("<|end|>")
+    end = tiny_organism.tokenizer.convert_tokens_to_ids("<|end|>")
     answer_ids = [i for i, lab in zip(ids, labels) if lab != -100 and i != end]
-    assert organism.tokenizer.decode(answer_ids).replace(" ", "") == "".join(a for _, a in qs).replace(" ", "")
+    assert tiny_organism.tokenizer.decode(answer_ids).replace(" ", "") == "".join(a for _, a in qs).replace(" ", "")
     assert torch.equal(ref["pixel_values"], enc.pixel_values(np.asarray(img)[None]))
 
 

@@ -79,6 +79,33 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n-scenes", type=int, default=None)
     q.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
 
+    p = sub.add_parser("steer", help="add a class direction at the image tokens; measure efficacy, flips and damage")
+    _add_model_args(p)
+    p.add_argument("--directions", required=True, help="directions .safetensors (keys site/class or site/src:tgt), "
+                   "a folder holding directions.safetensors, or an activation store")
+    p.add_argument("--data", required=True, help="image folder with class subfolders (or .jsonl); images of each "
+                   "source class are steered")
+    p.add_argument("--pairs", default="", help="src:tgt,... (default: each class to the next)")
+    p.add_argument("--layers", default="auto", help="resid layers: auto (those the directions hold), all, 0,4,8, 4-12")
+    p.add_argument("--scales", default="", help="k values 0,2,4 or start:stop:count (default 0:30:20, the paper's)")
+    p.add_argument("--normalize", default="unit", choices=["unit", "resid", "none"])
+    p.add_argument("--positions", default="image", choices=["image", "text", "all", "last"])
+    p.add_argument("--mode", default="prefill", choices=["prefill", "every_step"])
+    p.add_argument("--images-per-class", type=int, default=20)
+    p.add_argument("--efficacy-prompt", default=None)
+    p.add_argument("--efficacy-metric", default=None, choices=["prob", "share"])
+    p.add_argument("--open-prompt", default=None)
+    p.add_argument("--caption-prompt", default=None)
+    p.add_argument("--damage-qtypes", default="", help="synthetic data: question types for damage (default: the other attributes)")
+    p.add_argument("--class-words", default=None, help="JSON file {class folder: word used in prompts}")
+    p.add_argument("--label", default="label", help="store field holding the class (directions from a store)")
+    p.add_argument("--data-label", default="label", help="dataset field holding the class, e.g. facts.objects.0.shape")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("store", help="look at an ActivationStore")
     ssub = p.add_subparsers(dest="store_command", metavar="STORE_COMMAND")
     q = ssub.add_parser("info", help="sites, shapes, examples, tokens and completeness of a store")
@@ -205,6 +232,24 @@ def cmd_organism(a) -> int:
     return 2
 
 
+def cmd_steer(a) -> int:
+    from sightline.steer import SteerConfig, headline, parse_pairs, parse_scales, run_steering
+
+    res = run_steering(SteerConfig(
+        model=a.model, directions=a.directions, data=a.data, out=a.out, pairs=parse_pairs(a.pairs), layers=a.layers,
+        scales=parse_scales(a.scales), normalize=a.normalize, positions=a.positions, mode=a.mode,
+        images_per_class=a.images_per_class, efficacy_prompt=a.efficacy_prompt, efficacy_metric=a.efficacy_metric,
+        open_prompt=a.open_prompt, caption_prompt=a.caption_prompt,
+        damage_qtypes=tuple(q for q in a.damage_qtypes.split(",") if q), class_words=a.class_words, label=a.label,
+        data_label=a.data_label, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, model_dtype=a.model_dtype,
+        device=a.device, device_map=a.device_map, revision=a.revision, trust_remote_code=a.trust_remote_code,
+        overwrite=a.overwrite, progress=not a.no_progress))
+    h = headline(res)
+    print(f"wrote {a.out}: best {h['best_site']} k={h['best_scale']}: flip rate {h['flip_rate']}, "
+          f"efficacy {h['efficacy']}, unrelated-question accuracy {h['damage_accuracy']}")
+    return 0
+
+
 def cmd_demo(a) -> int:
     from sightline.demo import DemoConfig, run_demo
 
@@ -221,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
-    handlers = {"extract": cmd_extract, "inspect": cmd_inspect, "demo": cmd_demo, "organism": cmd_organism}
+    handlers = {"extract": cmd_extract, "inspect": cmd_inspect, "demo": cmd_demo, "organism": cmd_organism,
+                "steer": cmd_steer}
     if a.command == "store":
         if a.store_command != "info":
             ap.parse_args(["store", "--help"])

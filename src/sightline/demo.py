@@ -102,10 +102,38 @@ def _store_section(ctx: DemoContext) -> tuple[dict, Section]:
     return summary, sec
 
 
+def _steer_section(ctx: DemoContext) -> tuple[dict, Section]:
+    from sightline.data.synthetic import WorldConfig, export_imagefolder
+    from sightline.steer import SteerConfig, headline, run_steering
+
+    cfg = ctx.config
+    data = export_imagefolder(ctx.out / "steer_data", seed=cfg.seed + 1, n=240, config=WorldConfig(n_objects=1),
+                              attribute="shape")
+    res = run_steering(SteerConfig(
+        model=ctx.model_path, directions=str(ctx.store_path), label="facts.objects.0.shape", data=str(data),
+        out=str(ctx.out / "steer"), pairs=("circle:star", "square:heart"), layers="0,1,2,3",
+        scales=(0, 2, 4, 6, 8, 10, 12), images_per_class=20, batch_size=64, max_new_tokens=8, progress=cfg.progress))
+    h = headline(res)
+    figs = sorted((ctx.out / "steer" / "figures").glob("*.png"))
+    sec = Section(
+        "Steering: add a shape direction at the image tokens",
+        "v = difference of class means (target minus source) of the mean-pooled image tokens at resid.L, unit "
+        "norm; k * v is added at the image positions during the prefill only, then the answer is generated "
+        "greedily from the edited KV cache (Line of Sight's protocol). Flip rate: the free answer to "
+        "'What shape is shown?' names the target; damage: accuracy on the colour question of the same images.",
+        figures={k: h[k] for k in ("best_site", "best_scale", "flip_rate", "efficacy", "damage_accuracy",
+                                   "caption_nll_increase", "clean_flip_rate", "clean_damage_accuracy") if k in h},
+        images=[(str(f.relative_to(ctx.out)), f.stem) for f in figs],
+        links=[("steer/results.json", "results.json"), ("steer/generations.jsonl", "generations.jsonl")],
+    )
+    return h, sec
+
+
 # Sections that analyses add: name -> function(ctx) -> (summary dict, Section). Run in this order.
 SECTIONS: list[tuple[str, Callable[[DemoContext], tuple[dict, Section]]]] = [
     ("organism", _organism_section),
     ("store", _store_section),
+    ("steer", _steer_section),
 ]
 
 

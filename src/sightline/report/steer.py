@@ -1,0 +1,94 @@
+"""Figures of a steering run: efficacy and damage against the scale k, per layer and across layers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def _nan(xs):
+    return [float("nan") if x is None else x for x in xs]
+
+
+def plot_layer(results: dict, site: str, path: str | os.PathLike) -> Path:
+    """Efficacy and flip rate (left), damage accuracy and caption-NLL increase (right) against k at one
+    site: the mean over pairs in bold, each pair thin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = results["pairs"]
+    mean = results["summary"]["per_layer"][site]
+    ks = mean["scales"]
+    metric = results.get("efficacy_metric", "prob")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for p in pairs:
+        lay = p["layers"][site]
+        a.plot(ks, _nan(lay["efficacy"]), color="tab:blue", alpha=0.25, lw=0.8)
+        a.plot(ks, _nan(lay["flip_rate"]), color="tab:orange", alpha=0.25, lw=0.8)
+    a.plot(ks, _nan(mean["efficacy"]), color="tab:blue", lw=2.2, marker="o", ms=3, label=f"efficacy ({metric})")
+    a.plot(ks, _nan(mean["flip_rate"]), color="tab:orange", lw=2.2, marker="o", ms=3, label="flip rate (free answer)")
+    a.set_ylim(-0.03, 1.03)
+    a.set_xlabel("k")
+    a.set_title(f"{site}: efficacy")
+    a.legend(fontsize=8, loc="best")
+    a.grid(alpha=0.3)
+    handles = []
+    if any(x is not None for x in mean["damage_accuracy"]):
+        handles += b.plot(ks, _nan(mean["damage_accuracy"]), color="tab:green", lw=2.2, marker="o", ms=3,
+                          label="unrelated-question accuracy")
+        b.set_ylim(-0.03, 1.03)
+    b.set_xlabel("k")
+    b.set_ylabel("accuracy")
+    b.grid(alpha=0.3)
+    c = b.twinx()
+    handles += c.plot(ks, _nan(mean["caption_nll_increase"]), color="tab:red", lw=2.2, marker="s", ms=3,
+                      label="caption NLL increase (nats/token)")
+    c.set_ylabel("NLL increase")
+    b.set_title(f"{site}: damage")
+    b.legend(handles=handles, fontsize=8, loc="best")
+    fig.suptitle(f"steering {len(pairs)} pair(s), {results.get('normalize', '')} vectors", fontsize=10)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_overview(results: dict, path: str | os.PathLike) -> Path:
+    """Flip rate, efficacy and damage accuracy against k, one line per layer (means over pairs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = results["summary"]["per_layer"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    cmap = plt.get_cmap("viridis")
+    for j, (site, s) in enumerate(per.items()):
+        col = cmap(j / max(len(per) - 1, 1))
+        for ax, key in zip(axes, ("flip_rate", "efficacy", "damage_accuracy")):
+            ax.plot(s["scales"], _nan(s[key]), color=col, lw=1.8, marker="o", ms=3, label=site)
+    for ax, title in zip(axes, ("flip rate", f"efficacy ({results.get('efficacy_metric', 'prob')})",
+                                "unrelated-question accuracy")):
+        ax.set_title(title)
+        ax.set_xlabel("k")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    best = results["summary"].get("best")
+    if best:
+        axes[0].plot([best["scale"]], [best["flip_rate"]], marker="*", ms=14, color="crimson", ls="none")
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

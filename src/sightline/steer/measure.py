@@ -1,0 +1,156 @@
+"""What a steering edit does: efficacy (forced choice), flips of the free answer, and damage.
+
+- Efficacy: one forward of the efficacy prompt with the edit in the prefill; at the first answer
+  position (the logits of the last prompt token), `prob` = softmax probability of the target
+  word's first token (the paper's measure) and `share` = p(target) / (p(source) + p(target)) over
+  the two words' first tokens. A word's first token is the first token that the prompt followed by
+  the word adds to the prompt alone, i.e. exactly what the model would emit first.
+- Flip: the free answer to the open prompt mentions the target word and not the source word
+  (whole words, case-insensitive, a plural s/es allowed); `kept` mentions the source and not the target.
+- Damage: accuracy on unrelated questions about the same image (an answer is right when it
+  mentions the expected answer), and the increase in caption NLL: the mean negative
+  log-likelihood per caption token, teacher-forced after the caption prompt with the edit applied
+  (prefill positions; with mode="every_step" the caption tokens too), minus the same without edit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from sightline.steer.generate import left_pad, steer_edit, steer_positions
+
+
+def mentions(text: str, word: str) -> bool:
+    """Whether `text` contains `word` as a whole word (case-insensitive; a plural s/es allowed)."""
+    w = re.escape(word.strip().lower())
+    return re.search(rf"(?<![\w-]){w}(?:s|es)?(?![\w-])", text.lower()) is not None
+
+
+def first_answer_token(adapter, prompt: str, word: str) -> int:
+    """Id of the first token the model emits when answering the (rendered) `prompt` with `word`."""
+    tok = adapter.tokenizer
+    text = adapter.render_prompt(prompt)
+    a = tok(text, add_special_tokens=False)["input_ids"]
+    b = tok(text + word, add_special_tokens=False)["input_ids"]
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    if k >= len(b):
+        raise ValueError(f"the word {word!r} adds no token to the prompt")
+    return int(b[k])
+
+
+def _rows(n_images: int, scales: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(image index, k) of every row of a sweep: images x scales, image-major."""
+    img = np.repeat(np.arange(n_images), len(scales))
+    k = np.tile(np.asarray(scales, dtype=np.float64), n_images)
+    return img, k
+
+
+@torch.no_grad()
+def answer_logprobs(adapter, images, prompts: Sequence[str], token_ids: Sequence[int], site: str | None = None,
+                    vector: torch.Tensor | None = None, scales: float | Sequence[float] = 0.0,
+                    positions="image", mode: str = "prefill", batch_size: int = 16) -> np.ndarray:
+    """[n, len(token_ids)] log-softmax at the first answer position of each (image, prompt[, k]) row."""
+    from sightline.capture.edit import apply_edits
+
+    n = len(images)
+    scales_n = np.broadcast_to(np.asarray(scales, dtype=np.float64), (n,))
+    ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+    out = []
+    for k in range(0, n, batch_size):
+        sl = slice(k, k + batch_size)
+        texts = [adapter.render_prompt(p) for p in prompts[sl]]
+        inputs, pads, batch = left_pad(adapter, list(images[sl]), texts)
+        inputs = {kk: v.to(adapter.device) if torch.is_tensor(v) else v for kk, v in inputs.items()}
+        edits = []
+        if site is not None and vector is not None:
+            pos = positions if isinstance(positions, str) else list(positions)[sl]
+            cols = steer_positions(batch.layouts, pads, pos)
+            edits.append(steer_edit(site, vector, scales_n[sl], cols, mode))
+        with apply_edits(adapter, edits):
+            logits = adapter.model(**inputs, logits_to_keep=1, return_dict=True).logits[:, -1].float()
+        out.append(torch.log_softmax(logits, -1)[:, ids.to(logits.device)].cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(ids)))
+
+
+def efficacy_from_logprobs(logp_n2: np.ndarray) -> dict[str, np.ndarray]:
+    """Per row {'prob': p(tgt), 'share': p(tgt) / (p(src) + p(tgt))} from log-probs [n, 2] (src, tgt)."""
+    p = np.exp(logp_n2.astype(np.float64))
+    return {"prob": p[:, 1], "share": p[:, 1] / np.maximum(p[:, 0] + p[:, 1], 1e-300)}
+
+
+def caption_token_ids(adapter, prompt: str, caption: str) -> list[int]:
+    """Token ids of `caption` as the answer to the rendered `prompt` (the tokens after their common prefix)."""
+    tok = adapter.tokenizer
+    text = adapter.render_prompt(prompt)
+    a = tok(text, add_special_tokens=False)["input_ids"]
+    b = tok(text + caption, add_special_tokens=False)["input_ids"]
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    return [int(t) for t in b[k:]]
+
+
+@torch.no_grad()
+def caption_nll(adapter, images, prompts: Sequence[str], captions: Sequence[str], site: str | None = None,
+                vector: torch.Tensor | None = None, scales: float | Sequence[float] = 0.0, positions="image",
+                mode: str = "prefill", batch_size: int = 16) -> np.ndarray:
+    """Mean NLL (nats) per caption token of each (image, prompt, caption[, k]) row, teacher-forced."""
+    from sightline.capture.edit import apply_edits
+
+    n = len(images)
+    scales_n = np.broadcast_to(np.asarray(scales, dtype=np.float64), (n,))
+    out = np.full(n, np.nan)
+    for k in range(0, n, batch_size):
+        idx = range(k, min(k + batch_size, n))
+        texts = [adapter.render_prompt(prompts[i]) + captions[i] for i in idx]
+        cap_ids = [caption_token_ids(adapter, prompts[i], captions[i]) for i in idx]
+        inputs, pads, batch = left_pad(adapter, [images[i] for i in idx], texts)
+        inputs = {kk: v.to(adapter.device) if torch.is_tensor(v) else v for kk, v in inputs.items()}
+        ids = inputs["input_ids"]
+        S = ids.shape[1]
+        n_cap = [len(c) for c in cap_ids]
+        for j, c in enumerate(cap_ids):  # the caption must be the tail of what the processor fed
+            if c and ids[j, S - len(c):].tolist() != c:
+                raise ValueError(f"caption tokens of row {k + j} do not end the processed sequence")
+        keep = max(n_cap) + 1
+        edits = []
+        if site is not None and vector is not None:
+            # the prefill columns are the prompt's (the caption excluded); every_step adds the caption's
+            prompt_layouts = batch.layouts
+            pos = positions if isinstance(positions, str) else [positions[i] for i in idx]
+            if isinstance(pos, str) and pos in ("text", "all", "last"):
+                pos = _prompt_only(prompt_layouts, n_cap, pos)
+            cols = steer_positions(prompt_layouts, pads, pos)
+            if mode == "every_step":
+                cols = [np.union1d(c, np.arange(S - nc, S)) for c, nc in zip(cols, n_cap)]
+            edits.append(steer_edit(site, vector, scales_n[k:k + len(idx)], cols, "prefill"))
+        with apply_edits(adapter, edits):
+            logits = adapter.model(**inputs, logits_to_keep=keep, return_dict=True).logits.float()
+        logp = torch.log_softmax(logits, -1)  # columns S-keep .. S-1
+        for j, nc in enumerate(n_cap):
+            if nc == 0:
+                continue
+            # token at column c is predicted at column c-1; caption columns are S-nc .. S-1
+            pred = logp[j, keep - nc - 1: keep - 1]
+            tgt = ids[j, S - nc:].to(pred.device)
+            out[k + j] = float(-pred.gather(1, tgt[:, None]).mean())
+    return out
+
+
+def _prompt_only(layouts, n_cap: Sequence[int], which: str) -> list[np.ndarray]:
+    """Positions `which` of each example's prompt, leaving out its trailing caption tokens."""
+    out = []
+    for lay, nc in zip(layouts, n_cap):
+        end = len(lay) - nc
+        if which == "last":
+            out.append(np.array([end - 1]))
+        else:
+            p = lay.positions(which)
+            out.append(p[p < end])
+    return out

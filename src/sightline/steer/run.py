@@ -1,0 +1,638 @@
+"""The steering job: sweep source->target pairs x layers x scales k over a dataset and write what changed.
+
+`run_steering(SteerConfig(...))` loads the model, the directions (see `sightline.steer.vectors` for
+the format) and an image dataset (ImageNet layout: one subfolder per class; the images of each
+source class are steered), and for every (source, target, layer, k) measures efficacy, the flip rate
+of the free answer and the damage (see `sightline.steer.measure`). It writes into `out`:
+
+    config.json          the config it ran with
+    results.json         every number: per pair, per layer, per k; a summary with the best (layer, k)
+    generations.jsonl    every free and damage answer, one JSON line each (clean ones have site null)
+    figures/steer_resid.L.png    efficacy and damage against k at that layer
+    figures/steer_overview.png   flip rate and efficacy against k, one line per layer
+
+The folder is written under a temporary name and renamed when complete: never half-written.
+
+Prompts (each may contain {src} and {tgt}, the two class words):
+- efficacy_prompt: the paper's forced choice, `Reply either "{src}" or "{tgt}" in lowercase
+  depending on what is shown in the image. Do not output any other text.`, metric `prob`.
+- open_prompt: "What is shown in this image?" (the paper's first open prompt).
+- caption_prompt: "Describe this image in detail."; the caption scored is the dataset's (a jsonl
+  `caption` field) or else the clean model's own greedy answer to this prompt.
+- damage questions: a jsonl `questions` field, [{"question": ..., "answer": ...}, ...].
+On a dataset exported by `sightline.data.synthetic` (a `world.json` beside it, e.g. from
+`export_imagefolder(..., attribute="shape")`), the defaults become the world's own questions, which
+the model organism answers: efficacy and the free answer use the world's question about the folder
+attribute ("What shape is shown?"; efficacy metric `share`, the target's share of probability among
+the two class words' first tokens, since the organism was never taught the forced-choice prompt),
+damage asks the world's questions about the other attributes (steering shape: "What colour is the
+<shape>?"), and the caption is the world's ("Describe the image." -> "a small red star").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sightline.errors import UserError
+
+PAPER_SCALES: tuple[float, ...] = tuple(round(float(k), 4) for k in np.linspace(0, 30, 20))
+PAPER_EFFICACY_PROMPT = ('Reply either "{src}" or "{tgt}" in lowercase depending on what is shown in the image. '
+                         'Do not output any other text.')
+PAPER_OPEN_PROMPT = "What is shown in this image?"
+PAPER_CAPTION_PROMPT = "Describe this image in detail."
+WORLD_CAPTION_PROMPT = "Describe the image."
+EFFICACY_METRICS = ("prob", "share")
+# the other attributes asked about for damage when steering the folder attribute of a synthetic dataset
+WORLD_DAMAGE = {"shape": ("colour",), "colour": ("shape",), "size": ("shape", "colour")}
+
+
+@dataclass(frozen=True)
+class SteerConfig:
+    """Everything a steering run depends on (saved as config.json). Prompts left None take the
+    paper's defaults, or the synthetic world's questions on a synthetic dataset (module docstring)."""
+
+    model: str
+    directions: str  # directions .safetensors, a folder holding one, or an ActivationStore folder
+    data: str  # image folder with class subfolders (or a .jsonl manifest with "label")
+    out: str = "steer"
+    pairs: tuple[str, ...] = ()  # "src:tgt" class names; () = each class to the next one (sorted, wrapping)
+    layers: str = "auto"  # resid layers: auto = every layer the directions hold; all, 0,4,8, 4-12
+    scales: tuple[float, ...] = PAPER_SCALES  # k; the paper's linspace(0, 30, 20) with unit vectors
+    normalize: str = "unit"  # unit (paper), resid (k=1 = mean image-token residual norm), none
+    positions: str = "image"  # image, text, all, last: where k*v is added in the prompt
+    mode: str = "prefill"  # prefill (paper: edit the prefill, decode from the edited cache) or every_step
+    images_per_class: int = 20  # source images steered per pair (the first ones in dataset order)
+    efficacy_prompt: str | None = None
+    efficacy_metric: str | None = None  # prob (paper) or share; None: prob, or share on synthetic data
+    open_prompt: str | None = None
+    caption_prompt: str | None = None
+    damage_qtypes: tuple[str, ...] = ()  # synthetic data: question types asked for damage; () = the other attributes
+    class_words: str | None = None  # JSON file {class folder: word used in prompts}; default: folder name, _ -> space
+    label: str = "label"  # store field (dotted path) holding the class, when directions come from a store
+    data_label: str = "label"  # dataset field (dotted path into jsonl fields) holding each image's class
+    max_new_tokens: int = 24
+    batch_size: int = 16
+    model_dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    device: str = "auto"
+    device_map: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        """JSON-able dict of every field."""
+        d = asdict(self)
+        for k in ("pairs", "scales", "damage_qtypes"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SteerConfig:
+        """The config a to_dict (or a saved config.json) describes; unknown keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        for k in ("pairs", "damage_qtypes"):
+            if k in d:
+                d[k] = tuple(d[k])
+        if "scales" in d:
+            d["scales"] = tuple(float(v) for v in d["scales"])
+        return cls(**d)
+
+
+@dataclass
+class Item:
+    """One steered image and what is asked about it."""
+
+    image: Any
+    path: str
+    label: str
+    open_prompt: str | None = None  # per-image open question (synthetic data), else the config's
+    questions: list[tuple[str, str]] = field(default_factory=list)  # (question, answer) for damage
+    caption: str | None = None
+
+
+def parse_scales(spec: str | None) -> tuple[float, ...]:
+    """`--scales`: "0,2,4.5" (a list), "0:30:20" (numpy linspace(0, 30, 20)), or None/"" (the paper's)."""
+    if spec is None or not str(spec).strip():
+        return PAPER_SCALES
+    text = str(spec).strip()
+    try:
+        if ":" in text:
+            lo, hi, num = text.split(":")
+            if int(num) < 1:
+                raise ValueError
+            return tuple(round(float(k), 6) for k in np.linspace(float(lo), float(hi), int(num)))
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--scales {spec!r}: give numbers like 0,2,4,8 or start:stop:count like 0:30:20") from None
+
+
+def parse_pairs(spec: str | None) -> tuple[str, ...]:
+    """`--pairs`: "hay:pizza,cat:dog" -> ("hay:pizza", "cat:dog"); empty: () (each class to the next)."""
+    return tuple(p.strip() for p in str(spec or "").split(",") if p.strip())
+
+
+def headline(result: dict) -> dict:
+    """The few numbers of a run worth a summary line: the best (layer, k) and the clean baseline."""
+    s = result["summary"]
+    best = s.get("best") or {}
+    return {
+        "pairs": [f"{p['source']}:{p['target']}" for p in result["pairs"]],
+        "sites": list(s["per_layer"]),
+        "scales": list(next(iter(s["per_layer"].values()))["scales"]) if s["per_layer"] else [],
+        "images_per_pair": [p["n_images"] for p in result["pairs"]],
+        "best_site": best.get("site"),
+        "best_scale": best.get("scale"),
+        "flip_rate": best.get("flip_rate"),
+        "efficacy": best.get("efficacy"),
+        "damage_accuracy": best.get("damage_accuracy"),
+        "caption_nll_increase": best.get("caption_nll_increase"),
+        "clean_flip_rate": s["clean"]["flip_rate"],
+        "clean_efficacy": s["clean"]["efficacy"],
+        "clean_damage_accuracy": s["clean"]["damage_accuracy"],
+        "efficacy_metric": result.get("efficacy_metric"),
+        "normalize": result.get("normalize"),
+        "seconds": result.get("seconds"),
+    }
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def _synthetic_world(dataset):
+    """(World, world.json dict) when the dataset was exported by sightline.data.synthetic, else (None, None)."""
+    root = Path(dataset.root)
+    folder = root.parent if root.suffix == ".jsonl" else root
+    wj = folder / "world.json"
+    if not wj.is_file():
+        return None, None
+    try:
+        info = json.loads(wj.read_text())
+    except ValueError:
+        return None, None
+    if info.get("generator") != "sightline.data.synthetic":
+        return None, None
+    from sightline.data.synthetic import World, WorldConfig
+
+    return World(int(info["seed"]), WorldConfig.from_dict(info["config"])), info
+
+
+def _label_of(ex, spec: str) -> str | None:
+    from sightline.steer.vectors import lookup
+
+    value = lookup(ex.to_json(), spec)
+    return None if value is None else str(value)
+
+
+def _items(dataset, ids: list[int], labels: list[str | None], world, attribute: str,
+           damage_qtypes: tuple[str, ...]) -> list[Item]:
+    from sightline.data import load_image
+
+    out = []
+    for i in ids:
+        ex = dataset[i]
+        item = Item(load_image(ex.path), ex.path, str(labels[i]))
+        meta = ex.meta or {}
+        if world is not None:
+            from sightline.data.synthetic import caption, questions
+
+            scene_i = meta.get("scene")
+            if scene_i is None:
+                try:
+                    scene_i = int(Path(ex.path).stem)
+                except ValueError:
+                    raise UserError(f"cannot tell which synthetic scene {ex.path} is (no 'scene' field and the "
+                                    "file name is not a scene number)") from None
+            scene = world.scene(int(scene_i))
+            qs = questions(scene, (attribute, *damage_qtypes))
+            own = [q for q in qs if q.qtype == attribute]
+            if own:
+                item.open_prompt = own[0].question
+            item.questions = [(q.question, q.answer) for q in qs if q.qtype in damage_qtypes]
+            item.caption = caption(scene)
+        if isinstance(meta.get("questions"), list):
+            item.questions = [(str(q["question"]), str(q["answer"])) for q in meta["questions"]]
+        if isinstance(meta.get("caption"), str):
+            item.caption = meta["caption"]
+        out.append(item)
+    return out
+
+
+def _pairs(cfg: SteerConfig, classes: list[str]) -> list[tuple[str, str]]:
+    if not cfg.pairs:
+        if len(classes) < 2:
+            raise UserError(f"dataset {cfg.data} has {len(classes)} class(es); steering needs two or more")
+        return [(classes[i], classes[(i + 1) % len(classes)]) for i in range(len(classes))]
+    out = []
+    for p in cfg.pairs:
+        src, sep, tgt = p.partition(":")
+        if not sep or not src or not tgt or src == tgt:
+            raise UserError(f"pair {p!r} must look like source:target with two different classes, e.g. circle:star")
+        for c in (src, tgt):
+            if c not in classes:
+                raise UserError(f"class {c!r} of pair {p} is not in dataset {cfg.data}; classes: {', '.join(classes)}")
+        out.append((src, tgt))
+    return out
+
+
+def _check(cfg: SteerConfig) -> None:
+    from sightline.steer.generate import MODES, POSITION_CHOICES
+    from sightline.steer.vectors import NORMALIZATIONS
+
+    if cfg.normalize not in NORMALIZATIONS:
+        raise UserError(f"--normalize must be one of {', '.join(NORMALIZATIONS)}, not {cfg.normalize!r}")
+    if cfg.mode not in MODES:
+        raise UserError(f"--mode must be one of {', '.join(MODES)}, not {cfg.mode!r}")
+    if cfg.positions not in POSITION_CHOICES:
+        raise UserError(f"--positions must be one of {', '.join(POSITION_CHOICES)}, not {cfg.positions!r}")
+    if cfg.efficacy_metric is not None and cfg.efficacy_metric not in EFFICACY_METRICS:
+        raise UserError(f"--efficacy-metric must be prob or share, not {cfg.efficacy_metric!r}")
+    if not cfg.scales or not all(np.isfinite(cfg.scales)):
+        raise UserError("--scales needs one or more finite numbers, e.g. 0,2,4,8")
+    if cfg.images_per_class < 1 or cfg.batch_size < 1 or cfg.max_new_tokens < 1:
+        raise UserError("--images-per-class, --batch-size and --max-new-tokens must be at least 1")
+    for name in ("efficacy_prompt", "open_prompt", "caption_prompt"):
+        text = getattr(cfg, name)
+        if text is not None:
+            try:
+                text.format(src="a", tgt="b")
+            except (KeyError, IndexError, ValueError):
+                raise UserError(f"--{name.replace('_', '-')} {text!r} may use only {{src}} and {{tgt}} "
+                                "as fields (write {{ and }} for braces)") from None
+
+
+def _class_words(cfg: SteerConfig, classes: list[str]) -> dict[str, str]:
+    words = {c: c.replace("_", " ") for c in classes}
+    if cfg.class_words:
+        p = Path(cfg.class_words)
+        try:
+            given = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read --class-words {p}: {e} (a JSON object {{class: word}})") from None
+        if not isinstance(given, dict):
+            raise UserError(f"--class-words {p} must hold a JSON object {{class: word}}")
+        words.update({str(k): str(v) for k, v in given.items()})
+    return words
+
+
+# ------------------------------------------------------------------------------------------ output
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _mean(x) -> float | None:
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    return round(float(x.mean()), 6) if len(x) else None
+
+
+# ------------------------------------------------------------------------------------------ the job
+@dataclass
+class _Data:
+    """The dataset as steering sees it: classes, the images of each, and what the world says about them."""
+
+    dataset: Any
+    world: Any  # a synthetic World, or None
+    attribute: str  # the synthetic attribute the classes are (shape, colour, size)
+    labels: list[str | None]  # class of each example
+    classes: list[str]
+    by_class: dict[str, list[int]]  # class -> example ids (each image once)
+    damage_qtypes: tuple[str, ...]
+
+
+def _open_data(cfg: SteerConfig) -> _Data:
+    from sightline.data import open_dataset
+
+    dataset = open_dataset(cfg.data)
+    world, winfo = _synthetic_world(dataset)
+    labels = [_label_of(ex, cfg.data_label) for ex in dataset]
+    if all(v is None for v in labels):
+        raise UserError(f"no image of {cfg.data} has a class {cfg.data_label!r}: use an image folder with class "
+                        "subfolders, or name the field with --data-label (e.g. facts.objects.0.shape)")
+    last = cfg.data_label.rsplit(".", 1)[-1]
+    attribute = (winfo or {}).get("attribute") or (last if last in WORLD_DAMAGE else "shape")
+    if world is not None and attribute not in WORLD_DAMAGE:
+        raise UserError(f"synthetic dataset {cfg.data} is foldered by {attribute!r}; steering needs shape, colour "
+                        "or size folders (export_imagefolder(..., attribute='shape'))")
+    by_class: dict[str, list[int]] = {}
+    seen = set()
+    for i, ex in enumerate(dataset):  # an image listed twice (one manifest line per question) counts once
+        if labels[i] is not None and ex.path not in seen:
+            seen.add(ex.path)
+            by_class.setdefault(labels[i], []).append(i)
+    damage = tuple(cfg.damage_qtypes) or (WORLD_DAMAGE[attribute] if world is not None else ())
+    return _Data(dataset, world, attribute, labels, sorted(by_class), by_class, damage)
+
+
+def _sites_and_directions(cfg: SteerConfig, adapter) -> tuple[list[str], dict]:
+    """The resid sites to steer and the directions (UserError if they do not fit the model)."""
+    from sightline.capture import parse_layers
+    from sightline.steer.vectors import direction_layers, load_directions
+
+    top = adapter.n_layers + 1  # resid.0 .. resid.{n_layers}
+    wanted = None if cfg.layers == "auto" else parse_layers(cfg.layers, top, "resid layer")
+    directions = load_directions(cfg.directions, None if wanted is None else [f"resid.{L}" for L in wanted],
+                                 cfg.label, cfg.progress)
+    layers = wanted if wanted is not None else [L for L in direction_layers(directions) if L < top]
+    if not layers:
+        raise UserError(f"directions {cfg.directions} hold no resid.L directions for this {adapter.n_layers}-layer "
+                        "model; compute them at resid sites (e.g. extract --sites resid)")
+    d = adapter.hidden_size
+    bad = [k for k, v in directions.items() if k.startswith("resid.") and v.shape[0] != d]
+    if bad:
+        raise UserError(f"direction {bad[0]} has {directions[bad[0]].shape[0]} dims but {cfg.model} has hidden "
+                        f"size {d}: use directions computed on this model")
+    return [f"resid.{L}" for L in layers], directions
+
+
+def _held_out_warning(cfg: SteerConfig, data: _Data) -> list[str]:
+    if not Path(cfg.directions).is_dir():
+        return []
+    from sightline.store import ActivationStore
+
+    try:
+        root = (ActivationStore.open(cfg.directions).manifest.get("dataset") or {}).get("root")
+    except UserError:
+        return []
+    if root and Path(root).resolve() == Path(data.dataset.root).resolve():
+        return ["the steered images are the images the directions were computed from (not held out)"]
+    return []
+
+
+def run_steering(cfg: SteerConfig) -> dict:
+    """Run the sweep and write `cfg.out` (see the module docstring); returns results.json's content."""
+    import torch
+
+    from sightline.extract import _resolve_device
+    from sightline.models import load_model
+    from sightline.steer.vectors import mean_image_norms, normalize, steering_vector
+
+    _check(cfg)
+    out = Path(cfg.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
+        raise UserError(f"output {out} exists and is not empty; choose another --out or pass --overwrite")
+    t0 = time.perf_counter()
+    data = _open_data(cfg)
+    pairs = _pairs(cfg, data.classes)
+    words = _class_words(cfg, data.classes)
+    synthetic = data.world is not None
+    efficacy_metric = cfg.efficacy_metric or ("share" if synthetic else "prob")
+    prompts = {  # None: each image's own world question
+        "efficacy": cfg.efficacy_prompt or (None if synthetic else PAPER_EFFICACY_PROMPT),
+        "open": cfg.open_prompt or (None if synthetic else PAPER_OPEN_PROMPT),
+        "caption": cfg.caption_prompt or (WORLD_CAPTION_PROMPT if synthetic else PAPER_CAPTION_PROMPT),
+    }
+
+    device = _resolve_device(cfg.device) if cfg.device_map is None else None
+    model_dtype = cfg.model_dtype
+    if model_dtype == "auto":
+        model_dtype = "bfloat16" if (device or "").startswith("cuda") or cfg.device_map else "float32"
+    adapter = load_model(cfg.model, dtype=model_dtype, device=device, device_map=cfg.device_map,
+                         revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    sites, directions = _sites_and_directions(cfg, adapter)
+
+    items_of: dict[str, list[Item]] = {}
+    for src, _ in pairs:
+        if src not in items_of:
+            ids = data.by_class.get(src, [])[: cfg.images_per_class]
+            if not ids:
+                raise UserError(f"class {src!r} has no images in {cfg.data}")
+            items_of[src] = _items(data.dataset, ids, data.labels, data.world, data.attribute, data.damage_qtypes)
+    ref_norms = None
+    if cfg.normalize == "resid":
+        every = [it for its in items_of.values() for it in its]
+        ref_norms = mean_image_norms(adapter, [it.image for it in every],
+                                     [it.open_prompt or _fmt(prompts["open"], "", "") for it in every],
+                                     sites, cfg.batch_size)
+    vectors = {}  # every vector before any sweep: a missing direction fails at once
+    for src, tgt in pairs:
+        for site in sites:
+            raw = steering_vector(directions, site, src, tgt)
+            vectors[src, tgt, site] = raw, normalize(raw, cfg.normalize, None if ref_norms is None else ref_norms[site])
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "figures").mkdir(parents=True)
+    try:
+        with torch.no_grad():
+            result = _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, efficacy_metric, tmp)
+        result.update({
+            "config": cfg.to_dict(),
+            "model": adapter.describe(),
+            "data": {"root": str(data.dataset.root), "kind": data.dataset.kind, "classes": data.classes,
+                     "synthetic_attribute": data.attribute if synthetic else None},
+            "prompts": {**prompts, "damage_qtypes": list(data.damage_qtypes)},
+            "efficacy_metric": efficacy_metric,
+            "normalize": cfg.normalize,
+            "ref_norms": ref_norms,
+            "warnings": _held_out_warning(cfg, data) + result.get("warnings", []),
+            "seconds": round(time.perf_counter() - t0, 2),
+        })
+        from sightline.report.steer import plot_layer, plot_overview
+
+        for site in sites:
+            plot_layer(result, site, tmp / "figures" / f"steer_{site}.png")
+        plot_overview(result, tmp / "figures" / "steer_overview.png")
+        _write_json(tmp / "config.json", cfg.to_dict())
+        _write_json(tmp / "results.json", result)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def _fmt(template: str | None, src: str, tgt: str) -> str | None:
+    return None if template is None else template.format(src=src, tgt=tgt)
+
+
+def _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, efficacy_metric, tmp) -> dict:
+    from tqdm.auto import tqdm
+
+    from sightline.steer.generate import steered_generate
+    from sightline.steer.measure import (answer_logprobs, caption_nll, efficacy_from_logprobs, first_answer_token,
+                                         mentions)
+    kw = dict(positions=cfg.positions, mode=cfg.mode, batch_size=cfg.batch_size)
+    scales = [float(k) for k in cfg.scales]
+    n_k = len(scales)
+    warnings: list[str] = []
+    clean_of: dict[str, dict] = {}
+    out_pairs = []
+    gen_path = tmp / "generations.jsonl"
+    bar = tqdm(total=len(pairs) * len(sites), desc="steer", unit="layer", disable=not cfg.progress,
+               dynamic_ncols=True)
+    with open(gen_path, "w", encoding="utf-8") as gen_file:
+
+        def log(**rec):
+            gen_file.write(json.dumps(rec) + "\n")
+
+        for src, tgt in pairs:
+            items = items_of[src]
+            n = len(items)
+            ws, wt = words[src], words[tgt]
+            images = [it.image for it in items]
+            open_prompts = [it.open_prompt or _fmt(prompts["open"], ws, wt) for it in items]
+            eff_prompts = [_fmt(prompts["efficacy"], ws, wt) or it.open_prompt for it in items]
+            cap_prompt = _fmt(prompts["caption"], ws, wt)
+            dq = [(i, q, a) for i, it in enumerate(items) for q, a in it.questions]
+            if any(p is None for p in open_prompts + eff_prompts):
+                raise UserError(f"no open question for some images of class {src!r}: pass --open-prompt")
+
+            if src not in clean_of:  # what does not depend on the target or the edit
+                captions = [it.caption for it in items]
+                if any(c is None for c in captions):  # no reference caption: the clean model's own
+                    own = steered_generate(adapter, images, [cap_prompt] * n, max_new_tokens=cfg.max_new_tokens,
+                                           batch_size=cfg.batch_size)
+                    captions = [c if c is not None else o for c, o in zip(captions, own)]
+                dmg = steered_generate(adapter, [images[i] for i, _, _ in dq], [q for _, q, _ in dq],
+                                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size) if dq else []
+                clean_of[src] = {
+                    "captions": captions,
+                    "caption_nll": caption_nll(adapter, images, [cap_prompt] * n, captions, batch_size=cfg.batch_size),
+                    "damage_correct": np.array([mentions(g, a) for g, (_, _, a) in zip(dmg, dq)], dtype=float),
+                    "damage_answers": dmg,
+                }
+            clean = clean_of[src]
+            captions = clean["captions"]
+            tok_ids = [[first_answer_token(adapter, p, w) for w in (ws, wt)] for p in eff_prompts]
+            same = [i for i, (a, b) in enumerate(tok_ids) if a == b]
+            if same:
+                warnings.append(f"{src}->{tgt}: the two class words start with the same token; efficacy is NaN")
+            # efficacy for each row: its own prompt's (source, target) token ids
+            uniq = sorted({tuple(t) for t in tok_ids})
+
+            def efficacy(site=None, v=None, ks=(0.0,)):
+                rows_img, rows_k = np.repeat(np.arange(n), len(ks)), np.tile(np.asarray(ks, float), n)
+                ids = sorted({t for pair in uniq for t in pair})
+                lp = answer_logprobs(adapter, [images[i] for i in rows_img], [eff_prompts[i] for i in rows_img],
+                                     ids, site, v, rows_k, **kw)
+                col = {t: j for j, t in enumerate(ids)}
+                two = np.stack([lp[r, [col[tok_ids[i][0]], col[tok_ids[i][1]]]] for r, i in enumerate(rows_img)])
+                eff = efficacy_from_logprobs(two)
+                bad = np.isin(rows_img, same)
+                return {m: np.where(bad, np.nan, e).reshape(n, len(ks)) for m, e in eff.items()}
+
+            def free(site=None, v=None, ks=(0.0,)):
+                rows_img, rows_k = np.repeat(np.arange(n), len(ks)), np.tile(np.asarray(ks, float), n)
+                ans = steered_generate(adapter, [images[i] for i in rows_img], [open_prompts[i] for i in rows_img],
+                                       site, v, rows_k, max_new_tokens=cfg.max_new_tokens, **kw)
+                return ans, rows_img, rows_k
+
+            # clean reference for this pair
+            e0 = efficacy()
+            ans0, _, _ = free()
+            for i, a in enumerate(ans0):
+                log(source=src, target=tgt, site=None, scale=None, path=items[i].path, kind="open",
+                    prompt=open_prompts[i], answer=a, flipped=bool(_flip(a, ws, wt)))
+            for (i, q, a), g, c in zip(dq, clean["damage_answers"], clean["damage_correct"]):
+                log(source=src, target=tgt, site=None, scale=None, path=items[i].path, kind="damage", prompt=q,
+                    answer=g, expected=a, correct=bool(c))
+            pair_out = {
+                "source": src, "target": tgt, "source_word": ws, "target_word": wt, "n_images": n,
+                "n_damage_questions": len(dq),
+                "clean": {
+                    "efficacy": _mean(e0[efficacy_metric]), "efficacy_prob": _mean(e0["prob"]),
+                    "efficacy_share": _mean(e0["share"]),
+                    "flip_rate": _mean([_flip(a, ws, wt) for a in ans0]),
+                    "source_rate": _mean([_kept(a, ws, wt) for a in ans0]),
+                    "damage_accuracy": _mean(clean["damage_correct"]) if dq else None,
+                    "caption_nll": _mean(clean["caption_nll"]),
+                },
+                "layers": {},
+            }
+            for site in sites:
+                raw, v = vectors[src, tgt, site]
+                eff = efficacy(site, v, scales)
+                ans, rows_img, rows_k = free(site, v, scales)
+                flips = np.array([_flip(a, ws, wt) for a in ans], dtype=float).reshape(n, n_k)
+                kept = np.array([_kept(a, ws, wt) for a in ans], dtype=float).reshape(n, n_k)
+                for a, i, k in zip(ans, rows_img, rows_k):
+                    log(source=src, target=tgt, site=site, scale=float(k), path=items[i].path, kind="open",
+                        prompt=open_prompts[i], answer=a, flipped=bool(_flip(a, ws, wt)))
+                if dq:
+                    d_img = np.repeat([i for i, _, _ in dq], n_k)
+                    d_q = np.repeat(np.arange(len(dq)), n_k)
+                    d_k = np.tile(np.asarray(scales), len(dq))
+                    dans = steered_generate(adapter, [images[i] for i in d_img], [dq[j][1] for j in d_q], site, v,
+                                            d_k, max_new_tokens=cfg.max_new_tokens, **kw)
+                    correct = np.array([mentions(g, dq[j][2]) for g, j in zip(dans, d_q)], dtype=float)
+                    for g, j, k, c in zip(dans, d_q, d_k, correct):
+                        log(source=src, target=tgt, site=site, scale=float(k), path=items[dq[j][0]].path,
+                            kind="damage", prompt=dq[j][1], answer=g, expected=dq[j][2], correct=bool(c))
+                    dmg_acc = [_mean(c) for c in correct.reshape(len(dq), n_k).T]
+                else:
+                    dmg_acc = [None] * n_k
+                c_img = np.repeat(np.arange(n), n_k)
+                c_k = np.tile(np.asarray(scales), n)
+                nll = caption_nll(adapter, [images[i] for i in c_img], [cap_prompt] * len(c_img),
+                                  [captions[i] for i in c_img], site, v, c_k, **kw).reshape(n, n_k)
+                inc = nll - clean["caption_nll"][:, None]
+                pair_out["layers"][site] = {
+                    "scales": scales,
+                    "efficacy": [_mean(c) for c in eff[efficacy_metric].T],
+                    "efficacy_prob": [_mean(c) for c in eff["prob"].T],
+                    "efficacy_share": [_mean(c) for c in eff["share"].T],
+                    "flip_rate": [_mean(c) for c in flips.T],
+                    "source_rate": [_mean(c) for c in kept.T],
+                    "damage_accuracy": dmg_acc,
+                    "caption_nll": [_mean(c) for c in nll.T],
+                    "caption_nll_increase": [_mean(c) for c in inc.T],
+                    "raw_norm": round(float(raw.norm()), 6),
+                    "vector_norm": round(float(v.norm()), 6),
+                }
+                bar.update(1)
+            out_pairs.append(pair_out)
+    bar.close()
+    return {"pairs": out_pairs, "summary": summarize(out_pairs, sites, scales), "warnings": warnings}
+
+
+def _flip(answer: str, src: str, tgt: str) -> float:
+    from sightline.steer.measure import mentions
+
+    return float(mentions(answer, tgt) and not mentions(answer, src))
+
+
+def _kept(answer: str, src: str, tgt: str) -> float:
+    from sightline.steer.measure import mentions
+
+    return float(mentions(answer, src) and not mentions(answer, tgt))
+
+
+def summarize(pairs: list[dict], sites: list[str], scales: list[float], damage_keep: float = 0.9) -> dict:
+    """Means over pairs per (layer, k), and the best (layer, k): the highest mean flip rate among the
+    points whose damage accuracy keeps at least `damage_keep` of its clean value (all points when
+    there are no damage questions); ties go to the smaller k."""
+    keys = ("efficacy", "efficacy_prob", "efficacy_share", "flip_rate", "source_rate", "damage_accuracy",
+            "caption_nll_increase")
+    per_layer = {}
+    for site in sites:
+        per_layer[site] = {"scales": scales}
+        for key in keys:
+            cols = [[p["layers"][site][key][j] for p in pairs] for j in range(len(scales))]
+            per_layer[site][key] = [_mean([c for c in col if c is not None]) for col in cols]
+    clean_dmg = _mean([p["clean"]["damage_accuracy"] for p in pairs if p["clean"]["damage_accuracy"] is not None])
+    best = None
+    for site in sites:
+        s = per_layer[site]
+        for j, k in enumerate(scales):
+            flip, dmg = s["flip_rate"][j], s["damage_accuracy"][j]
+            if flip is None:
+                continue
+            if clean_dmg is not None and dmg is not None and dmg < damage_keep * clean_dmg:
+                continue
+            if best is None or flip > best["flip_rate"] or (flip == best["flip_rate"] and abs(k) < abs(best["scale"])):
+                best = {"site": site, "scale": k, "flip_rate": flip, "damage_accuracy": dmg,
+                        "efficacy": s["efficacy"][j], "caption_nll_increase": s["caption_nll_increase"][j]}
+    clean = {key: _mean([p["clean"][key] for p in pairs if p["clean"][key] is not None])
+             for key in ("efficacy", "flip_rate", "source_rate", "damage_accuracy", "caption_nll")}
+    return {"per_layer": per_layer, "clean": clean, "best": best, "damage_keep": damage_keep}
