@@ -79,6 +79,30 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n-scenes", type=int, default=None)
     q.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
 
+    p = sub.add_parser("probe", help="linear probes for a label at every site and layer of a store")
+    p.add_argument("store", help="an ActivationStore folder")
+    p.add_argument("--label", default="label", help="example field, JSONL meta key, dotted path "
+                   "(meta.facts.objects.0.shape) or mask.<shape|colour|size|object> for per-token labels")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--sites", default="all", help="all, kinds (resid,keys,...) and/or exact sites (resid.3)")
+    p.add_argument("--layers", default="all", help="layers of the kinds in --sites: all, 0,4,8 or 4-12")
+    p.add_argument("--pooling", default="mean", choices=["mean", "max", "last", "token"])
+    p.add_argument("--modality", default="image", help="tokens pooled: image, or e.g. image,image_newline")
+    p.add_argument("--where", default=None, help="keep examples with these fields, e.g. qtype=shape")
+    p.add_argument("--drop-classes", default=None, help="classes to leave out, a,b")
+    p.add_argument("--val-frac", type=float, default=0.2)
+    p.add_argument("--test-frac", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--l2", default="1e-1,1e-2,1e-3,1e-4,1e-5", help="L2 strengths tried on the validation split")
+    p.add_argument("--no-control", action="store_true", help="skip the control task (Hewitt & Liang)")
+    p.add_argument("--max-iter", type=int, default=500)
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--max-per-class", type=int, default=None)
+    p.add_argument("--min-cover", type=float, default=0.5, help="mask.* labels: share of a token a label must cover")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("steer", help="add a class direction at the image tokens; measure efficacy, flips and damage")
     _add_model_args(p)
     p.add_argument("--directions", required=True, help="directions .safetensors (keys site/class or site/src:tgt), "
@@ -232,6 +256,20 @@ def cmd_organism(a) -> int:
     return 2
 
 
+def cmd_probe(a) -> int:
+    from sightline.probes.run import ProbeConfig, run_probes
+
+    res = run_probes(ProbeConfig(
+        store=a.store, label=a.label, out=a.out, sites=a.sites, layers=a.layers, pooling=a.pooling,
+        modality=a.modality, where=a.where, drop_classes=tuple(x for x in (a.drop_classes or "").split(",") if x),
+        val_frac=a.val_frac, test_frac=a.test_frac, seed=a.seed, l2_grid=tuple(float(x) for x in a.l2.split(",")),
+        control=not a.no_control, max_iter=a.max_iter, tol=a.tol, max_per_class=a.max_per_class,
+        min_cover=a.min_cover, device=a.device, overwrite=a.overwrite, progress=not a.no_progress))
+    print(f"wrote {a.out}: best {res['best_site']} top-1 {res['best_top1']:.3f} (control {res['best_control_top1']}, "
+          f"selectivity {res['best_selectivity']})")
+    return 0
+
+
 def cmd_steer(a) -> int:
     from sightline.steer import SteerConfig, headline, parse_pairs, parse_scales, run_steering
 
@@ -267,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     handlers = {"extract": cmd_extract, "inspect": cmd_inspect, "demo": cmd_demo, "organism": cmd_organism,
-                "steer": cmd_steer}
+                "probe": cmd_probe, "steer": cmd_steer}
     if a.command == "store":
         if a.store_command != "info":
             ap.parse_args(["store", "--help"])

@@ -102,6 +102,30 @@ def _store_section(ctx: DemoContext) -> tuple[dict, Section]:
     return summary, sec
 
 
+def _probe_section(ctx: DemoContext) -> tuple[dict, Section]:
+    from sightline.probes.run import ProbeConfig, run_probes
+
+    res = run_probes(ProbeConfig(store=str(ctx.store_path), label="facts.objects.0.shape", out=str(ctx.out / "probes"),
+                                 progress=ctx.config.progress))
+    keep = ("best_site", "best_top1", "best_top5", "best_control_top1", "best_selectivity", "chance", "classes",
+            "split_sizes", "sites")
+    summary = {k: res[k] for k in keep if k in res}
+    rows = [(site, m.get("test_top1"), m.get("test_top5"), m.get("control_test_top1"), m.get("selectivity"))
+            for site, m in res["sites"].items()]
+    sec = Section(
+        "Linear probes: which shape is in the image",
+        "Multinomial logistic regression on the mean of the image tokens at every site, L2 chosen on a validation "
+        "split, scored on held-out images; the control task (labels reassigned at random per image, Hewitt & "
+        "Liang) shows how much a probe could memorise.",
+        figures={k: summary[k] for k in ("best_site", "best_top1", "best_top5", "best_control_top1", "best_selectivity")
+                 if k in summary},
+        tables=[("held-out accuracy per site", ["site", "top-1", "top-5", "control top-1", "selectivity"], rows)],
+        images=[("probes/accuracy_vs_layer.png", "accuracy vs layer")],
+        links=[("probes/metrics.json", "metrics.json"), ("probes/probes.json", "probes.json (card)")],
+    )
+    return summary, sec
+
+
 def _steer_section(ctx: DemoContext) -> tuple[dict, Section]:
     from sightline.data.synthetic import WorldConfig, export_imagefolder
     from sightline.steer import SteerConfig, headline, run_steering
@@ -133,6 +157,7 @@ def _steer_section(ctx: DemoContext) -> tuple[dict, Section]:
 SECTIONS: list[tuple[str, Callable[[DemoContext], tuple[dict, Section]]]] = [
     ("organism", _organism_section),
     ("store", _store_section),
+    ("probes", _probe_section),
     ("steer", _steer_section),
 ]
 
