@@ -1,0 +1,100 @@
+"""Figures of an SAE analysis: shared-latent fraction across layers, the image-share histogram, and a
+latent's top images with its activations painted over them (PNG, matplotlib Agg)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Save atomically (temp name, then rename) and close."""
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    _plt().close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_shared_by_layer(curve: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
+    """Fractions of shared, image-only and text-only latents against layer (the Line of Sight headline)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    xs = [c["layer"] for c in curve]
+    for key, colour, style in (("shared", "#7b2cbf", "-o"), ("image_only", "#e07a1f", "--s"),
+                               ("text_only", "#2a7ab0", "--^")):
+        ax.plot(xs, [c[key] for c in curve], style, color=colour, label=key.replace("_", "-"), lw=2 if key == "shared" else 1.2)
+    ax.set_xlabel("layer (resid.L)")
+    ax.set_ylabel("fraction of live latents")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xticks(xs)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=8)
+    ax.set_title(title or "SAE latents shared between image and text, by layer", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_modality_hist(image_share: np.ndarray, path: str | os.PathLike, threshold: float = 0.1,
+                       title: str = "") -> Path:
+    """Histogram of the latents' image share (0 = text only, 1 = image only), the shared band shaded."""
+    plt = _plt()
+    s = np.asarray(image_share, np.float64)
+    s = s[~np.isnan(s)]
+    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    ax.axvspan(threshold, 1 - threshold, color="#7b2cbf", alpha=0.08, label="shared band")
+    ax.hist(s, bins=np.linspace(0, 1, 41), color="#444b5a")
+    ax.set_xlabel("image share of per-token activation mass")
+    ax.set_ylabel("latents")
+    ax.set_xlim(0, 1)
+    ax.legend(frameon=False, fontsize=8)
+    ax.set_title(title or f"{len(s)} live latents", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_feature_images(images: Sequence[np.ndarray], heatmaps: Sequence[np.ndarray], path: str | os.PathLike,
+                        vmax: float | None = None, height: int = 144, floor: float = 0.18) -> Path:
+    """A row of original images lit by a latent's per-token activation, one PNG: each pixel keeps
+    floor + (1 - floor) * activation / vmax of its brightness (pixels under no token, or where the latent
+    is 0, keep `floor`), so the image's own colours stay visible where the latent fires (a colormap
+    overlay would hide them, and colour is often the concept). Composed with PIL rather than a
+    matplotlib figure: a page shows dozens of latents and a figure costs most of a second each;
+    captions go in the HTML."""
+    from PIL import Image
+
+    finite = [float(np.nanmax(h)) for h in heatmaps if np.isfinite(h).any()]
+    top = vmax if vmax is not None and vmax > 0 else max(finite + [1e-12])
+    tiles = []
+    for im, h in zip(images, heatmaps):
+        im = np.asarray(im)
+        if im.ndim == 2:
+            im = np.stack([im] * 3, -1)
+        scale = height / im.shape[0]
+        size = (max(1, round(im.shape[1] * scale)), height)
+        base = np.asarray(Image.fromarray(im[..., :3].astype(np.uint8)).resize(size, Image.BILINEAR), np.float32) / 255
+        hm = np.nan_to_num(np.asarray(h, np.float32), nan=0.0)
+        hm = np.asarray(Image.fromarray(hm).resize(size, Image.NEAREST), np.float32)
+        light = floor + (1 - floor) * np.clip(hm / top, 0, 1)
+        tiles.append(base * light[..., None])
+    if not tiles:
+        tiles = [np.ones((height, height, 3), np.float32)]
+    gap = np.ones((height, 6, 3), np.float32)
+    row = np.concatenate([x for t in tiles for x in (t, gap)][:-1], axis=1)
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    Image.fromarray((row * 255).round().astype(np.uint8)).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,607 @@
+"""Train several SAEs in one pass over an ActivationStore: streaming, checkpoints with exact resume, DDP.
+
+Data: tokens of one site stream from the store with its local shard shuffle (`iter_batches(shuffle=True)`,
+a new seed per epoch), epoch after epoch, cut into fixed-size batches on a background thread.
+modality "image" takes image and image-newline tokens, "text" text tokens, "both" a fixed share
+`image_fraction` of image tokens in every batch (two streams; by default the store's own share,
+as the paper trains on the image and text tokens it extracted); special (chat-template) tokens
+are never used. Every SAE of the run sees the same batches.
+
+Exact resume: each batch carries the stream position after it (epoch, tokens taken from that
+epoch), saved with the checkpoint; a resumed run restarts the epoch's shuffled stream and skips
+that many tokens (reading at most one epoch again), so it computes exactly the batches an
+uninterrupted run would, and ends with the same weights.
+
+DDP (`torchrun`): every rank streams the same global batch and trains on its 1/world slice;
+losses are normalised by global-batch quantities and gradients summed across ranks, so the
+update equals the one-process update up to float summation order (BatchTopK's batch-level
+selection is the exception: it is over the rank's slice). Dead-latent counters and BatchTopK
+thresholds are synchronised; rank 0 writes every file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import queue
+import shutil
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sightline.errors import UserError
+from sightline.sae.models import ARCHITECTURES, SAE, SAEConfig
+
+MODALITY_CODES = {"image": ("image", "image_newline"), "text": ("text",)}
+STREAM_TAGS = {"image": 0, "text": 1}
+CHECKPOINT = "checkpoint"
+LOG_FILE = "train_log.jsonl"
+SUMMARY_FILE = "summary.json"
+# fields that change speed, not results: a resume may change them
+RUNTIME_FIELDS = ("device", "threads", "prefetch")
+
+
+@dataclass(frozen=True)
+class SAETrainConfig:
+    """Everything an SAE training run depends on (saved as out/config.json)."""
+
+    store: str = ""  # ActivationStore directory
+    site: str = ""  # e.g. "resid.2"
+    out: str = "sae-run"
+    modality: str = "image"  # image | text | both
+    image_fraction: float = 0.0  # modality both: share of image tokens per batch; 0: the store's own share
+    batch_size: int = 4096  # tokens per step (the global batch under DDP)
+    total_tokens: int = 0  # tokens to train on; 0: `epochs` passes over the chosen tokens
+    epochs: float = 1.0
+    lr_warmup_frac: float = 0.0  # linear lr warm-up over this fraction of the steps
+    lr_decay_frac: float = 0.2  # linear decay to 0 over the last fraction of the steps (paper: 20%)
+    dead_tokens: int = 0  # a latent silent this many tokens is dead (AuxK, metrics); 0: min(10M, total / 10)
+    seed: int = 0
+    saes: tuple[SAEConfig, ...] = (SAEConfig(),)
+    checkpoint_every: int = 500  # steps
+    log_every: int = 20  # steps
+    shuffle_shards: int = 4  # shards shuffled together (store.iter_batches)
+    scale_tokens: int = 65536  # tokens used to estimate the input scale and the initial b_dec
+    device: str = "auto"  # auto: cuda (LOCAL_RANK's) if available, else cpu
+    threads: int = 0  # torch threads; 0: torch's default
+    prefetch: bool = True  # read batches on a background thread
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["saes"] = [s.to_dict() for s in self.saes]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SAETrainConfig:
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "saes" in d:
+            d["saes"] = tuple(s if isinstance(s, SAEConfig) else SAEConfig.from_dict(s) for s in d["saes"])
+        return cls(**d)
+
+    def content(self) -> dict[str, Any]:
+        """The fields that determine the result (a resume must match them)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+
+def _values(v: Any, kind: type, what: str) -> tuple:
+    """A tuple of numbers from a number, a sequence, or a comma-separated string ("1024,4096")."""
+    items = v.split(",") if isinstance(v, str) else (v if isinstance(v, (list, tuple)) else [v])
+    try:
+        out = tuple(kind(x) for x in items)
+    except (TypeError, ValueError):
+        raise UserError(f"--{what} must be a number or a comma-separated list of numbers, got {v!r}") from None
+    if not out:
+        raise UserError(f"--{what} is empty")
+    return out
+
+
+def sae_grid(arch: str = "topk", widths: Any = (0,), ks: Any = (32,), l1_coeffs: Any = (5.0,),
+             **common: Any) -> tuple[SAEConfig, ...]:
+    """One SAEConfig per combination of width and k (topk/batchtopk) or width and l1_coeff (relu).
+
+    Each list may be a comma-separated string ("1024,4096"), as the CLI passes it; `common` holds
+    further SAEConfig fields (lr, aux_coeff, ...)."""
+    if arch not in ARCHITECTURES:
+        raise UserError(f"unknown SAE architecture {arch!r}: use one of {', '.join(ARCHITECTURES)}")
+    widths = _values(widths, int, "width")
+    second = ("l1_coeff", _values(l1_coeffs, float, "l1-coeff")) if arch == "relu" else ("k", _values(ks, int, "k"))
+    return tuple(SAEConfig(arch=arch, width=w, **{second[0]: v}, **common) for w in widths for v in second[1])
+
+
+# ---------------------------------------------------------------------- distributed
+def _dist() -> tuple[int, int]:
+    """(rank, world_size); initialises torch.distributed under torchrun."""
+    from sightline.extract import _dist_info
+
+    return _dist_info()
+
+
+def _all_reduce(t: torch.Tensor, world: int, op: str = "sum") -> torch.Tensor:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------- data
+def _epoch_seed(seed: int, tag: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, tag, epoch]).generate_state(1)[0])
+
+
+class TokenStream:
+    """Endless deterministic stream of [n, d] chunks of one site's tokens of some modalities, epoch after epoch.
+
+    Each chunk comes with the position after it, (epoch, tokens taken from that epoch's shuffled
+    order); a stream started at that position continues exactly where the first left off."""
+
+    def __init__(self, store, site: str, modalities: tuple[str, ...], n: int, seed: int, tag: int,
+                 shuffle_shards: int, start: tuple[int, int] = (0, 0)):
+        self.store, self.site, self.modalities, self.n = store, site, modalities, n
+        self.seed, self.tag, self.shuffle_shards, self.start = seed, tag, shuffle_shards, start
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, tuple[int, int]]]:
+        epoch, skip = self.start
+        buf: list[torch.Tensor] = []
+        have = 0
+        while True:
+            taken = 0
+            seen = False
+            for b in self.store.iter_batches([self.site], batch_size=self.n, shuffle=True,
+                                             seed=_epoch_seed(self.seed, self.tag, epoch),
+                                             modality=list(self.modalities), shuffle_shards=self.shuffle_shards):
+                t = b[self.site]
+                t = t.reshape(len(t), -1)
+                seen = True
+                if skip:
+                    drop = min(skip, len(t))
+                    t, skip, taken = t[drop:], skip - drop, taken + drop
+                while len(t):
+                    m = min(self.n - have, len(t))
+                    buf.append(t[:m])
+                    t, have, taken = t[m:], have + m, taken + m
+                    if have == self.n:
+                        yield (buf[0] if len(buf) == 1 else torch.cat(buf)), (epoch, taken)
+                        buf, have = [], 0
+            if not seen:
+                raise UserError(f"store {self.store.path} has no {'/'.join(self.modalities)} tokens at {self.site}")
+            epoch += 1
+
+
+class Batches:
+    """Global batches [batch_size, d] (store dtype) with the stream positions after each; optionally prefetched."""
+
+    def __init__(self, store, cfg: SAETrainConfig, starts: list[tuple[int, int]] | None = None, tag_offset: int = 0):
+        self.parts = _stream_sizes(cfg, store)
+        starts = starts or [(0, 0)] * len(self.parts)
+        self.streams = [TokenStream(store, cfg.site, MODALITY_CODES[m], n, cfg.seed, STREAM_TAGS[m] + tag_offset,
+                                    cfg.shuffle_shards, start)
+                        for (m, n), start in zip(self.parts, starts)]
+        # "both": interleave the two streams' tokens in a fixed order, so DDP slices hold both modalities
+        self.perm = (torch.randperm(cfg.batch_size, generator=torch.Generator().manual_seed(cfg.seed))
+                     if len(self.parts) > 1 else None)
+        self.load_seconds = 0.0  # time spent producing batches
+        self.wait_seconds = 0.0  # time the consumer waited for them
+        self._prefetch = cfg.prefetch
+        self._q: queue.Queue | None = None
+        self._stop = threading.Event()
+
+    def _produce(self) -> Iterator[tuple[torch.Tensor, list[tuple[int, int]]]]:
+        its = [iter(s) for s in self.streams]
+        while True:
+            t0 = time.perf_counter()
+            got = [next(it) for it in its]
+            x = got[0][0] if len(got) == 1 else torch.cat([g[0] for g in got]).index_select(0, self.perm)
+            self.load_seconds += time.perf_counter() - t0
+            yield x, [g[1] for g in got]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[tuple[int, int]]]]:
+        gen = self._produce()
+        if not self._prefetch:
+            while True:
+                t0 = time.perf_counter()
+                item = next(gen)
+                self.wait_seconds += time.perf_counter() - t0
+                yield item
+        self._q = q = queue.Queue(maxsize=3)
+
+        def work() -> None:
+            try:
+                for item in gen:
+                    while not self._stop.is_set():
+                        try:
+                            q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if self._stop.is_set():
+                        return
+            except BaseException as e:  # handed to the consumer
+                q.put(e)
+
+        th = threading.Thread(target=work, daemon=True, name="sae-batches")
+        th.start()
+        try:
+            while True:
+                t0 = time.perf_counter()
+                item = q.get()
+                self.wait_seconds += time.perf_counter() - t0
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self._stop.set()
+            th.join(timeout=5)
+
+
+def _count(store, part: str) -> int:
+    """Tokens of a modality part ("image" or "text") in the store."""
+    from sightline.store import MODALITIES
+
+    return int(np.isin(store.index["modality"], [MODALITIES.index(m) for m in MODALITY_CODES[part]]).sum())
+
+
+def _stream_sizes(cfg: SAETrainConfig, store) -> list[tuple[str, int]]:
+    """(modality part, tokens per batch) of each stream."""
+    if cfg.modality != "both":
+        return [(cfg.modality, cfg.batch_size)]
+    frac = cfg.image_fraction
+    if frac <= 0:
+        n_img, n_txt = _count(store, "image"), _count(store, "text")
+        frac = n_img / max(1, n_img + n_txt)
+    n_img = int(round(cfg.batch_size * frac))
+    for part, n in (("image", n_img), ("text", cfg.batch_size - n_img)):
+        if n < 1:
+            raise UserError(f"a batch of {cfg.batch_size} holds no {part} tokens (image share {frac:.3f} of the store "
+                            f"{store.path}); set --image-fraction, or extract with --positions all")
+    return [("image", n_img), ("text", cfg.batch_size - n_img)]
+
+
+# ---------------------------------------------------------------------- schedule and checkpoints
+def lr_factor(step: int, total: int, warmup_frac: float, decay_frac: float) -> float:
+    """Multiplier of the base lr at `step`: linear warm-up, constant, linear decay to 0 over the last decay_frac."""
+    f = 1.0
+    if warmup_frac > 0:
+        f = min(f, (step + 1) / max(1.0, warmup_frac * total))
+    if decay_frac > 0:
+        start = (1 - decay_frac) * total
+        if step >= start:
+            f = min(f, (total - step) / max(1.0, decay_frac * total))
+    return f
+
+
+def _save_checkpoint(path: Path, saes: list[SAE], opts: list[torch.optim.Optimizer], since_fired: list[torch.Tensor],
+                     state: dict[str, Any]) -> None:
+    """Weights, buffers, dead counters and Adam state (safetensors) + step and stream positions (JSON); atomic."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for i, (sae, opt, dead) in enumerate(zip(saes, opts, since_fired)):
+        tensors = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
+        tensors["_since_fired"] = dead.cpu()
+        save_file(tensors, str(tmp / f"sae_{i}.safetensors"))
+        names = {id(p): n for n, p in sae.named_parameters()}
+        adam = {}
+        for group in opt.param_groups:
+            for p in group["params"]:
+                for k, v in opt.state.get(p, {}).items():
+                    adam[f"{names[id(p)]}::{k}"] = torch.as_tensor(v).detach().cpu().clone()
+        save_file(adam, str(tmp / f"adam_{i}.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def _load_checkpoint(path: Path, saes: list[SAE], opts: list[torch.optim.Optimizer],
+                     since_fired: list[torch.Tensor]) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    for i, (sae, opt, dead) in enumerate(zip(saes, opts, since_fired)):
+        dev = sae.W_enc.device
+        tensors = load_file(str(path / f"sae_{i}.safetensors"))
+        dead.copy_(tensors.pop("_since_fired"))
+        sae.load_state_dict(tensors)
+        params = dict(sae.named_parameters())
+        for key, v in load_file(str(path / f"adam_{i}.safetensors")).items():
+            name, k = key.split("::")
+            opt.state[params[name]][k] = v if k == "step" else v.to(dev)
+    return json.loads((path / "state.json").read_text())
+
+
+# ---------------------------------------------------------------------- the run
+def _check(cfg: SAETrainConfig, store) -> tuple[int, list[str]]:
+    """Validate against the store; returns (d_in, SAE folder names)."""
+    if cfg.modality not in ("image", "text", "both"):
+        raise UserError(f"--modality must be image, text or both, not {cfg.modality!r}")
+    if cfg.modality == "both" and not 0 <= cfg.image_fraction < 1:
+        raise UserError(f"--image-fraction must be in [0, 1) (0: the store's own share), got {cfg.image_fraction}")
+    if cfg.batch_size < 2:
+        raise UserError("--batch-size must be at least 2")
+    if cfg.total_tokens < 0 or cfg.epochs <= 0:
+        raise UserError("--total-tokens must be >= 0 and --epochs > 0")
+    if not cfg.saes:
+        raise UserError("no SAEs to train: give at least one variant")
+    if not cfg.site:
+        raise UserError("no --site given: choose one of the store's sites, e.g. resid.2")
+    store.shape(cfg.site)  # UserError listing the sites if absent
+    d_in = int(np.prod(store.shape(cfg.site)))
+    names = [s.name or s.default_name() for s in cfg.saes]
+    seen: dict[str, int] = {}
+    for j, n in enumerate(names):
+        if n in seen:
+            if cfg.saes[j].name:
+                raise UserError(f"two SAEs are named {n!r}; give them different names")
+            seen[n] += 1
+            names[j] = f"{n}-{seen[n]}"
+        else:
+            seen[n] = 0
+    for s in cfg.saes:
+        s.resolved(d_in)  # k > width etc. fail here
+    return d_in, names
+
+
+def _n_tokens(store, cfg: SAETrainConfig) -> int:
+    """Tokens the run draws from (image, text or both)."""
+    return sum(_count(store, part) for part in (("image", "text") if cfg.modality == "both" else (cfg.modality,)))
+
+
+def _estimate_scale(store, cfg: SAETrainConfig, d_in: int) -> tuple[float, torch.Tensor]:
+    """Input scale sqrt(d) / mean token norm over `scale_tokens` tokens, and up to 8192 of them scaled (for init)."""
+    small = dataclasses.replace(cfg, prefetch=False)
+    norm_sum, n, keep = 0.0, 0, []
+    for x, _ in Batches(store, small, tag_offset=100):  # its own shuffle: training batches stay untouched
+        x = x.float()
+        take = min(len(x), max(1, cfg.scale_tokens) - n)
+        norm_sum += float(x[:take].norm(dim=1).sum())
+        n += take
+        if sum(len(k) for k in keep) < 8192:
+            keep.append(x[:take])
+        if n >= cfg.scale_tokens:
+            break
+    mean_norm = norm_sum / max(n, 1)
+    if not math.isfinite(mean_norm) or mean_norm <= 0:
+        raise UserError(f"the {cfg.site} activations in {store.path} have mean norm {mean_norm}; cannot scale them")
+    scale = math.sqrt(d_in) / mean_norm
+    return scale, torch.cat(keep)[:8192] * scale
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
+    return torch.device(device)
+
+
+def train_saes(config: SAETrainConfig, progress: bool = True, stop_after: int | None = None) -> list[Path]:
+    """Train every SAE of `config` in one pass; returns their folders (out/<name>, SAELens layout).
+
+    Resumes from out/checkpoint when out/config.json holds the same config; returns at once if the
+    run already finished. `stop_after` ends the session after that many steps in total (as an
+    interruption would), leaving the run to be resumed from its last checkpoint."""
+    from tqdm.auto import tqdm
+
+    from sightline.store import ActivationStore
+
+    cfg = config
+    store = ActivationStore.open(cfg.store)
+    d_in, names = _check(cfg, store)
+    n_avail = _n_tokens(store, cfg)
+    if n_avail == 0:
+        raise UserError(f"store {store.path} has no {cfg.modality} tokens; extract with --positions all or image")
+    _stream_sizes(cfg, store)  # a batch without one of the modalities fails here
+    device = _resolve_device(cfg.device)
+    rank, world = _dist()
+    out = Path(cfg.out)
+    paths = [out / n for n in names]
+    saved_cfg = out / "config.json"
+    if saved_cfg.exists():
+        try:
+            saved = SAETrainConfig.from_dict(json.loads(saved_cfg.read_text()))
+        except (ValueError, TypeError) as e:
+            raise UserError(f"{saved_cfg} is not a readable SAE run config ({e}); choose another --out") from None
+        if saved.content() != cfg.content():
+            raise UserError(f"{out} holds an SAE run with another config; choose another --out or delete it")
+        if (out / SUMMARY_FILE).exists() and all(p.exists() for p in paths):
+            return paths
+    elif out.exists() and any(out.iterdir()) and rank == 0:
+        raise UserError(f"output {out} exists and is not an SAE run; choose another --out")
+    _barrier(world)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not saved_cfg.exists():
+            tmp = saved_cfg.with_name("config.json.tmp")
+            tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
+            tmp.rename(saved_cfg)
+    _barrier(world)
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    total_tokens = cfg.total_tokens or int(cfg.epochs * n_avail)
+    n_steps = max(1, total_tokens // cfg.batch_size)
+    dead_tokens = cfg.dead_tokens or min(10_000_000, max(cfg.batch_size, n_steps * cfg.batch_size // 10))
+
+    ckpt = out / CHECKPOINT
+    state: dict[str, Any] | None = None
+    if (ckpt / "state.json").exists():
+        state = json.loads((ckpt / "state.json").read_text())
+    if state is not None:
+        scale, x0 = float(state["input_scale"]), None
+    else:
+        scale, x0 = _estimate_scale(store, cfg, d_in)
+    model_name = str(store.manifest.get("config", {}).get("model", "")) if isinstance(store.manifest, dict) else ""
+
+    saes: list[SAE] = []
+    for s, name in zip(cfg.saes, names):
+        sc = dataclasses.replace(s.resolved(d_in), site=cfg.site, modality=cfg.modality, input_scale=scale, name=name)
+        sae = ARCHITECTURES[sc.arch](sc)
+        # seeded by name, not place in the list: an SAE trains the same alone or beside others
+        sae.reset_parameters(torch.Generator().manual_seed(_epoch_seed(cfg.seed, zlib.crc32(name.encode()), 1)))
+        if x0 is not None:
+            sae.init_from_data(x0)
+        sae.model_name = model_name
+        saes.append(sae.to(device))
+    opts = [torch.optim.Adam(s.parameters(), lr=s.cfg.lr) for s in saes]
+    since_fired = [torch.zeros(s.cfg.width, dtype=torch.long, device=device) for s in saes]
+    start, log_lines, starts = 0, 0, None
+    if state is not None:
+        state = _load_checkpoint(ckpt, saes, opts, since_fired)
+        start, log_lines, starts = int(state["step"]), int(state["log_lines"]), [tuple(p) for p in state["streams"]]
+    log_path = out / LOG_FILE
+    if rank == 0:
+        lines = log_path.read_text().splitlines(keepends=True)[:log_lines] if log_path.exists() else []
+        tmp = log_path.with_name(LOG_FILE + ".tmp")
+        tmp.write_text("".join(lines))
+        tmp.rename(log_path)
+
+    lo, hi = rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world
+    # fvu, l0, aux, loss summed over the steps since the last log line (this rank's share)
+    acc = torch.zeros(len(saes), 4, dtype=torch.float64, device=device)
+    acc_steps = 0
+    if state is not None:
+        acc_steps = int(state["window_steps"])
+        if rank == 0:  # saved summed over ranks: rank 0 carries them, the others start at 0
+            acc.copy_(torch.tensor(state["window"], dtype=torch.float64))
+    last = {}
+    batches = Batches(store, cfg, starts)
+    t_start = time.perf_counter()
+    bar = tqdm(total=n_steps, initial=start, desc="sae train", unit="step", disable=not progress or rank != 0,
+               dynamic_ncols=True)
+    it = iter(batches)
+    step = start
+    try:
+        while step < n_steps:
+            x_lp, positions = next(it)
+            x = x_lp.to(device, non_blocking=True).float().mul_(scale)
+            total_var = (x - x.mean(0)).pow(2).sum()
+            x_local = x[lo:hi]
+            progress_frac = step / n_steps
+            lr_f = lr_factor(step, n_steps, cfg.lr_warmup_frac, cfg.lr_decay_frac)
+            outs = []
+            for sae, opt, dead in zip(saes, opts, since_fired):
+                opt.zero_grad(set_to_none=True)
+                o = sae.training_losses(x_local, total_var, cfg.batch_size, progress_frac, dead >= dead_tokens)
+                o.loss.backward()
+                outs.append(o)
+            if world > 1:
+                grads = [p.grad for s in saes for p in s.parameters()]
+                flat = _all_reduce(torch.cat([g.reshape(-1) for g in grads]), world)
+                off = 0
+                for g in grads:
+                    g.copy_(flat[off : off + g.numel()].view_as(g))
+                    off += g.numel()
+                fired_all = _all_reduce(torch.cat([o.fired for o in outs]).to(torch.int32), world, "max").bool()
+                fired = fired_all.split([s.cfg.width for s in saes])
+            else:
+                fired = [o.fired for o in outs]
+            for j, (sae, opt, o) in enumerate(zip(saes, opts, outs)):
+                sae.before_step()
+                if sae.cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(sae.parameters(), sae.cfg.grad_clip)
+                for group in opt.param_groups:
+                    group["lr"] = sae.cfg.lr * lr_f
+                opt.step()
+                sync = {k: _all_reduce(v.detach().clone().float(), world) / world for k, v in o.sync.items()}
+                sae.after_step(sync)
+                since_fired[j].add_(cfg.batch_size).masked_fill_(fired[j], 0)
+                acc[j] += torch.stack([o.fvu, o.l0, o.aux, o.loss.detach()]).to(acc)
+            acc_steps += 1
+            step += 1
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == n_steps:
+                _all_reduce(acc, world)
+                vals = (acc / acc_steps).tolist()
+                dead_frac = [float((d >= dead_tokens).float().mean()) for d in since_fired]
+                elapsed = time.perf_counter() - t_start
+                last = {"step": step, "tokens": step * cfg.batch_size, "seconds": round(elapsed, 2),
+                        "tokens_per_s": round((step - start) * cfg.batch_size / max(elapsed, 1e-9), 1),
+                        "lr_factor": round(lr_f, 5),
+                        "load_frac": round(batches.load_seconds / max(elapsed, 1e-9), 4),
+                        "wait_frac": round(batches.wait_seconds / max(elapsed, 1e-9), 4),
+                        "saes": {n: {"fvu": round(v[0], 6), "l0": round(v[1], 3), "aux": round(v[2], 6),
+                                     "loss": round(v[3], 6), "dead_frac": round(df, 5)}
+                                 for n, v, df in zip(names, vals, dead_frac)}}
+                if rank == 0:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(last) + "\n")
+                    log_lines += 1
+                    bar.set_postfix_str(" ".join(
+                        f"{n[:14]}:fvu={v[0]:.3f},l0={v[1]:.1f},dead={df:.1%}" for n, v, df in
+                        zip(names, vals, dead_frac)) + f" tok/s={last['tokens_per_s']:.0f}")
+                acc.zero_()
+                acc_steps = 0
+            if step % cfg.checkpoint_every == 0 and step < n_steps:
+                window = _all_reduce(acc.clone(), world)  # the log window so far, so a resumed log matches
+                if rank == 0:
+                    _save_checkpoint(ckpt, saes, opts, since_fired,
+                                     {"step": step, "input_scale": scale, "streams": [list(p) for p in positions],
+                                      "log_lines": log_lines, "window": window.tolist(), "window_steps": acc_steps,
+                                      "config": cfg.to_dict()})
+                _barrier(world)
+            if stop_after is not None and step >= stop_after and step < n_steps:
+                return []
+    finally:
+        bar.close()
+        it.close()
+
+    elapsed = time.perf_counter() - t_start
+    if rank == 0:
+        for sae, p in zip(saes, paths):
+            sae.save_pretrained(p)
+        summary = {
+            "store": str(cfg.store), "site": cfg.site, "modality": cfg.modality, "steps": n_steps,
+            "tokens": n_steps * cfg.batch_size, "batch_size": cfg.batch_size, "world_size": world,
+            "input_scale": scale, "dead_tokens": dead_tokens,
+            "seconds_this_session": round(elapsed, 2),
+            "tokens_per_s_this_session": round((n_steps - start) * cfg.batch_size / max(elapsed, 1e-9), 1),
+            "load_frac": round(batches.load_seconds / max(elapsed, 1e-9), 4),
+            "wait_frac": round(batches.wait_seconds / max(elapsed, 1e-9), 4),
+            "saes": [{"name": n, "path": str(p), **{k: getattr(s.cfg, k) for k in ("arch", "width", "k", "l1_coeff")},
+                      **last.get("saes", {}).get(n, {})} for n, p, s in zip(names, paths, saes)],
+        }
+        tmp = out / (SUMMARY_FILE + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.rename(out / SUMMARY_FILE)
+        if ckpt.exists():
+            shutil.rmtree(ckpt)
+    _barrier(world)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m sightline.sae.train CONFIG.json` (also under torchrun): train from a saved SAETrainConfig."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m sightline.sae.train CONFIG.json")
+    cfg = SAETrainConfig.from_dict(json.loads(Path(args[0]).read_text()))
+    train_saes(cfg, progress=os.environ.get("SIGHTLINE_PROGRESS", "1") != "0")
+
+
+if __name__ == "__main__":
+    main()
