@@ -363,7 +363,7 @@ PROBE_LAYER = "resid.2"  # the middle of the organism's 4 blocks, chosen before 
 def _organism_ready() -> bool:
     from sightline.organism import CHECKPOINT
 
-    return (CHECKPOINT / "FINAL").exists() and (CHECKPOINT / "config.json").exists()
+    return (CHECKPOINT / "config.json").exists()
 
 
 @pytest.mark.slow

@@ -130,6 +130,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("sae", help="sparse autoencoders on image and text tokens: train, analyze")
+    ssub_sae = p.add_subparsers(dest="sae_command", metavar="SAE_COMMAND")
+    q = ssub_sae.add_parser("train", help="train one or more SAEs on a site of a store, in one pass (resumable)")
+    q.add_argument("store", help="an ActivationStore folder")
+    q.add_argument("--site", required=True, help="e.g. resid.2")
+    q.add_argument("--out", required=True, help="run folder (one SAELens-layout folder per SAE)")
+    q.add_argument("--arch", default="topk", help="topk, batchtopk or relu")
+    q.add_argument("--width", default="0", help="latents, comma list (0: --expansion x d)")
+    q.add_argument("--expansion", type=int, default=8)
+    q.add_argument("--k", default="32", help="active latents (topk/batchtopk), comma list")
+    q.add_argument("--l1-coeff", default="5.0", help="relu: lambda, comma list")
+    q.add_argument("--lr", type=float, default=None, help="default: relu 5e-5 (paper), topk scaled by width")
+    q.add_argument("--modality", default="image", choices=["image", "text", "both"])
+    q.add_argument("--image-fraction", type=float, default=0.0, help="modality both: image share per batch (0: the store's)")
+    q.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
+    q.add_argument("--epochs", type=float, default=1.0)
+    q.add_argument("--total-tokens", type=int, default=0, help="tokens to train on (0: --epochs passes)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="auto")
+    q.add_argument("--no-progress", action="store_true")
+    q = ssub_sae.add_parser("analyze", help="metrics by modality, loss recovered, modality sharing, feature pages")
+    q.add_argument("--sae", nargs="+", required=True, help="SAE folders or sae-train run folders")
+    q.add_argument("--store", required=True, help="the ActivationStore (extracted with --positions all)")
+    q.add_argument("--out", default="sae-analysis")
+    q.add_argument("--model", default=None, help="model for loss recovered (default: the store's)")
+    q.add_argument("--data", default=None, help="question/answer JSONL for loss recovered (default: the store's examples)")
+    q.add_argument("--no-loss", action="store_true", help="skip loss recovered (no model run)")
+    q.add_argument("--n-loss", type=int, default=64)
+    q.add_argument("--concepts", default="auto", choices=["auto", "facts", "label", "none"])
+    q.add_argument("--share-threshold", type=float, default=0.1)
+    q.add_argument("--n-features", type=int, default=24)
+    q.add_argument("--features", default="", help="latents to show, e.g. 3,17")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--model-dtype", default="auto")
+    q.add_argument("--batch-size", type=int, default=4096)
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("store", help="look at an ActivationStore")
     ssub = p.add_subparsers(dest="store_command", metavar="STORE_COMMAND")
     q = ssub.add_parser("info", help="sites, shapes, examples, tokens and completeness of a store")
@@ -288,6 +326,32 @@ def cmd_steer(a) -> int:
     return 0
 
 
+def cmd_sae(a) -> int:
+    if a.sae_command == "train":
+        from sightline.sae import SAETrainConfig, sae_grid, train_saes
+
+        common = {"expansion": a.expansion, **({"lr": a.lr} if a.lr is not None else {})}
+        cfg = SAETrainConfig(store=a.store, site=a.site, out=a.out, modality=a.modality,
+                             image_fraction=a.image_fraction, batch_size=a.batch_size, epochs=a.epochs,
+                             total_tokens=a.total_tokens, seed=a.seed, device=a.device,
+                             saes=sae_grid(a.arch, a.width, a.k, a.l1_coeff, **common))
+        paths = train_saes(cfg, progress=not a.no_progress)
+        print("trained " + ", ".join(str(p) for p in paths))
+        return 0
+    if a.sae_command == "analyze":
+        from sightline.sae.analyze import SAEAnalyzeConfig, analyze_sae
+
+        res = analyze_sae(SAEAnalyzeConfig(
+            saes=tuple(a.sae), store=a.store, out=a.out, model=a.model, data=a.data, loss=not a.no_loss,
+            n_loss=a.n_loss, concepts=a.concepts, share_threshold=a.share_threshold, n_features=a.n_features,
+            features=tuple(int(x) for x in a.features.split(",") if x), device=a.device, model_dtype=a.model_dtype,
+            batch_size=a.batch_size, overwrite=a.overwrite, progress=not a.no_progress))
+        print(json.dumps({k: res[k] for k in ("out", "html", "shared_by_layer") if k in res}, indent=2))
+        return 0
+    build_parser().parse_args(["sae", "--help"])
+    return 2
+
+
 def cmd_demo(a) -> int:
     from sightline.demo import DemoConfig, run_demo
 
@@ -305,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     handlers = {"extract": cmd_extract, "inspect": cmd_inspect, "demo": cmd_demo, "organism": cmd_organism,
-                "probe": cmd_probe, "steer": cmd_steer}
+                "probe": cmd_probe, "steer": cmd_steer,
+                "sae": cmd_sae}
     if a.command == "store":
         if a.store_command != "info":
             ap.parse_args(["store", "--help"])
