@@ -600,7 +600,13 @@ def main(argv: list[str] | None = None) -> None:
     if len(args) != 1:
         raise SystemExit("usage: python -m sightline.sae.train CONFIG.json")
     cfg = SAETrainConfig.from_dict(json.loads(Path(args[0]).read_text()))
-    train_saes(cfg, progress=os.environ.get("SIGHTLINE_PROGRESS", "1") != "0")
+    try:
+        train_saes(cfg, progress=os.environ.get("SIGHTLINE_PROGRESS", "1") != "0")
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
