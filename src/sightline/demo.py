@@ -153,12 +153,46 @@ def _steer_section(ctx: DemoContext) -> tuple[dict, Section]:
     return h, sec
 
 
+def _sae_section(ctx: DemoContext) -> tuple[dict, Section]:
+    from sightline.sae import SAEConfig, SAETrainConfig, train_saes
+    from sightline.sae.analyze import SAEAnalyzeConfig, analyze_sae
+
+    cfg = ctx.config
+    folders = []
+    for L in range(ctx.adapter.n_layers + 1):  # one small TopK SAE per layer, on image and text tokens
+        folders += train_saes(SAETrainConfig(
+            store=str(ctx.store_path), site=f"resid.{L}", out=str(ctx.out / "sae" / f"resid.{L}"), modality="both",
+            batch_size=1024, epochs=12, saes=(SAEConfig(arch="topk", width=512, k=16),)), progress=cfg.progress)
+    res = analyze_sae(SAEAnalyzeConfig(saes=tuple(str(f) for f in folders), store=str(ctx.store_path),
+                                       out=str(ctx.out / "sae-analysis"), n_loss=32, n_features=12,
+                                       progress=cfg.progress))
+    keep = ("site", "fvu_image", "fvu_text", "l0_image", "l0_text", "frac_dead", "loss_recovered", "image_only",
+            "text_only", "shared", "probe_coverage")
+    per_sae = [{k: e.get(k) for k in keep} for e in res["saes"]]
+    summary = {"shared_by_layer": res["shared_by_layer"], "saes": per_sae}
+    sec = Section(
+        "Sparse autoencoders on image and text tokens",
+        "A TopK SAE (512 latents, k = 16) per layer on the residual stream over image and text tokens. A latent is "
+        "image-only or text-only when at least 90% of its mean activation per token falls on that modality, "
+        "shared otherwise (docs/report.md); loss recovered splices the reconstruction in at the image positions.",
+        tables=[("per layer", ["site", "FVU image", "FVU text", "L0 image", "dead", "loss recovered", "image-only",
+                               "text-only", "shared"],
+                 [(e["site"], e["fvu_image"], e["fvu_text"], e["l0_image"], e["frac_dead"], e["loss_recovered"],
+                   e["image_only"], e["text_only"], e["shared"]) for e in per_sae])],
+        images=[("sae-analysis/shared_by_layer.png", "shared fraction of latents per layer")],
+        links=[("sae-analysis/index.html", "feature pages (top image tokens as heatmaps, top text contexts)"),
+               ("sae-analysis/metrics.json", "metrics.json"), ("sae-analysis/modality.json", "modality.json")],
+    )
+    return summary, sec
+
+
 # Sections that analyses add: name -> function(ctx) -> (summary dict, Section). Run in this order.
 SECTIONS: list[tuple[str, Callable[[DemoContext], tuple[dict, Section]]]] = [
     ("organism", _organism_section),
     ("store", _store_section),
     ("probes", _probe_section),
     ("steer", _steer_section),
+    ("sae", _sae_section),
 ]
 
 
