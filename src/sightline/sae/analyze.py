@@ -142,11 +142,9 @@ def find_sae_folders(paths) -> list[Path]:
 
 
 def _device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device} asked for, but no CUDA device is available; use --device cpu")
-    return device
+    from sightline.extract import _resolve_device
+
+    return _resolve_device(device)
 
 
 def _sae_cfg(sae) -> dict:
