@@ -32,16 +32,10 @@ def mentions(text: str, word: str) -> bool:
 
 def first_answer_token(adapter, prompt: str, word: str) -> int:
     """Id of the first token the model emits when answering the (rendered) `prompt` with `word`."""
-    tok = adapter.tokenizer
-    text = adapter.render_prompt(prompt)
-    a = tok(text, add_special_tokens=False)["input_ids"]
-    b = tok(text + word, add_special_tokens=False)["input_ids"]
-    k = 0
-    while k < min(len(a), len(b)) and a[k] == b[k]:
-        k += 1
-    if k >= len(b):
+    ids = caption_token_ids(adapter, prompt, word)
+    if not ids:
         raise ValueError(f"the word {word!r} adds no token to the prompt")
-    return int(b[k])
+    return ids[0]
 
 
 def _rows(n_images: int, scales: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
