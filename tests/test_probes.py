@@ -361,27 +361,16 @@ def test_mask_token_labels_match_the_models_own_layout(tiny_checkpoint, tmp_path
 
 
 # ------------------------------------------------------------------------ the model organism
-def _organism_ready() -> bool:
-    from sightline.organism import CHECKPOINT
-
-    return (CHECKPOINT / "config.json").exists()
-
-
 @pytest.fixture(scope="module")
 def organism_probes(tmp_path_factory):
     """A store of 800 one-object scenes through the shipped organism (resid.0..4), probed for
-    shape, for colour and for a coin the images do not carry.
-
-    The objects are large: the organism itself names the shape of 96% of large objects but of only
-    89% of objects of all sizes, and a probe can only find what the model holds."""
-    if not _organism_ready():
-        pytest.skip("no organism checkpoint in src/sightline/organism/checkpoint yet")
+    shape, for colour and for a coin the images do not carry. Objects of all three sizes."""
     from sightline.data.synthetic import WorldConfig, export_jsonl
     from sightline.extract import ExtractConfig, extract
     from sightline.organism import checkpoint_path
 
     root = tmp_path_factory.mktemp("organism_probes")
-    manifest = export_jsonl(root / "data", seed=11, n=800, config=WorldConfig(n_objects=1, sizes=("large",)),
+    manifest = export_jsonl(root / "data", seed=11, n=800, config=WorldConfig(n_objects=1),
                             qtypes=("shape",), per_image=1)
     rng = np.random.default_rng(0)
     lines = [json.loads(s) for s in manifest.read_text().splitlines()]
@@ -403,9 +392,8 @@ def test_organism_shape_is_linearly_decodable(organism_probes):
     _, _, runs = organism_probes
     r = runs["shape"]
     assert len(r["classes"]) == 8
-    # the organism itself names 95.75% of large shapes; a probe should find about what it knows
-    # (measured: 0.957 at resid.1). The issue's 0.95 over all sizes waits for a better organism.
-    assert r["best_top1"] >= 0.93, r["sites"]
+    # measured: 0.975 at resid.0, 0.957-0.963 at resid.1-4 (the organism itself names 98% of single shapes)
+    assert r["best_top1"] >= 0.95, r["sites"]
     assert runs["colour"]["best_top1"] >= 0.95, runs["colour"]["sites"]
 
 

@@ -360,24 +360,16 @@ ORGANISM_N_IMAGES = 600
 PROBE_LAYER = "resid.2"  # the middle of the organism's 4 blocks, chosen before looking at the results
 
 
-def _organism_ready() -> bool:
-    from sightline.organism import CHECKPOINT
-
-    return (CHECKPOINT / "config.json").exists()
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _organism_ready(), reason="the final organism checkpoint is not in place yet")
 def test_organism_sae_probing_and_sharing_curve(tmp_path_factory):
     """Multimodal SAEs (TopK, 8x, k=32) at every layer of the organism, trained on image + caption sequences:
     for >= 80% of the 16 shape and colour values one latent separates the images showing it from the others
     (AUROC >= 0.9 on held-out images, the latent chosen on the other half), and the shared fraction is
     computed at every layer.
 
-    Scenes hold ONE object, the analogue of the paper's ImageNet images. On scenes of 1-4 objects the
-    organism itself does not separate several shapes at 0.9: colours reach 1.00 but shapes 0.82-0.96 for
-    the best single latent, and a logistic probe on the raw pooled residual does no better (0.76-0.94);
-    the organism answers single-shape questions right 89% of the time."""
+    Scenes hold ONE object, the analogue of the paper's ImageNet images (the organism names 98% of single
+    shapes but answers questions about scenes of several objects far less well, docs/organism.md).
+    Measured: coverage 1.00 at every layer, shared fraction 0.04, 0.24, 0.29, 0.27, 0.30 over resid.0-4."""
     from sightline.data.synthetic import WorldConfig, export_jsonl
     from sightline.extract import ExtractConfig, extract
     from sightline.organism import checkpoint_path, load_organism

@@ -228,6 +228,22 @@ def test_ddp_two_gloo_processes_match_one(sparse_store, tmp_path):
             torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4, msg=f"{p.name}.{k}")
 
 
+def test_cli_under_torchrun_prints_once_and_passes_its_flags(sparse_store, tmp_path):
+    """`sightline sae train` on 2 gloo ranks: one "trained" line (rank 0), the flags reach the run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SIGHTLINE_PROGRESS": "0"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "sightline.cli", "sae", "train", str(sparse_store), "--site", "resid.1",
+                           "--out", str(tmp_path / "run"), "--width", "64", "--k", "4", "--batch-size", "256",
+                           "--total-tokens", str(256 * 6), "--dead-tokens", "512", "--checkpoint-every", "2",
+                           "--threads", "1", "--no-progress"], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [line for line in proc.stdout.splitlines() if line.startswith("trained ")] == [
+        f"trained {tmp_path / 'run' / 'topk-w64-k4'}"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["dead_tokens"] == 512 and summary["steps"] == 6
+    assert (tmp_path / "run" / "topk-w64-k4" / "sae_weights.safetensors").exists()
+
+
 def test_user_errors(sparse_store, tmp_path):
     with pytest.raises(UserError, match="site 'resid.9' is not in store"):
         train_saes(dataclasses.replace(base_config(sparse_store, tmp_path / "a"), site="resid.9"), progress=False)
@@ -262,12 +278,9 @@ def test_lr_schedule_and_config_round_trip():
 @pytest.fixture(scope="module")
 def organism_stores(tmp_path_factory):
     """resid.2 of the shipped organism at the image tokens of synthetic scenes: a training and a held-out store."""
-    from sightline.organism import CHECKPOINT
-
-    if not (CHECKPOINT / "config.json").exists():
-        pytest.skip("no shipped organism checkpoint yet")
     from sightline.data.synthetic import export_jsonl
     from sightline.extract import ExtractConfig, extract
+    from sightline.organism import CHECKPOINT
 
     root = tmp_path_factory.mktemp("organism-sae")
     stores = []

@@ -305,8 +305,6 @@ def _organism_run(tmp_path, layers: str, scales, extract_layers: str = "all") ->
     from sightline.organism import checkpoint_path
 
     ckpt = checkpoint_path()
-    if (ckpt / "INTERIM").exists():
-        pytest.skip("the organism checkpoint is an interim one")
     world = WorldConfig(n_objects=1)
     train = export_imagefolder(tmp_path / "train", seed=11, n=160, config=world)
     held_out = export_imagefolder(tmp_path / "held_out", seed=12, n=200, config=world)
@@ -332,7 +330,8 @@ def _check_organism_validation(res: dict) -> dict:
 
 def test_organism_shape_steering_flips_answers_and_spares_colour(tmp_path):
     """At the best layer some k flips >= 80% of 20 held-out circles to "star" while >= 90% of the colour
-    answers stay right. (Measured on the shipped organism: resid.0, k = 7 with unit vectors; image
+    answers stay right. (Measured on the shipped organism: resid.0, k = 6 with unit vectors flips 100% with
+    every colour answer right; image
     tokens at resid.1 and later no longer carry the shape the answer reads, see the slow test.)"""
     best = _check_organism_validation(_organism_run(tmp_path, "0,1", (0.0, 6.0, 7.0, 8.0), extract_layers="0,1"))
     assert best["site"] == "resid.0"

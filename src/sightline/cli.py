@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -147,8 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
     q.add_argument("--epochs", type=float, default=1.0)
     q.add_argument("--total-tokens", type=int, default=0, help="tokens to train on (0: --epochs passes)")
+    q.add_argument("--dead-tokens", type=int, default=0,
+                   help="a latent silent this many tokens is dead (0: min(10M, total / 10))")
+    q.add_argument("--checkpoint-every", type=int, default=500, help="steps between resumable checkpoints")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="auto")
+    q.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     q.add_argument("--no-progress", action="store_true")
     q = ssub_sae.add_parser("analyze", help="metrics by modality, loss recovered, modality sharing, feature pages")
     q.add_argument("--sae", nargs="+", required=True, help="SAE folders or sae-train run folders")
@@ -333,10 +338,12 @@ def cmd_sae(a) -> int:
         common = {"expansion": a.expansion, **({"lr": a.lr} if a.lr is not None else {})}
         cfg = SAETrainConfig(store=a.store, site=a.site, out=a.out, modality=a.modality,
                              image_fraction=a.image_fraction, batch_size=a.batch_size, epochs=a.epochs,
-                             total_tokens=a.total_tokens, seed=a.seed, device=a.device,
+                             total_tokens=a.total_tokens, dead_tokens=a.dead_tokens,
+                             checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device, threads=a.threads,
                              saes=sae_grid(a.arch, a.width, a.k, a.l1_coeff, **common))
         paths = train_saes(cfg, progress=not a.no_progress)
-        print("trained " + ", ".join(str(p) for p in paths))
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line from rank 0
+            print("trained " + ", ".join(str(p) for p in paths))
         return 0
     if a.sae_command == "analyze":
         from sightline.sae.analyze import SAEAnalyzeConfig, analyze_sae

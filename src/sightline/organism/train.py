@@ -1,12 +1,16 @@
 """Train the model organism from scratch on the synthetic world, in two stages.
 
 Stage 1 (vision warm-up, `vision_steps`): the vision tower alone learns to say, for every patch,
-which shape and which colour covers it (the world's exact masks), through two linear heads that
-are thrown away afterwards, as a vision encoder is pretrained before a VLM is assembled. A ViT
-trained from scratch only through the language model's answers learnt colour but stayed at chance
-on shape; dense labels teach it shape in minutes. Stage 2: the whole VLM learns question-answer
-pairs. Each training sequence is one image followed by several question/answer turns of the chat
-template; the loss is on the answer tokens (and the turn's end marker) only.
+which shapes and colours cover it and how much of it (soft targets: the fraction of the patch's
+pixels of each class, from the world's exact masks, so that a small object that covers no patch
+by majority is still taught), through two linear heads that are thrown away afterwards, as a
+vision encoder is pretrained before a VLM is assembled. Images are mirrored left-right at random
+in this stage (labels with them). A ViT trained from scratch only through the language model's
+answers learnt colour but stayed at chance on shape; dense labels teach it shape in minutes.
+Stage 2: the whole VLM learns question-answer pairs, with the patch loss kept on the vision tower
+(weight `vision_aux_weight`) so that it does not forget what stage 1 taught. Each training sequence
+is one image followed by several question/answer turns of the chat template; the loss is on the
+answer tokens (and the turn's end marker) only.
 
 Reproducible from its seed: scene i of the training set is `render_scene(derive_seed(seed, "train", i))`
 and batch k draws its scenes and questions from a generator seeded by (seed, k), so a resumed run
@@ -36,8 +40,9 @@ class TrainConfig:
 
     out: str = "organism-train"
     seed: int = 0
-    n_scenes: int = 16000  # distinct training scenes, rendered once
-    vision_steps: int = 5000  # stage 1: dense patch labels for the vision tower alone
+    n_scenes: int = 32000  # distinct training scenes, rendered once (16000 let stage 1 overfit)
+    vision_steps: int = 6000  # stage 1: dense patch labels for the vision tower alone
+    vision_aux_weight: float = 1.0  # stage 2: weight of the patch loss kept on the vision tower
     vision_batch_size: int = 64
     vision_lr: float = 2e-3
     steps: int = 3000  # stage 2: question answering, the whole model
@@ -86,14 +91,16 @@ class SceneBank:
         s = cfg.arch.image_size
         self.pixels = np.empty((n, s, s, 3), np.uint8)
         g = s // cfg.arch.patch_size
-        self.patch_shape = np.empty((n, g * g), np.int64)  # 0 background, 1 + SHAPES index
-        self.patch_colour = np.empty((n, g * g), np.int64)  # 0 background, 1 + COLOURS index
+        dtype = np.uint8 if cfg.arch.patch_size ** 2 < 256 else np.int32
+        # pixels of each class in each patch: [n, g*g, 9], class 0 background, then 1 + SHAPES/COLOURS index
+        self.shape_cover = np.empty((n, g * g, 9), dtype)
+        self.colour_cover = np.empty((n, g * g, 9), dtype)
         self.questions: list[list[tuple[str, str, str]]] = []
         single = []
         for i in tqdm(range(n), desc="render scenes", disable=not progress, dynamic_ncols=True):
             scene = render_scene(derive_seed(cfg.seed, "train", i), world)
             self.pixels[i] = np.asarray(scene.to_pil())
-            self.patch_shape[i], self.patch_colour[i] = patch_labels(scene, cfg.arch.patch_size)
+            self.shape_cover[i], self.colour_cover[i] = patch_cover(scene, cfg.arch.patch_size)
             self.questions.append([(q.question, q.answer, q.qtype) for q in questions(scene)])
             if len(scene.objects) == 1:
                 single.append(i)
@@ -103,24 +110,31 @@ class SceneBank:
         return len(self.pixels)
 
 
-def patch_labels(scene, patch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per patch (row-major), the shape and the colour covering most of its pixels (0 = background)."""
+def patch_cover(scene, patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per patch (row-major), how many of its pixels each shape and each colour covers:
+    two [g*g, 9] count arrays, column 0 the background, then 1 + SHAPES / COLOURS index."""
     from sightline.data.synthetic import COLOURS
 
     h, w = scene.class_mask.shape
     gh, gw = h // patch, w // patch
 
-    def majority(label_hw: np.ndarray, k: int) -> np.ndarray:
+    def counts(label_hw: np.ndarray, k: int) -> np.ndarray:
         cells = label_hw[: gh * patch, : gw * patch].reshape(gh, patch, gw, patch).transpose(0, 2, 1, 3)
         cells = cells.reshape(gh * gw, patch * patch).astype(np.int64)
-        counts = np.zeros((gh * gw, k), np.int64)
-        np.add.at(counts, (np.repeat(np.arange(gh * gw), patch * patch), cells.reshape(-1)), 1)
-        return counts.argmax(1)
+        out = np.zeros((gh * gw, k), np.int64)
+        np.add.at(out, (np.repeat(np.arange(gh * gw), patch * patch), cells.reshape(-1)), 1)
+        return out
 
     colour_of = np.zeros(len(scene.objects) + 1, np.uint8)
     for o in scene.objects:
         colour_of[o.index + 1] = 1 + COLOURS.index(o.colour)
-    return majority(scene.class_mask, 9), majority(colour_of[scene.instance_mask], 9)
+    return counts(scene.class_mask, 9), counts(colour_of[scene.instance_mask], 9)
+
+
+def patch_labels(scene, patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per patch (row-major), the shape and the colour covering most of its pixels (0 = background)."""
+    shape, colour = patch_cover(scene, patch)
+    return shape.argmax(1), colour.argmax(1)
 
 
 class VisionHeads(torch.nn.Module):
@@ -138,15 +152,32 @@ def vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return out.hidden_states[model.config.vision_feature_layer][:, 1:]
 
 
-def vision_loss(model, heads: VisionHeads, pix: torch.Tensor, shape_bp: torch.Tensor, colour_bp: torch.Tensor):
-    """Mean patch cross-entropy for shape and colour; object patches weigh as much as all background ones."""
-    f = vision_features(model, pix)
-    loss = 0.0
-    for head, target in ((heads.shape, shape_bp), (heads.colour, colour_bp)):
-        ce = torch.nn.functional.cross_entropy(head(f).flatten(0, 1), target.reshape(-1), reduction="none")
-        obj = (target.reshape(-1) > 0).float()
+def vision_loss(heads: VisionHeads, features: torch.Tensor, shape_cover: torch.Tensor,
+                colour_cover: torch.Tensor) -> torch.Tensor:
+    """Patch cross-entropy against the soft targets (each class's share of the patch's pixels), for
+    shape and colour; the patches an object touches weigh as much, together, as all background ones.
+    `features` [B, g*g, d]; the covers [B, g*g, 9] pixel counts."""
+    loss = features.new_zeros(())
+    for head, cover in ((heads.shape, shape_cover), (heads.colour, colour_cover)):
+        target = cover.float() / cover.sum(-1, keepdim=True).float()
+        ce = -(target * torch.log_softmax(head(features), -1)).sum(-1).reshape(-1)
+        obj = (cover[..., 1:].sum(-1) > 0).float().reshape(-1)
         loss = loss + (ce * (1 - obj)).sum() / (1 - obj).sum().clamp(min=1) + (ce * obj).sum() / obj.sum().clamp(min=1)
     return loss
+
+
+def mirror(pixels: np.ndarray, covers: list[np.ndarray], flip: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Mirror left-right the images where `flip` is set, with their [B, g*g, k] patch covers."""
+    pixels = pixels.copy()
+    pixels[flip] = pixels[flip][:, :, ::-1]
+    out = []
+    for c in covers:
+        b, n, k = c.shape
+        g = int(round(n ** 0.5))
+        c = c.reshape(b, g, g, k).copy()
+        c[flip] = c[flip][:, :, ::-1]
+        out.append(c.reshape(b, n, k))
+    return pixels, out
 
 
 class Encoder:
@@ -226,10 +257,10 @@ def draw_batch(bank: SceneBank, cfg: TrainConfig, step: int):
     return scenes, turns
 
 
-def draw_vision_batch(bank: SceneBank, cfg: TrainConfig, step: int) -> np.ndarray:
-    """Scene indices of stage-1 batch `step` (a pure function of (seed, step))."""
+def draw_vision_batch(bank: SceneBank, cfg: TrainConfig, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scene indices of stage-1 batch `step` and which of them to mirror (a pure function of (seed, step))."""
     rng = np.random.default_rng([cfg.seed, 1, step])
-    return rng.integers(0, len(bank), cfg.vision_batch_size)
+    return rng.integers(0, len(bank), cfg.vision_batch_size), rng.random(cfg.vision_batch_size) < 0.5
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int, min_frac: float) -> float:
@@ -296,6 +327,12 @@ class _Stage1(torch.nn.Module):
         self.heads = heads
 
 
+def stage2_params(both: _Stage1, cfg: TrainConfig) -> list:
+    """What stage 2 trains: the whole organism, and stage 1's heads while the patch loss is kept."""
+    named = list(both.model.named_parameters(prefix="model"))
+    return named + (list(both.heads.named_parameters(prefix="heads")) if cfg.vision_aux_weight else [])
+
+
 def _adamw(params_named, cfg: TrainConfig, lr: float):
     decay = [p for n, p in params_named if p.ndim >= 2]
     no_decay = [p for n, p in params_named if p.ndim < 2]
@@ -305,17 +342,19 @@ def _adamw(params_named, cfg: TrainConfig, lr: float):
 
 @torch.no_grad()
 def vision_heldout(model, heads: VisionHeads, enc, cfg: TrainConfig, n: int = 256) -> dict:
-    """Stage 1's held-out figures on fresh single-object scenes: patch accuracy on object patches,
-    and the image's shape by majority vote of its object patches."""
+    """Stage 1's held-out figures on fresh single-object scenes: patch accuracy on the patches an
+    object covers by majority, and the image's shape read from the heads (the shape with the most
+    probability summed over all patches)."""
     from sightline.data.synthetic import SHAPES, WorldConfig, derive_seed, render_scene
 
     world = WorldConfig(image_size=cfg.arch.image_size, n_objects=1)
     scenes = [render_scene(derive_seed(cfg.seed, "stage1-heldout", i), world) for i in range(n)]
     labels = np.stack([patch_labels(sc, cfg.arch.patch_size)[0] for sc in scenes])
     f = vision_features(model, enc.pixel_values(np.stack([np.asarray(sc.to_pil()) for sc in scenes])))
-    pred = heads.shape(f).argmax(-1).numpy()
+    prob = torch.softmax(heads.shape(f), -1)
+    pred = prob.argmax(-1).numpy()
     obj = labels > 0
-    votes = [np.bincount(pred[i][obj[i]], minlength=9)[1:].argmax() + 1 if obj[i].any() else 0 for i in range(n)]
+    votes = prob[..., 1:].sum(1).argmax(-1).numpy() + 1
     truth = [1 + SHAPES.index(sc.objects[0].shape) for sc in scenes]
     return {"patch_shape_acc": round(float((pred[obj] == labels[obj]).mean()), 4),
             "image_shape_vote_acc": round(float(np.mean(np.asarray(votes) == np.asarray(truth))), 4)}
@@ -349,9 +388,16 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, stop_aft
     if resume and ckpt.exists():
         start = int(json.loads((ckpt / "state.json").read_text())["step"])
     stage1 = start < cfg.vision_steps
+    features: list[torch.Tensor] = []  # stage 2: the vision features the model computed, for the patch loss
+    layer = model.config.vision_feature_layer
+
+    def keep_features(_module, _args, output):
+        features.append(output.hidden_states[layer][:, 1:])
+
+    hook = model.model.vision_tower.register_forward_hook(keep_features)
     opt = (_adamw(list(both.model.model.vision_tower.named_parameters(prefix="model.model.vision_tower"))
                   + list(both.heads.named_parameters(prefix="heads")), cfg, cfg.vision_lr)
-           if stage1 else _adamw(list(both.model.named_parameters(prefix="model")), cfg, cfg.lr))
+           if stage1 else _adamw(stage2_params(both, cfg), cfg, cfg.lr))
     if resume and ckpt.exists():
         start, log = _load_checkpoint(ckpt, both, opt)
     bank = SceneBank(cfg, progress=progress)
@@ -367,19 +413,26 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, stop_aft
                         "seconds": round(time.perf_counter() - t0, 1)})
             bar.write(f"stage 1 held-out: {log[-1]['stage1_heldout']}")
             stage1, ema = False, None
-            opt = _adamw(list(both.model.named_parameters(prefix="model")), cfg, cfg.lr)
+            opt = _adamw(stage2_params(both, cfg), cfg, cfg.lr)
         if stage1:
-            scenes = draw_vision_batch(bank, cfg, step)
+            scenes, flip = draw_vision_batch(bank, cfg, step)
             lr = cosine_lr(step, cfg.vision_steps, cfg.vision_lr, cfg.warmup, cfg.min_lr_frac)
-            loss = vision_loss(model, heads, enc.pixel_values(bank.pixels[scenes]),
-                               torch.from_numpy(bank.patch_shape[scenes]), torch.from_numpy(bank.patch_colour[scenes]))
+            pix, (sc, cc) = mirror(bank.pixels[scenes], [bank.shape_cover[scenes], bank.colour_cover[scenes]], flip)
+            features.clear()
+            model.model.vision_tower(enc.pixel_values(pix), output_hidden_states=True)
+            loss = vision_loss(heads, features.pop(), torch.from_numpy(sc), torch.from_numpy(cc))
         else:
             k = step - cfg.vision_steps
             scenes, turns = draw_batch(bank, cfg, k)
             ids, labels, att = enc.batch([enc.sequence(t) for t in turns])
             lr = lr_at(k, cfg)
+            features.clear()
             loss = model(input_ids=ids, attention_mask=att, pixel_values=enc.pixel_values(bank.pixels[scenes]),
                          labels=labels).loss
+            if cfg.vision_aux_weight:
+                loss = loss + cfg.vision_aux_weight * vision_loss(
+                    heads, features.pop(), torch.from_numpy(bank.shape_cover[scenes]),
+                    torch.from_numpy(bank.colour_cover[scenes]))
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -395,10 +448,14 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, stop_aft
             _save_checkpoint(ckpt, both, opt, step + 1, cfg, log)
         if stop_after is not None and step + 1 >= stop_after:
             bar.close()
+            hook.remove()
             return ckpt
     bar.close()
+    hook.remove()
     if cfg.vision_steps and not any("stage1_heldout" in e for e in log):  # stage 1 only (steps=0)
         log.append({"step": total, "stage1_heldout": vision_heldout(model, heads, enc, cfg)})
+    elif cfg.vision_aux_weight:  # the heads trained on through stage 2: how the vision tower ended
+        log.append({"step": total, "final_vision_heldout": vision_heldout(model, heads, enc, cfg)})
     model.eval()
     final = save_organism(model, processor, out / "model")
     (out / "train_log.json").write_text(json.dumps({"config": cfg.to_dict(), "log": log,

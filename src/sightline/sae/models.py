@@ -295,6 +295,22 @@ class SAE(nn.Module):
         """sum_j vals[n, j] * W_dec[cols[n, j]] per token (no bias); cols [n, k], or flat with offsets."""
         return F.embedding_bag(cols, self.W_dec, offsets, per_sample_weights=vals, mode="sum")
 
+    def _selected_losses(self, x_s: torch.Tensor, x_in: torch.Tensor, pre: torch.Tensor, cols: torch.Tensor,
+                         vals: torch.Tensor, offsets: torch.Tensor | None, total_var: torch.Tensor, n_global: int,
+                         dead_mask: torch.Tensor | None, sync: dict[str, torch.Tensor] | None = None) -> StepOut:
+        """The step of the top-k family once its latents are chosen: decode `vals` at `cols` (sparse),
+        loss = FVU + aux_coeff * AuxK, and the metrics."""
+        x_hat = self._sparse_decode(cols, vals, offsets) + self.b_dec
+        resid = x_s - x_hat
+        err = resid.pow(2).sum()
+        aux = self._auxk(pre, x_in, resid.detach(), total_var, dead_mask)
+        with torch.no_grad():
+            active = vals > 0
+            fired = torch.zeros(self.cfg.width, dtype=torch.bool, device=x_s.device)
+            fired[cols[active]] = True
+        return StepOut(loss=err / total_var + self.cfg.aux_coeff * aux, fvu=err.detach() / total_var,
+                       l0=active.sum() / n_global, aux=aux.detach(), fired=fired, sync=sync or {})
+
     def _auxk(self, pre_nw: torch.Tensor, x_in: torch.Tensor, resid_nd: torch.Tensor, total_var: torch.Tensor,
               dead_mask: torch.Tensor | None) -> torch.Tensor:
         """AuxK loss (Gao et al.): the top aux_k dead latents reconstruct the (detached) residual x - x_hat;
@@ -543,17 +559,7 @@ class TopKSAE(SAE):
             pre = torch.addmm(self.b_enc, x_in, self.W_enc)
             top_pre, idx = topk_latents(pre, k)
         vals = F.relu(self._selected(top_pre, x_in, _rows(n, k, x_s.device), idx.reshape(-1))).view(n, k)
-        x_hat = self._sparse_decode(idx, vals) + self.b_dec
-        resid = x_s - x_hat
-        err = resid.pow(2).sum()
-        aux = self._auxk(pre, x_in, resid.detach(), total_var, dead_mask)
-        loss = err / total_var + self.cfg.aux_coeff * aux
-        with torch.no_grad():
-            active = vals > 0
-            fired = torch.zeros(self.cfg.width, dtype=torch.bool, device=x_s.device)
-            fired[idx[active]] = True
-            return StepOut(loss=loss, fvu=err.detach() / total_var, l0=active.sum() / n_global, aux=aux.detach(),
-                           fired=fired)
+        return self._selected_losses(x_s, x_in, pre, idx, vals, None, total_var, n_global, dead_mask)
 
 
 @register_architecture("batchtopk")
@@ -593,18 +599,11 @@ class BatchTopKSAE(SAE):
             rows, cols = flat // w, flat % w
             offsets = torch.searchsorted(rows, torch.arange(n, device=x_s.device))
         vals = F.relu(self._selected(top_pre, x_in, rows, cols))
-        x_hat = self._sparse_decode(cols, vals, offsets) + self.b_dec
-        resid = x_s - x_hat
-        err = resid.pow(2).sum()
-        aux = self._auxk(pre, x_in, resid.detach(), total_var, dead_mask)
-        loss = err / total_var + self.cfg.aux_coeff * aux
-        with torch.no_grad():
+        with torch.no_grad():  # the threshold's EMA follows the smallest selected activation
             active = vals > 0
-            fired = torch.zeros(w, dtype=torch.bool, device=x_s.device)
-            fired[cols[active]] = True
             min_pos = vals[active].min() if bool(active.any()) else vals.new_zeros(())
-            return StepOut(loss=loss, fvu=err.detach() / total_var, l0=active.sum() / n_global, aux=aux.detach(),
-                           fired=fired, sync={"min_active": min_pos})
+        return self._selected_losses(x_s, x_in, pre, cols, vals, offsets, total_var, n_global, dead_mask,
+                                     sync={"min_active": min_pos})
 
     @torch.no_grad()
     def after_step(self, sync: dict[str, torch.Tensor]) -> None:
