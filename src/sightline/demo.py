@@ -8,6 +8,8 @@ a report: summary.json (stable keys, docs/report.md), figures and index.html.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -15,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sightline.errors import UserError
-from sightline.report.html import Section, write_json, write_page
+from sightline.report.html import Section, Thumb, write_json, write_page
 
 MARKER = ".sightline-demo"
 DEMO_QTYPES = ("shape", "colour", "size", "position", "presence", "count")
@@ -139,6 +141,8 @@ def _steer_section(ctx: DemoContext) -> tuple[dict, Section]:
         scales=(0, 2, 4, 6, 8, 10, 12), images_per_class=20, batch_size=64, max_new_tokens=8, progress=cfg.progress))
     h = headline(res)
     figs = sorted((ctx.out / "steer" / "figures").glob("*.png"))
+    examples = _steer_examples(ctx.out, ctx.out / "steer" / "generations.jsonl", h.get("best_site"),
+                               h.get("best_scale"))
     sec = Section(
         "Steering: add a shape direction at the image tokens",
         "v = difference of class means (target minus source) of the mean-pooled image tokens at resid.L, unit "
@@ -147,10 +151,43 @@ def _steer_section(ctx: DemoContext) -> tuple[dict, Section]:
         "'What shape is shown?' names the target; damage: accuracy on the colour question of the same images.",
         figures={k: h[k] for k in ("best_site", "best_scale", "flip_rate", "efficacy", "damage_accuracy",
                                    "caption_nll_increase", "clean_flip_rate", "clean_damage_accuracy") if k in h},
+        tables=[(f"example generations: clean, and steered at {h.get('best_site')}, k = {h.get('best_scale')}",
+                 ["image", "source -> target", "open answer, clean", "open answer, steered", "colour, steered",
+                  "colour, true"], examples)] if examples else [],
         images=[(str(f.relative_to(ctx.out)), f.stem) for f in figs],
         links=[("steer/results.json", "results.json"), ("steer/generations.jsonl", "generations.jsonl")],
     )
     return h, sec
+
+
+def _steer_examples(out: Path, generations: Path, site: str | None, scale: float | None,
+                    per_pair: int = 4) -> list[tuple]:
+    """Rows for the page: per pair, the first images' clean and steered answers at the headline (site, k)."""
+    if site is None or not generations.exists():
+        return []
+    clean: dict[tuple, str] = {}
+    steered: dict[tuple, dict[str, dict]] = {}
+    order: list[tuple] = []
+    for line in generations.read_text().splitlines():
+        r = json.loads(line)
+        key = (r["source"], r["target"], r["path"])
+        if r["site"] is None and r["kind"] == "open":
+            clean[key] = r["answer"]
+            order.append(key)
+        elif r["site"] == site and r["scale"] == scale:
+            steered.setdefault(key, {})[r["kind"]] = r
+    rows, shown = [], {}
+    for key in order:
+        pair = key[:2]
+        if shown.get(pair, 0) >= per_pair or key not in steered:
+            continue
+        shown[pair] = shown.get(pair, 0) + 1
+        got = steered[key]
+        damage = got.get("damage", {})
+        rows.append((Thumb(os.path.relpath(key[2], out), alt=Path(key[2]).name), f"{pair[0]} -> {pair[1]}",
+                     clean[key], got.get("open", {}).get("answer", ""), damage.get("answer", ""),
+                     damage.get("expected", "")))
+    return rows
 
 
 def _sae_section(ctx: DemoContext) -> tuple[dict, Section]:
@@ -162,7 +199,7 @@ def _sae_section(ctx: DemoContext) -> tuple[dict, Section]:
     for L in range(ctx.adapter.n_layers + 1):  # one small TopK SAE per layer, on image and text tokens
         folders += train_saes(SAETrainConfig(
             store=str(ctx.store_path), site=f"resid.{L}", out=str(ctx.out / "sae" / f"resid.{L}"), modality="both",
-            batch_size=1024, epochs=12, saes=(SAEConfig(arch="topk", width=512, k=16),)), progress=cfg.progress)
+            batch_size=1024, epochs=12, saes=(SAEConfig(arch="topk", width=256, k=16),)), progress=cfg.progress)
     res = analyze_sae(SAEAnalyzeConfig(saes=tuple(str(f) for f in folders), store=str(ctx.store_path),
                                        out=str(ctx.out / "sae-analysis"), n_loss=32, n_features=12,
                                        progress=cfg.progress))
@@ -172,7 +209,7 @@ def _sae_section(ctx: DemoContext) -> tuple[dict, Section]:
     summary = {"shared_by_layer": res["shared_by_layer"], "saes": per_sae}
     sec = Section(
         "Sparse autoencoders on image and text tokens",
-        "A TopK SAE (512 latents, k = 16) per layer on the residual stream over image and text tokens. A latent is "
+        "A TopK SAE (256 latents, k = 16) per layer on the residual stream over image and text tokens. A latent is "
         "image-only or text-only when at least 90% of its mean activation per token falls on that modality, "
         "shared otherwise (docs/report.md); loss recovered splices the reconstruction in at the image positions.",
         tables=[("per layer", ["site", "FVU image", "FVU text", "L0 image", "dead", "loss recovered", "image-only",

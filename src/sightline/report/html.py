@@ -41,7 +41,19 @@ class Section:
     links: list[tuple[str, str]] = field(default_factory=list)  # (path relative to the page, label)
 
 
+@dataclass(frozen=True)
+class Thumb:
+    """A table cell that shows an image (path relative to the page), linked to itself."""
+
+    src: str
+    alt: str = ""
+    height: int = 56
+
+
 def _fmt(v: Any) -> str:
+    if isinstance(v, Thumb):
+        src = html.escape(v.src, quote=True)
+        return f"<a href='{src}'><img src='{src}' alt='{html.escape(v.alt, quote=True)}' height='{v.height}'></a>"
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, (dict, list)):

@@ -1,0 +1,108 @@
+"""`sightline demo` as a user runs it (defaults, the shipped organism): every section's figures, the
+keys docs/report.md promises, a page whose figures and links exist, and the refusal to overwrite."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from sightline.demo import DemoConfig, run_demo
+from sightline.errors import UserError
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "report.md"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "report"
+    summary = run_demo(DemoConfig(out=str(out), progress=False))
+    return out, summary
+
+
+def _documented_keys() -> list[list[str]]:
+    """Key paths of the summary.json table in docs/report.md, placeholders (<...>, *) left out."""
+    text = DOCS.read_text().split("## summary.json keys", 1)[1]
+    keys = []
+    for row in text.splitlines():
+        if not row.startswith("| `"):
+            continue
+        for key in re.findall(r"`([^`]+)`", row.split("|")[1]):
+            if "<" not in key and "*" not in key:
+                keys.append(key.split("."))
+    return keys
+
+
+def test_summary_holds_every_documented_key(demo):
+    out, summary = demo
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    keys = _documented_keys()
+    assert len(keys) > 30
+    for path in keys:
+        node = summary
+        for part in path:
+            assert isinstance(node, dict) and part in node, ".".join(path)
+            node = node[part]
+    for section in ("organism", "store", "probes", "steer", "sae"):
+        assert summary[section]["seconds"] > 0
+
+
+def test_headline_figures_on_the_organism(demo):
+    _, s = demo
+    acc = s["organism"]["accuracy"]
+    assert acc["single_shape"] >= 0.9 and acc["single_colour"] >= 0.95
+    p = s["probes"]
+    assert p["best_top1"] >= 0.85 and p["best_control_top1"] <= 0.3  # shape of one object, 8 classes
+    st = s["steer"]
+    assert st["clean_flip_rate"] == 0.0 and st["flip_rate"] >= 0.8 and st["damage_accuracy"] >= 0.9
+    curve = s["sae"]["shared_by_layer"]
+    assert [c["layer"] for c in curve] == list(range(s["organism"]["n_layers"] + 1))
+    assert curve[0]["shared"] < curve[-1]["shared"]  # image-only early, more shared deeper
+    assert all(e["fvu_image"] < 0.15 and e["frac_dead"] < 0.25 for e in s["sae"]["saes"])
+
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs: list[str] = []
+        self.scripts = 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "script":
+            self.scripts += 1
+        for k in ("src", "href"):
+            if a.get(k) and not a[k].startswith("#"):
+                self.refs.append(a[k])
+
+
+def test_page_shows_figures_and_example_generations(demo):
+    out, _ = demo
+    page = (out / "index.html").read_text()
+    refs = _Refs()
+    refs.feed(page)
+    assert refs.scripts == 0
+    for ref in refs.refs:  # every image and link of the page opens from disk
+        assert (out / ref).exists(), ref
+    for fig in ("probes/accuracy_vs_layer.png", "steer/figures/steer_overview.png", "sae-analysis/shared_by_layer.png"):
+        assert fig in refs.refs and (out / fig).stat().st_size > 5000
+    assert "example generations" in page
+    thumbs = [r for r in refs.refs if r.startswith("steer_data/")]
+    assert len(thumbs) >= 8  # image, linked: 4 per pair and two pairs, each twice (img + link)
+    assert "sae-analysis/index.html" in refs.refs
+
+
+def test_refuses_a_folder_that_is_not_a_demo_and_writes_nothing(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match="not a sightline demo folder"):
+        run_demo(DemoConfig(out=str(tmp_path / "mine"), progress=False))
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    r = subprocess.run([sys.executable, "-m", "sightline.cli", "demo", "--out", str(tmp_path / "mine")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "choose another --out" in r.stderr
