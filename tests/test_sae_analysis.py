@@ -360,7 +360,6 @@ ORGANISM_N_IMAGES = 600
 PROBE_LAYER = "resid.2"  # the middle of the organism's 4 blocks, chosen before looking at the results
 
 
-@pytest.mark.slow
 def test_organism_sae_probing_and_sharing_curve(tmp_path_factory):
     """Multimodal SAEs (TopK, 8x, k=32) at every layer of the organism, trained on image + caption sequences:
     for >= 80% of the 16 shape and colour values one latent separates the images showing it from the others
