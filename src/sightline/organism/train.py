@@ -388,7 +388,7 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, stop_aft
     if resume and ckpt.exists():
         start = int(json.loads((ckpt / "state.json").read_text())["step"])
     stage1 = start < cfg.vision_steps
-    features: list[torch.Tensor] = []  # stage 2: the vision features the model computed, for the patch loss
+    features: list[torch.Tensor] = []  # stage 2: the vision features the model's forward computed, for the patch loss
     layer = model.config.vision_feature_layer
 
     def keep_features(_module, _args, output):
@@ -414,19 +414,18 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, stop_aft
             bar.write(f"stage 1 held-out: {log[-1]['stage1_heldout']}")
             stage1, ema = False, None
             opt = _adamw(stage2_params(both, cfg), cfg, cfg.lr)
+        features.clear()
         if stage1:
             scenes, flip = draw_vision_batch(bank, cfg, step)
             lr = cosine_lr(step, cfg.vision_steps, cfg.vision_lr, cfg.warmup, cfg.min_lr_frac)
             pix, (sc, cc) = mirror(bank.pixels[scenes], [bank.shape_cover[scenes], bank.colour_cover[scenes]], flip)
-            features.clear()
-            model.model.vision_tower(enc.pixel_values(pix), output_hidden_states=True)
-            loss = vision_loss(heads, features.pop(), torch.from_numpy(sc), torch.from_numpy(cc))
+            loss = vision_loss(heads, vision_features(model, enc.pixel_values(pix)), torch.from_numpy(sc),
+                               torch.from_numpy(cc))
         else:
             k = step - cfg.vision_steps
             scenes, turns = draw_batch(bank, cfg, k)
             ids, labels, att = enc.batch([enc.sequence(t) for t in turns])
             lr = lr_at(k, cfg)
-            features.clear()
             loss = model(input_ids=ids, attention_mask=att, pixel_values=enc.pixel_values(bank.pixels[scenes]),
                          labels=labels).loss
             if cfg.vision_aux_weight:
