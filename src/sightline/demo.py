@@ -28,11 +28,17 @@ class DemoConfig:
     """What the demo runs on (defaults: the shipped organism, a few minutes on 2 CPU cores)."""
 
     out: str = "sightline-demo"
-    n: int = 320  # held-out single-object scenes in the store
-    seed: int = 7  # scene seed of the held-out data (training drew from seed 0's "train" stream)
-    eval_n: int = 60  # scenes per set for the accuracy table (see sightline.organism.evaluate)
-    model: str | None = None  # a checkpoint folder; None = the shipped organism
+    """output folder (replaced when it is an earlier demo folder)"""
+    n: int = 320
+    """held-out single-object scenes in the store"""
+    seed: int = 7
+    """scene seed of the held-out data (training drew from seed 0's "train" stream)"""
+    eval_n: int = 60
+    """scenes per set for the accuracy table (see sightline.organism.evaluate)"""
+    model: str | None = None
+    """a checkpoint folder; None = the shipped organism"""
     progress: bool = True
+    """show progress bars"""
 
 
 @dataclass

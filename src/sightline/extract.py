@@ -29,26 +29,47 @@ class ExtractConfig:
     """Everything an extraction run depends on; saved in the store's manifest."""
 
     model: str
+    """local checkpoint folder or hub id"""
     data: str
+    """image folder (class subfolders or flat) or a .jsonl manifest"""
     out: str
-    prompt: str | None = None  # default prompt for examples without their own; None = the image alone
-    prefix: str | None = None  # text placed before the image in the user turn
-    raw_prompt: bool = False  # feed `prompt` as is instead of through the chat template
+    """store folder"""
+    prompt: str | None = None
+    """text after the image for examples without their own prompt (default: the image alone)"""
+    prefix: str | None = None
+    """text placed before the image in the user turn, for examples without their own"""
+    raw_prompt: bool = False
+    """feed the prompt as is, not through the model's chat template"""
     sites: str = "resid"
+    """kinds (resid,keys,values,keys_prerope,attn_out,mlp_out,vision,projector) and/or exact sites (resid.3)"""
     layers: str = "all"
+    """layers of the kinds given without one: all, 0,4,8 or 4-12"""
     positions: str = "image"
-    dtype: str = "float16"  # store dtype
-    model_dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    """tokens kept: image, text or all"""
+    dtype: str = "float16"
+    """store dtype: float16, bfloat16 or float32"""
+    model_dtype: str = "auto"
+    """auto (bfloat16 on GPU, float32 on CPU), float32, float16, bfloat16"""
     batch_size: int = 8
+    """examples per forward pass"""
     device: str = "auto"
+    """auto, cpu, cuda, cuda:1, ..."""
     device_map: str | None = None
+    """e.g. "auto" to spread a large model over GPUs (accelerate)"""
     revision: str | None = None
+    """hub revision (branch, tag or commit)"""
     trust_remote_code: bool = False
+    """run code shipped with the checkpoint (off unless you ask)"""
     resume: bool = False
+    """continue an interrupted store"""
     limit: int | None = None
+    """only the first N examples"""
     skip_bad: bool = False
+    """record unreadable images in the store and go on"""
     shard_mb: float = 256.0
+    """shard size in MiB"""
     progress: bool = True
+    """show a progress bar"""
 
     # fields that change what is written: a resume must match them
     CONTENT_FIELDS = ("model", "data", "prompt", "prefix", "raw_prompt", "sites", "layers", "positions", "dtype",

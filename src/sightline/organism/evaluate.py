@@ -9,6 +9,7 @@ organism's headline figures.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -79,3 +80,34 @@ def evaluate(adapter, seed: int = 1, n: int = 200, batch_size: int = 64, progres
                 examples[t].append({"question": q, "answer": a, "generated": g})
     acc = {t: round(correct[t] / total[t], 4) for t in total}
     return {"seed": seed, "n": n, "accuracy": acc, "count": dict(total), "examples": dict(examples)}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What `sightline organism eval` measures."""
+
+    seed: int = 1
+    """scene seed (training drew from seed 0's train stream)"""
+    n: int = 200
+    """scenes per set (single-object, and 1-4 objects)"""
+    model: str | None = None
+    """a checkpoint folder (default: the shipped organism)"""
+    out: str | None = None
+    """also write the JSON here"""
+    batch_size: int = 64
+    """questions answered per generate call"""
+    progress: bool = True
+    """show a progress bar"""
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Load the model (default: the shipped organism) and `evaluate` it; writes `cfg.out` when given."""
+    from sightline.models import load_model
+    from sightline.organism import checkpoint_path
+    from sightline.report.files import write_json
+
+    res = evaluate(load_model(cfg.model or str(checkpoint_path())), seed=cfg.seed, n=cfg.n,
+                   batch_size=cfg.batch_size, progress=cfg.progress)
+    if cfg.out:
+        write_json(cfg.out, res)
+    return res

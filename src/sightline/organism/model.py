@@ -20,16 +20,27 @@ class OrganismArch:
     """Sizes of the organism's parts (defaults are the shipped model's)."""
 
     image_size: int = IMAGE_SIZE
+    """image side in pixels"""
     patch_size: int = PATCH_SIZE
+    """ViT patch side in pixels"""
     vision_hidden: int = 128
+    """vision tower width"""
     vision_layers: int = 3
+    """vision tower blocks"""
     vision_heads: int = 4
+    """vision attention heads"""
     lm_hidden: int = 128
+    """language model width"""
     lm_layers: int = 4
+    """language model decoder blocks"""
     lm_heads: int = 4
+    """language model attention heads"""
     lm_kv_heads: int = 2
+    """language model KV heads (GQA)"""
     lm_intermediate: int = 384
+    """language model MLP width"""
     vocab_size: int = 512
+    """BPE vocabulary size asked for (the trained tokenizer may hold fewer)"""
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,43 +39,61 @@ class TrainConfig:
     """Everything a training run depends on (saved with its checkpoints)."""
 
     out: str = "organism-train"
+    """run folder (checkpoints, log, the final model/)"""
     seed: int = 0
-    n_scenes: int = 32000  # distinct training scenes, rendered once (16000 let stage 1 overfit)
-    vision_steps: int = 6000  # stage 1: dense patch labels for the vision tower alone
-    vision_aux_weight: float = 1.0  # stage 2: weight of the patch loss kept on the vision tower
+    """seed of the training scenes and batches"""
+    n_scenes: int = 32000
+    """distinct training scenes, rendered once (16000 let stage 1 overfit)"""
+    vision_steps: int = 6000
+    """stage 1: dense patch labels for the vision tower alone"""
+    vision_aux_weight: float = 1.0
+    """stage 2: weight of the patch loss kept on the vision tower"""
     vision_batch_size: int = 64
+    """stage 1 images per step"""
     vision_lr: float = 2e-3
-    steps: int = 3000  # stage 2: question answering, the whole model
+    """stage 1 learning rate"""
+    steps: int = 3000
+    """stage 2: question answering, the whole model"""
     batch_size: int = 32
-    turns: int = 4  # question/answer turns per sequence
-    lr: float = 6e-4  # 2e-3 blew up the from-scratch vision tower (its residual grew 20x, answers stayed at chance)
+    """stage 2 sequences per step"""
+    turns: int = 4
+    """question/answer turns per sequence"""
+    lr: float = 6e-4
+    """stage 2 learning rate (2e-3 blew up the from-scratch vision tower: its residual grew 20x)"""
     min_lr_frac: float = 0.05
+    """cosine decay floor, as a fraction of lr"""
     warmup: int = 100
+    """linear warm-up steps of each stage"""
     weight_decay: float = 0.01
+    """AdamW weight decay"""
     grad_clip: float = 1.0
-    count_probs: tuple[float, ...] = (0.4, 0.2, 0.2, 0.2)  # P(1 object), P(2), ...
-    qtypes: tuple[str, ...] = ()  # question types to train on; () = all
-    # first steps: single-object scenes asked shape and colour only, so the vision path is learnt
-    # before the language model settles on answering from priors
+    """gradient-norm clip"""
+    count_probs: tuple[float, ...] = (0.4, 0.2, 0.2, 0.2)
+    """P(1 object), P(2), ..."""
+    qtypes: tuple[str, ...] = ()
+    """question types to train on; () = all"""
     curriculum_steps: int = 400
+    """first stage 2 steps on single-object scenes asked shape and colour only, so the vision path is
+    learnt before the language model settles on answering from priors"""
     checkpoint_every: int = 250
-    threads: int = 0  # torch threads; 0 = torch's default
+    """steps between resumable checkpoints"""
+    threads: int = 0
+    """torch threads; 0 = torch's default"""
     arch: OrganismArch = field(default_factory=OrganismArch)
+    """sizes of the organism's parts"""
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["count_probs"] = list(self.count_probs)
-        d["qtypes"] = list(self.qtypes)
-        return d
+        """Every field, JSON-ready."""
+        from sightline.config import to_dict
+
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        d = dict(d)
-        d["arch"] = OrganismArch(**d.get("arch", {}))
-        d["count_probs"] = tuple(d.get("count_probs", cls.count_probs))
-        d["qtypes"] = tuple(d.get("qtypes", ()))
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """The config a saved to_dict describes (unknown keys ignored: older runs)."""
+        from sightline.config import from_dict
+
+        return from_dict(cls, d, strict=False)
 
 
 class SceneBank:
