@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sightline.models.base import Adapter, Batch, register
+from sightline.models.base import Adapter, Batch, ModuleNames, register
 from sightline.models.geometry import clip_style_grid
 from sightline.models.layout import TokenLayout, ViewGrid
 
@@ -15,6 +15,7 @@ class LlavaAdapter(Adapter):
     architectures = ("LlavaForConditionalGeneration",)
     model_types = ("llava",)
     hf_class = "LlavaForConditionalGeneration"
+    modules = ModuleNames()  # HF's LLaVA layout (the defaults): model.language_model, model.vision_tower, ...
 
     @property
     def grid_side(self) -> int:

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from sightline.models.base import Adapter, Batch, register
+from sightline.models.base import Adapter, Batch, ModuleNames, register
 from sightline.models.geometry import clip_style_grid
 from sightline.models.layout import TokenLayout, ViewGrid
 
@@ -172,6 +172,7 @@ class LlavaNextAdapter(Adapter):
     architectures = ("LlavaNextForConditionalGeneration",)
     model_types = ("llava_next",)
     hf_class = "LlavaNextForConditionalGeneration"
+    modules = ModuleNames()  # HF's LLaVA layout (the defaults): model.language_model, model.vision_tower, ...
 
     # ------------------------------------------------------------------ facts
     @property

@@ -19,7 +19,7 @@ import inspect
 
 import numpy as np
 
-from sightline.models.base import Adapter, Batch, register
+from sightline.models.base import Adapter, Batch, ModuleNames, register
 from sightline.models.layout import TokenLayout, ViewGrid
 
 
@@ -53,16 +53,9 @@ class Qwen2_5_VLAdapter(Adapter):
     hf_class = "Qwen2_5_VLForConditionalGeneration"
     processor_class = "Qwen2_5_VLProcessor"
     windowed = True  # vision blocks see merged groups in window order
+    modules = ModuleNames(vision_tower="model.visual", vision_blocks="blocks", projector="model.visual.merger")
 
     # ------------------------------------------------------------------ facts
-    @property
-    def vision_tower(self):
-        return self.model.model.visual
-
-    @property
-    def vision_layers(self):
-        return self.vision_tower.blocks
-
     @property
     def vision_hidden_size(self) -> int:
         return self.config.vision_config.hidden_size
