@@ -130,7 +130,8 @@ class BlockAttention:
     ones lose the keys); None: every head. prefill_only: block only in the first forward call (the
     prompt); False also blocks the keys from the queries of later calls (under `generate`, every
     generated token when queries is None). Needs attn_implementation "sdpa" or "eager". A query whose
-    every visible key is blocked has no attention distribution left (sdpa gives NaN): never block all.
+    every visible key is blocked has no attention distribution left (sdpa outputs zeros, eager an
+    average over the masked keys): never block all of them.
     """
 
     layers: Sequence[int] | int
