@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from capture_overhead import build_cpu_model, gradient, timed  # noqa: E402  (same model, images and timer)
+from capture_overhead import build_cpu_model, gradient, timed
 
 
 def main():
@@ -65,8 +65,8 @@ def main():
         def round_():
             ta = tb = 0.0
             for b, block in zip(batches, blocks):
-                ta += timed(lambda: bare(b))
-                tb += timed(lambda: blocked(b, block))
+                ta += timed(lambda b=b: bare(b))
+                tb += timed(lambda b=b, block=block: blocked(b, block))
             return ta, tb
 
         round_()  # warm-up

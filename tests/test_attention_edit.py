@@ -12,7 +12,7 @@ from sightline.capture import BlockAttention, Capture, Edit, add_vector, apply_e
 from sightline.errors import UserError
 
 IMPLS = ("sdpa", "eager")
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +267,7 @@ def test_activation_and_attention_edits_together(adapter):
     embeds = seen["decoder"]["inputs_embeds"].clone()
     for b, p in enumerate(img):
         embeds[b, p] += 3.0 * v
-    ref, logits = _decoder_with_mask(ad, {"decoder": {**seen["decoder"], "inputs_embeds": embeds}},
+    _, logits = _decoder_with_mask(ad, {"decoder": {**seen["decoder"], "inputs_embeds": embeds}},
                                      _explicit_mask(ad, batch, keys, queries))
     torch.testing.assert_close(got.logits, logits, **TOL)
 
