@@ -142,3 +142,23 @@ def test_bad_edit_sites_are_user_errors(tiny_adapter):
         with pytest.raises(UserError, match=msg):
             with apply_edits(ad, [Edit(site, None, replace_with(torch.zeros_like))]):
                 ad.model(**batch.inputs)
+
+
+def test_cache_kwarg_follows_the_forward_signature(tiny_adapter):
+    """transformers >= 5.24 takes the KV cache as `cache` (`past_key_values` deprecated); 5.23 as `past_key_values`."""
+    from sightline.capture import cache_kwarg
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, past_key_values=None, **kwargs):
+            return None
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            return None
+
+    assert cache_kwarg(New()) == "cache"
+    assert cache_kwarg(Old()) == "past_key_values"
+    import inspect
+
+    expect = "cache" if "cache" in inspect.signature(tiny_adapter("llava").model.forward).parameters else "past_key_values"
+    assert cache_kwarg(tiny_adapter("llava").model) == expect

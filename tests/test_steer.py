@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import FAMILIES as ALL_FAMILIES
 from conftest import gradient_image
 from sightline.capture.edit import Edit, add_vector, apply_edits
 from sightline.errors import UserError
@@ -19,7 +20,6 @@ from sightline.steer import (SteerConfig, answer_logprobs, caption_nll, class_me
 from sightline.steer.generate import generate_ids, steer_positions
 
 FAMILIES = ("llava", "qwen2_5_vl")  # plain RoPE and M-RoPE
-ALL_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen2_vl")
 PROMPTS = ["What is shown?", "Describe this image in detail, with every shape and colour you can see."]
 
 

@@ -1,8 +1,8 @@
-"""Capture: named sites -> tensors at chosen positions (read), and edits at sites (write)."""
+"""Capture: named sites -> tensors at chosen positions (read), and edits (write): activation edits at sites, attention blocks."""
 
-from sightline.capture.capture import Capture
-from sightline.capture.edit import Edit, add_vector, apply_edits, replace_with
-from sightline.capture.sites import KINDS, Site, parse_layers, resolve_sites, site_shape
+from sightline.capture.capture import Capture, cache_kwarg
+from sightline.capture.edit import BlockAttention, Edit, add_vector, apply_edits, replace_with
+from sightline.capture.sites import KINDS, Site, SiteHook, parse_layers, resolve_site, resolve_sites, site_shape
 
-__all__ = ["Capture", "Edit", "KINDS", "Site", "add_vector", "apply_edits", "parse_layers", "replace_with",
-           "resolve_sites", "site_shape"]
+__all__ = ["KINDS", "BlockAttention", "Capture", "Edit", "Site", "SiteHook", "add_vector", "apply_edits",
+           "cache_kwarg", "parse_layers", "replace_with", "resolve_site", "resolve_sites", "site_shape"]

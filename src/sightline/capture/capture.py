@@ -1,18 +1,20 @@
 """Read named sites at chosen positions during one forward pass of the native HF model.
 
-Hooks sit on the model's own modules (decoder layers, attention, MLP, vision blocks); keys and
-values are read from the KV cache the forward fills, so they are exactly what later tokens attend
-to. Each hook gathers only the chosen positions, so memory is proportional to what is kept.
+Hooks sit on the model's own modules (decoder layers, attention, MLP, vision blocks), where the
+site table (`sites.resolve_site`) puts them; keys and values are read from the KV cache the
+forward fills, so they are exactly what later tokens attend to. Each hook gathers only the chosen
+positions, so memory is proportional to what is kept.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from sightline.capture.sites import KV_KINDS, Site, site_shape
+from sightline.capture.sites import KV_KINDS, Site, resolve_site, site_shape
 
 
 class _StopForward(Exception):
@@ -39,8 +41,20 @@ def _plan(sites: list[str], n_layers: int) -> _Plan:
     return _Plan(parsed, last, any(s.kind in KV_KINDS for s in parsed), needs_lm)
 
 
-def _first_tensor(x):
-    return x[0] if isinstance(x, (tuple, list)) else x
+def cache_kwarg(model) -> str:
+    """The keyword under which `model.forward` takes a KV cache: `cache` (transformers >= 5.24) or `past_key_values`.
+
+    transformers 5.24 deprecates `past_key_values` (removal announced for 5.40); passing the name the
+    installed version expects keeps our calls free of its deprecation warning on both sides.
+    """
+    key = type(model)
+    if key not in _CACHE_KWARG:
+        params = inspect.signature(model.forward).parameters
+        _CACHE_KWARG[key] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KWARG[key]
+
+
+_CACHE_KWARG: dict[type, str] = {}
 
 
 class Capture:
@@ -91,43 +105,14 @@ class Capture:
             return out
 
         hooks = []
-        layers = ad.decoder_layers
         cache = None
         try:
             for s in self.plan.sites:
-                name, L = s.name, s.layer
-                if s.kind == "resid" and L == 0:
-                    hooks.append(layers[0].register_forward_pre_hook(
-                        lambda m, a, kw, name=name: keep(name, gather_seq(a[0] if a else kw["hidden_states"])),
-                        with_kwargs=True))
-                elif s.kind == "resid":  # the stream entering block L is what block L-1 returned
-                    hooks.append(layers[L - 1].register_forward_hook(
-                        lambda m, a, o, name=name: keep(name, gather_seq(_first_tensor(o)))))
-                elif s.kind == "attn_out":
-                    hooks.append(layers[L].self_attn.register_forward_hook(
-                        lambda m, a, o, name=name: keep(name, gather_seq(_first_tensor(o)))))
-                elif s.kind == "mlp_out":
-                    hooks.append(layers[L].mlp.register_forward_hook(
-                        lambda m, a, o, name=name: keep(name, gather_seq(_first_tensor(o)))))
-                elif s.kind == "keys_prerope":
-                    attn = layers[L].self_attn
-                    mod = getattr(attn, "k_norm", None) or attn.k_proj  # keys before rotation, after any k-norm
-                    shape = self.shapes[name]
-                    hooks.append(mod.register_forward_hook(
-                        lambda m, a, o, name=name, shape=shape: keep(
-                            name, gather_seq(o.reshape(o.shape[0], o.shape[1], *shape)))))
-                elif s.kind == "projector":
-                    hooks.append(ad.decoder.register_forward_pre_hook(
-                        lambda m, a, kw: keep("projector", gather_seq(kw["inputs_embeds"])), with_kwargs=True))
-                elif s.kind == "vision":
-                    vl = ad.vision_layers
-                    if L < len(vl):
-                        hooks.append(vl[L].register_forward_pre_hook(
-                            lambda m, a, kw, name=name: keep(name, gather_vision(a[0] if a else kw["hidden_states"])),
-                            with_kwargs=True))
-                    else:
-                        hooks.append(vl[-1].register_forward_hook(
-                            lambda m, a, o, name=name: keep(name, gather_vision(_first_tensor(o)))))
+                where = resolve_site(ad, s)
+                if where.when == "cache":
+                    continue
+                gather = gather_vision if s.kind == "vision" else gather_seq
+                hooks.append(where.read(lambda t, name=s.name, gather=gather: keep(name, gather(t))))
             if self.stop_early:
                 hooks.append(self._stop_hook())
             kwargs = dict(batch.inputs)
@@ -136,7 +121,7 @@ class Capture:
                 from transformers import DynamicCache
 
                 cache = DynamicCache(config=ad.model.config)
-                kwargs["past_key_values"] = cache
+                kwargs[cache_kwarg(ad.model)] = cache
             try:
                 ad.model(**kwargs, use_cache=self.plan.needs_cache, logits_to_keep=1, return_dict=True)
             except _StopForward:
@@ -147,9 +132,7 @@ class Capture:
         if cache is not None:
             for s in self.plan.sites:
                 if s.kind in KV_KINDS:
-                    layer = cache.layers[s.layer]
-                    t = layer.keys if s.kind == "keys" else layer.values  # [B, n_kv, S, hd]
-                    keep(s.name, gather_seq(t.transpose(1, 2)))
+                    keep(s.name, gather_seq(resolve_site(ad, s).read_cache(cache)))
         missing = [s for s in self.sites if s not in got]
         if missing:
             raise RuntimeError(f"sites not captured (hook never fired): {missing}")

@@ -1,13 +1,22 @@
-"""Edits at sites during the native forward: change an activation at chosen positions, then let the model run on.
+"""Edits during the native forward: change an activation at chosen positions, or block attention, then let the model run on.
 
-An edit is (site, positions, function), as DESIGN.md states. Hooks sit exactly where `Capture`
-reads the same site, and are registered before any capture hook inside the `with` block, so a
-capture of an edited site sees the edited value. Positions are columns of the (padded) input
-tensor; the hooks count the tokens each forward call covers, so the same edit works for one
-forward pass and for `generate` (prefill, then one token per step from the KV cache).
+Two kinds, as DESIGN.md states, both applied by one `apply_edits`:
+- `Edit(site, positions, fn)` replaces a site's activation at chosen positions by fn(activation).
+  Its hook sits exactly where `Capture` reads the same site (one site table, `sites.resolve_site`)
+  and is registered before any capture hook inside the `with` block, so a capture of an edited
+  site sees the edited value.
+- `BlockAttention(layers, keys, queries, heads)` removes chosen (query, key) pairs from the
+  attention of chosen decoder layers (and query heads): a pre-hook on each layer's attention module
+  replaces its `attention_mask` by the same mask with those pairs masked out.
+
+Positions are columns of the (padded) input tensor; the hooks count the tokens each forward call
+covers, so the same edit works for one forward pass and for `generate` (prefill, then one token
+per step from the KV cache).
 
     with apply_edits(adapter, [Edit("resid.3", [img_pos], add_vector(v, 8.0))]):
         out = adapter.model.generate(**inputs, max_new_tokens=5)   # steered prefill, clean decoding
+    with apply_edits(adapter, [BlockAttention(range(adapter.n_layers), keys=[img_pos], queries=[txt_pos])]):
+        out = adapter.model(**inputs)                              # text cannot see the image
 """
 
 from __future__ import annotations
@@ -19,10 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sightline.capture.sites import Site
+from sightline.capture.sites import EDITABLE, Site, resolve_site
 from sightline.errors import UserError
 
-EDITABLE = ("resid", "attn_out", "mlp_out")
+MASKABLE_ATTENTION = ("sdpa", "eager")  # implementations whose 4-D mask a hook can rewrite
 
 # fn(acts [n, d], rows [n] = example index of each row in the batch) -> edited acts [n, d]
 EditFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -70,18 +79,22 @@ class _Span:
         self.seq = 0  # columns the current call covers
 
 
-def _targets(edit: Edit, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if edit.positions is None:
-        return None
-    pos = edit.positions
+def _per_example(pos, batch_size: int, what: str) -> list[np.ndarray]:
+    """Positions as one int array per example (a single array applies to every example)."""
     if isinstance(pos, np.ndarray) or (len(pos) and np.isscalar(pos[0])):
         pos = [np.asarray(pos)] * batch_size
     if len(pos) != batch_size:
-        raise ValueError(f"edit at {edit.site}: {len(pos)} position arrays for a batch of {batch_size}")
+        raise ValueError(f"{what}: {len(pos)} position arrays for a batch of {batch_size}")
+    return [np.asarray(p, dtype=np.int64).reshape(-1) for p in pos]
+
+
+def _targets(edit: Edit, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if edit.positions is None:
+        return None
+    pos = _per_example(edit.positions, batch_size, f"edit at {edit.site}")
     counts = [len(p) for p in pos]
     b = torch.as_tensor(np.repeat(np.arange(batch_size), counts), dtype=torch.long, device=device)
-    s = torch.as_tensor(np.concatenate([np.asarray(p, dtype=np.int64) for p in pos]) if pos else np.zeros(0),
-                        dtype=torch.long, device=device)
+    s = torch.as_tensor(np.concatenate(pos) if pos else np.zeros(0), dtype=torch.long, device=device)
     return b, s
 
 
@@ -107,6 +120,106 @@ def _apply(edit: Edit, h: torch.Tensor, span: _Span, cache: dict) -> torch.Tenso
     return out
 
 
+@dataclass(frozen=True)
+class BlockAttention:
+    """Block `keys` from `queries` at decoder `layers` (and query `heads`): those pairs get no attention.
+
+    keys, queries: sequence positions per example, as `Edit.positions` (one array per example, or one
+    array for every example); queries None: every query of each call. heads: query-head indices
+    0..n_heads-1 (with grouped-query attention a KV head serves several query heads; only the chosen
+    ones lose the keys); None: every head. prefill_only: block only in the first forward call (the
+    prompt); False also blocks the keys from the queries of later calls (under `generate`, every
+    generated token when queries is None). Needs attn_implementation "sdpa" or "eager". A query whose
+    every visible key is blocked has no attention distribution left (sdpa outputs zeros, eager an
+    average over the masked keys): never block all of them.
+    """
+
+    layers: Sequence[int] | int
+    keys: Sequence[np.ndarray] | np.ndarray
+    queries: Sequence[np.ndarray] | np.ndarray | None = None
+    heads: Sequence[int] | None = None
+    prefill_only: bool = True
+
+    @property
+    def layer_list(self) -> list[int]:
+        """The chosen decoder layers as a list."""
+        return [int(self.layers)] if np.isscalar(self.layers) else [int(x) for x in self.layers]
+
+
+class _Blocker:
+    """Rewrites one BlockAttention's attention masks; the edited mask is built once per call, shared by its layers."""
+
+    def __init__(self, block: BlockAttention, n_heads: int, implementation: str):
+        self.block = block
+        self.n_heads = n_heads
+        self.implementation = implementation
+        self.positions: dict[int, tuple[list[np.ndarray], list[np.ndarray] | None]] = {}
+        self.memo: tuple = (None, None)  # ((call, id(mask in)), mask out)
+
+    def _pairs(self, B: int, S: int, K: int, offset: int, device) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(example, query rows of this call, key columns) for every example with something to block."""
+        if B not in self.positions:
+            b = self.block
+            keys = _per_example(b.keys, B, "attention edit keys")
+            queries = None if b.queries is None else _per_example(b.queries, B, "attention edit queries")
+            self.positions[B] = (keys, queries)
+        keys, queries = self.positions[B]
+        out = []
+        for i in range(B):
+            cols = np.unique(keys[i][(keys[i] >= 0) & (keys[i] < K)])
+            if queries is None:
+                rows = np.arange(S)
+            else:
+                q = queries[i]
+                rows = np.unique(q[(q >= offset) & (q < offset + S)] - offset)
+            if len(cols) and len(rows):
+                out.append((i, torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)))
+        return out
+
+    def edit(self, mask: torch.Tensor | None, h: torch.Tensor, span: _Span) -> torch.Tensor | None:
+        """The attention mask with the blocked pairs removed (`mask` itself when nothing is blocked in this call)."""
+        if self.block.prefill_only and span.calls > 0:
+            return mask
+        key = (span.calls, id(mask))
+        if self.memo[0] == key:
+            return self.memo[1]
+        B, S = h.shape[:2]
+        K = mask.shape[-1] if mask is not None else span.offset + S  # no mask: DynamicCache, keys = columns so far
+        pairs = self._pairs(B, S, K, span.offset, h.device)
+        out = mask
+        if pairs:
+            if mask is None:  # sdpa without padding relies on is_causal: write the causal mask out
+                q = torch.arange(S, device=h.device)[:, None] + span.offset
+                allowed = (torch.arange(K, device=h.device)[None, :] <= q)[None, None]
+                mask = allowed if self.implementation == "sdpa" else torch.zeros(
+                    allowed.shape, dtype=h.dtype, device=h.device).masked_fill(~allowed, torch.finfo(h.dtype).min)
+            n_h = self.n_heads if self.block.heads is not None else mask.shape[1]
+            out = mask.expand(B, n_h, S, K).clone()
+            fill = False if out.dtype == torch.bool else torch.finfo(out.dtype).min  # bool: True = attend; float: additive
+            heads = torch.as_tensor(list(self.block.heads) if self.block.heads is not None else range(n_h),
+                                    dtype=torch.long, device=h.device)
+            for i, rows, cols in pairs:
+                out[i, heads[:, None, None], rows[None, :, None], cols[None, None, :]] = fill
+        self.memo = (key, out)
+        return out
+
+    def hook(self, span: _Span):
+        """Forward pre-hook (with kwargs) for an attention module: swap in the edited `attention_mask`."""
+
+        def pre(m, a, kw):
+            h = kw["hidden_states"] if "hidden_states" in kw else a[0]
+            positional = "attention_mask" not in kw and len(a) > 1
+            mask = a[1] if positional else kw.get("attention_mask")
+            new = self.edit(mask, h, span)
+            if new is mask:
+                return None
+            if positional:
+                return (a[0], new, *a[2:]), kw
+            return a, {**kw, "attention_mask": new}
+
+        return pre
+
+
 def _check(adapter, edit: Edit) -> Site:
     site = Site.parse(edit.site)
     if site.kind not in EDITABLE:
@@ -117,22 +230,31 @@ def _check(adapter, edit: Edit) -> Site:
     return site
 
 
+def _check_block(adapter, block: BlockAttention) -> str:
+    """Validate an attention edit against the model; returns its attention implementation."""
+    n, n_heads = adapter.n_layers, adapter.n_heads
+    layers = block.layer_list
+    if not layers:
+        raise UserError("attention edit with no layers; pass layers=range(adapter.n_layers) for all")
+    for L in layers:
+        if not 0 <= L < n:
+            raise UserError(f"attention edit layer {L} out of range: this model has {n} decoder layers (0..{n - 1})")
+    for hd in block.heads or ():
+        if not 0 <= int(hd) < n_heads:
+            raise UserError(f"attention edit head {hd} out of range: each layer has {n_heads} query heads (0..{n_heads - 1})")
+    impls = {str(adapter.attention(L).config._attn_implementation) for L in layers}
+    bad = sorted(impls - set(MASKABLE_ATTENTION))
+    if bad:
+        raise UserError(f"attention edits need attn_implementation 'sdpa' or 'eager', not {bad[0]!r}; "
+                        "call adapter.model.set_attn_implementation('sdpa') first")
+    return impls.pop()
+
+
 @contextmanager
-def apply_edits(adapter, edits: Sequence[Edit]) -> Iterator[None]:
-    """Within the block, every forward pass of `adapter.model` applies `edits` (in order, per site)."""
-    layers = adapter.decoder_layers
+def apply_edits(adapter, edits: Sequence[Edit | BlockAttention]) -> Iterator[None]:
+    """Within the block, every forward pass of `adapter.model` applies `edits` (in order, per site or layer)."""
     span = _Span()
     hooks = []
-
-    def layer_output(m, a, o, edit, cache):  # resid.{L>0} = output of block L-1
-        if isinstance(o, (tuple, list)):
-            return (_apply(edit, o[0], span, cache), *o[1:])
-        return _apply(edit, o, span, cache)
-
-    def layer_input(m, a, kw, edit, cache):  # resid.0 = input of block 0
-        if a:
-            return (_apply(edit, a[0], span, cache), *a[1:]), kw
-        return a, {**kw, "hidden_states": _apply(edit, kw["hidden_states"], span, cache)}
 
     def count(m, a, kw):  # the decoder's pre-hook: where this call sits in the sequence
         x = kw.get("inputs_embeds")
@@ -147,18 +269,14 @@ def apply_edits(adapter, edits: Sequence[Edit]) -> Iterator[None]:
     try:
         hooks.append(adapter.decoder.register_forward_pre_hook(count, with_kwargs=True))
         for edit in edits:
+            if isinstance(edit, BlockAttention):
+                blocker = _Blocker(edit, adapter.n_heads, _check_block(adapter, edit))
+                for L in dict.fromkeys(edit.layer_list):
+                    hooks.append(adapter.attention(L).register_forward_pre_hook(blocker.hook(span), with_kwargs=True))
+                continue
             site = _check(adapter, edit)
             cache: dict = {}
-            L = site.layer
-            if site.kind == "resid" and L == 0:
-                hooks.append(layers[0].register_forward_pre_hook(
-                    lambda m, a, kw, e=edit, c=cache: layer_input(m, a, kw, e, c), with_kwargs=True))
-            elif site.kind == "resid":
-                hooks.append(layers[L - 1].register_forward_hook(
-                    lambda m, a, o, e=edit, c=cache: layer_output(m, a, o, e, c)))
-            else:
-                mod = layers[L].self_attn if site.kind == "attn_out" else layers[L].mlp
-                hooks.append(mod.register_forward_hook(lambda m, a, o, e=edit, c=cache: layer_output(m, a, o, e, c)))
+            hooks.append(resolve_site(adapter, site).write(lambda h, e=edit, c=cache: _apply(e, h, span, c)))
         yield
     finally:
         for h in hooks:

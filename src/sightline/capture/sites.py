@@ -1,20 +1,38 @@
-"""Site names: parse `--sites` / `--layers`, validate them against a model, and give their shapes.
+"""Sites: parse names (`--sites` / `--layers`), validate them, give their shapes, and the one site table.
 
 A site names one activation with its layer: `resid.{L}`, `keys.{L}`, `keys_prerope.{L}`,
 `values.{L}`, `attn_out.{L}`, `mlp_out.{L}`, `vision.{i}`, and `projector` (no layer). See
 DESIGN.md for what each one is.
+
+`resolve_site(adapter, site)` is the site table: it says where a site lives in the native model
+(which module, read at its input or output, or the KV cache), using only the facts of the
+adapter's `modules`. Capture reads and edits write through it, so both always touch the same
+tensor.
+
+    site            hook                                   tensor
+    resid.0         pre  decoder block 0                   hidden_states input
+    resid.L (L>0)   post decoder block L-1                 output
+    attn_out.L      post block L's attention               output[0]
+    mlp_out.L       post block L's MLP                     output
+    keys_prerope.L  post block L's k-norm, else k_proj     output, as [B, S, n_kv, head_dim]
+    keys.L/values.L cache (layer L of the KV cache the forward fills)
+    projector       pre  decoder                           inputs_embeds
+    vision.i        pre  vision block i (i = n: post the last block)
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sightline.errors import UserError
 
 LM_KINDS = ("resid", "keys", "keys_prerope", "values", "attn_out", "mlp_out")
 KINDS = ("vision", "projector", *LM_KINDS)
 KV_KINDS = ("keys", "values")
+EDITABLE = ("resid", "attn_out", "mlp_out")
 _SITE = re.compile(r"^([a-z_]+)(?:\.(\d+))?$")
 
 
@@ -110,3 +128,90 @@ def site_shape(name: str, adapter) -> tuple[int, ...]:
     if s.kind in ("keys", "keys_prerope", "values"):
         return (adapter.n_kv_heads, adapter.head_dim)
     return tuple(adapter.vision_site_shape())
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+@dataclass(frozen=True)
+class SiteHook:
+    """Where one site lives: `module` and `when` ("pre": its input, "post": its output) or the KV cache.
+
+    `arg` names the input (keyword, else the first positional argument) a "pre" site reads;
+    `shape` is the per-token shape a "post" output is viewed as ([B, S, *shape]).
+    """
+
+    site: Site
+    when: str  # "pre" | "post" | "cache"
+    module: Any = None  # torch.nn.Module; None for "cache"
+    arg: str = "hidden_states"
+    shape: tuple[int, ...] | None = None
+
+    @property
+    def writable(self) -> bool:
+        """Whether an activation edit may replace this site."""
+        return self.site.kind in EDITABLE
+
+    def _view(self, t):
+        return t if self.shape is None else t.reshape(t.shape[0], t.shape[1], *self.shape)
+
+    def read(self, fn: Callable[[Any], None]):
+        """Hook calling fn(tensor) with the site's value at every forward; returns the removable handle."""
+        if self.when == "pre":
+            def pre(m, a, kw):
+                fn(kw[self.arg] if self.arg in kw else a[0])
+
+            return self.module.register_forward_pre_hook(pre, with_kwargs=True)
+        if self.when == "post":
+            return self.module.register_forward_hook(lambda m, a, o: fn(self._view(_first(o))))
+        raise ValueError(f"{self.site.name} is read from the KV cache (read_cache), not by a hook")
+
+    def write(self, fn: Callable[[Any], Any]):
+        """Hook replacing the site's value by fn(value) at every forward; returns the removable handle."""
+        if not self.writable:
+            raise ValueError(f"site {self.site.name} is not editable")
+        if self.when == "pre":
+            def pre(m, a, kw):
+                if self.arg in kw:
+                    return a, {**kw, self.arg: fn(kw[self.arg])}
+                return (fn(a[0]), *a[1:]), kw
+
+            return self.module.register_forward_pre_hook(pre, with_kwargs=True)
+
+        def post(m, a, o):
+            if isinstance(o, (tuple, list)):
+                return (fn(o[0]), *o[1:])
+            return fn(o)
+
+        return self.module.register_forward_hook(post)
+
+    def read_cache(self, cache):
+        """keys.L / values.L from a filled KV cache, [B, S, n_kv_heads, head_dim]."""
+        layer = cache.layers[self.site.layer]
+        t = layer.keys if self.site.kind == "keys" else layer.values  # [B, n_kv, S, hd]
+        return t.transpose(1, 2)
+
+
+def resolve_site(adapter, site: str | Site) -> SiteHook:
+    """The site table: where `site` lives in `adapter`'s model (module and hook kind, or the cache)."""
+    s = site if isinstance(site, Site) else Site.parse(site)
+    L = s.layer
+    if s.kind == "resid":
+        if L == 0:
+            return SiteHook(s, "pre", adapter.decoder_layers[0])
+        return SiteHook(s, "post", adapter.decoder_layers[L - 1])  # the stream entering L is what L-1 returned
+    if s.kind == "attn_out":
+        return SiteHook(s, "post", adapter.attention(L))
+    if s.kind == "mlp_out":
+        return SiteHook(s, "post", adapter.mlp(L))
+    if s.kind == "keys_prerope":
+        return SiteHook(s, "post", adapter.prerope_keys_module(L), shape=(adapter.n_kv_heads, adapter.head_dim))
+    if s.kind in KV_KINDS:
+        return SiteHook(s, "cache")
+    if s.kind == "projector":  # what the decoder receives: image features already scattered in
+        return SiteHook(s, "pre", adapter.decoder, arg="inputs_embeds")
+    blocks = adapter.vision_layers
+    if L < len(blocks):
+        return SiteHook(s, "pre", blocks[L])
+    return SiteHook(s, "post", blocks[-1])

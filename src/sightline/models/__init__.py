@@ -1,6 +1,6 @@
 """Model adapters: one file per VLM family, the TokenLayout, and loading."""
 
-from sightline.models.base import Adapter, Batch, adapter_for_config, load_model, supported
+from sightline.models.base import Adapter, Batch, ModuleNames, adapter_for_config, load_model, supported
 from sightline.models.layout import (
     INDEX_COLUMNS,
     MODALITIES,
@@ -12,6 +12,6 @@ from sightline.models.layout import (
 )
 
 __all__ = [
-    "Adapter", "Batch", "INDEX_COLUMNS", "MODALITIES", "TokenLayout", "ViewGrid", "adapter_for_config",
+    "Adapter", "Batch", "INDEX_COLUMNS", "MODALITIES", "ModuleNames", "TokenLayout", "ViewGrid", "adapter_for_config",
     "load_model", "mask_to_tokens", "point_to_token", "supported", "tokens_to_pixels",
 ]

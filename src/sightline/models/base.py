@@ -1,15 +1,20 @@
 """The adapter contract: what sightline needs to know about one VLM family, and the shared code.
 
-A family adapter is a small table of facts (which HF class, where the decoder layers, vision
-tower and projector are) plus `image_grids`, the one function that truly differs: how the
-processor's output for one example becomes token grids on the original image. Everything else
-(loading, prompts, batching, layouts) is shared here.
+A family adapter is a small table of facts (which HF class; `modules`: where the decoder layers,
+attention, MLP, vision tower and projector are, as attribute paths) plus `image_grids`, the one
+function that truly differs: how the processor's output for one example becomes token grids on the
+original image. Everything else (loading, prompts, batching, layouts) is shared here. Adapters are
+found by importing every module of `sightline.models` (see `supported`): adding a family is adding
+one file with a `@register`ed adapter and its `build_tiny` checkpoint builder.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -21,6 +26,43 @@ if TYPE_CHECKING:
     from PIL import Image
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class ModuleNames:
+    """Where a family's modules sit, as dotted attribute paths: the facts the site table resolves.
+
+    Paths are relative to the object named in each comment. The defaults are HF's LLaVA layout
+    (and Llama / Qwen2 language models); a family overrides only what differs.
+    """
+
+    decoder: str = "model.language_model"  # from the model: the language model's decoder
+    layers: str = "layers"  # from the decoder: its blocks, in order
+    attention: str = "self_attn"  # from a block: the attention module (gets `attention_mask`)
+    k_proj: str = "k_proj"  # from the attention module: keys before any norm and rotation
+    k_norm: str | None = "k_norm"  # from the attention module: a norm on keys before RoPE, used where present
+    v_proj: str = "v_proj"  # from the attention module: values (what the cache stores)
+    mlp: str = "mlp"  # from a block: the MLP, whose output is `mlp_out`
+    vision_tower: str = "model.vision_tower"  # from the model
+    vision_blocks: str = "encoder.layers"  # from the vision tower: its transformer blocks, in order
+    projector: str = "model.multi_modal_projector"  # from the model: vision features -> LM inputs
+
+
+def module_at(root, path: str):
+    """The submodule at a dotted attribute path (`encoder.layers`), None where a part is missing."""
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _module(root, path: str, what: str):
+    obj = module_at(root, path)
+    if obj is None:
+        raise ValueError(f"{type(root).__name__} has no {what} at {path!r}; the adapter's `modules` table is wrong")
+    return obj
 
 
 @dataclass
@@ -46,6 +88,7 @@ class Adapter:
     hf_class: ClassVar[str] = ""  # transformers class used to load
     # HF processor class owning a video processor: loaded images-only (works without torchvision)
     processor_class: ClassVar[str] = ""
+    modules: ClassVar[ModuleNames] = ModuleNames()  # where the modules sit (the site table's facts)
 
     def __init__(self, model, processor, name: str = "", revision: str | None = None):
         self.model = model
@@ -93,6 +136,11 @@ class Adapter:
         processor = cls.load_processor(path, revision=revision, trust_remote_code=trust_remote_code)
         return cls(model, processor, name=str(path), revision=revision)
 
+    @classmethod
+    def build_tiny(cls, out_dir: str | Path, **overrides) -> Path:
+        """Build a tiny random checkpoint of this family from config and save it to `out_dir` (tests)."""
+        raise NotImplementedError(f"no tiny checkpoint builder for {cls.family}")
+
     # ------------------------------------------------------------------ facts
     @property
     def config(self):
@@ -104,23 +152,42 @@ class Adapter:
 
     @property
     def decoder(self):
-        """The language model's decoder (holds `.layers` and `.norm`)."""
-        return self.model.get_decoder()
+        """The language model's decoder (holds the blocks and the final norm)."""
+        return _module(self.model, self.modules.decoder, "decoder")
 
     @property
     def decoder_layers(self):
-        return self.decoder.layers
+        return _module(self.decoder, self.modules.layers, "decoder layers")
+
+    def attention(self, layer: int):
+        """Attention module of decoder block `layer`."""
+        return _module(self.decoder_layers[layer], self.modules.attention, "attention")
+
+    def mlp(self, layer: int):
+        """MLP of decoder block `layer`."""
+        return _module(self.decoder_layers[layer], self.modules.mlp, "MLP")
+
+    def prerope_keys_module(self, layer: int):
+        """The module whose output is block `layer`'s keys before RoPE: the k-norm where the LM has one."""
+        attn = self.attention(layer)
+        norm = module_at(attn, self.modules.k_norm) if self.modules.k_norm else None
+        return norm if norm is not None else _module(attn, self.modules.k_proj, "k projection")
 
     @property
     def vision_tower(self):
-        return self.model.model.vision_tower
+        return _module(self.model, self.modules.vision_tower, "vision tower")
 
     @property
     def vision_layers(self):
         """The vision encoder's transformer blocks, in order."""
         tower = self.vision_tower
-        tower = getattr(tower, "vision_model", tower)  # older transformers nest the transformer one deeper
-        return tower.encoder.layers
+        tower = getattr(tower, "vision_model", tower)  # transformers 4.x nests the transformer one deeper
+        return _module(tower, self.modules.vision_blocks, "vision blocks")
+
+    @property
+    def projector(self):
+        """The module mapping vision features to language-model inputs."""
+        return _module(self.model, self.modules.projector, "projector")
 
     @property
     def n_layers(self) -> int:
@@ -144,6 +211,11 @@ class Adapter:
         return getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
 
     @property
+    def n_heads(self) -> int:
+        """Query heads per attention layer of the language model."""
+        return self.text_config.num_attention_heads
+
+    @property
     def head_dim(self) -> int:
         tc = self.text_config
         return getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
@@ -159,6 +231,11 @@ class Adapter:
     @property
     def image_token(self) -> str:
         return self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+
+    @property
+    def attn_implementation(self) -> str:
+        """The language model's attention implementation ("sdpa", "eager", "flash_attention_2", ...)."""
+        return str(self.attention(0).config._attn_implementation)
 
     @property
     def device(self):
@@ -303,7 +380,12 @@ def register(cls: type[Adapter]) -> type[Adapter]:
 
 
 def _load_families() -> None:
-    from sightline.models import llava, llava_next, llava_onevision, qwen2_vl  # noqa: F401
+    """Import every module of `sightline.models`: each family file registers its adapters."""
+    import sightline.models as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{pkg.__name__}.{info.name}")
 
 
 def supported() -> dict[str, type[Adapter]]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from sightline.models.base import Adapter, Batch, register
+from sightline.models.base import Adapter, Batch, ModuleNames, register
 from sightline.models.geometry import clip_style_grid
 from sightline.models.layout import TokenLayout, ViewGrid
 
@@ -15,6 +17,25 @@ class LlavaAdapter(Adapter):
     architectures = ("LlavaForConditionalGeneration",)
     model_types = ("llava",)
     hf_class = "LlavaForConditionalGeneration"
+    modules = ModuleNames()  # HF's LLaVA layout (the defaults): model.language_model, model.vision_tower, ...
+
+    @classmethod
+    def build_tiny(
+        cls,
+        out_dir: str | Path,
+        image_size: int = 56,
+        patch_size: int = 14,
+        text: dict | None = None,
+        vision: dict | None = None,
+        do_pad: bool = False,
+        seed: int = 0,
+    ) -> Path:
+        """A random LlavaForConditionalGeneration (CLIP tower, Llama LM) with processor, saved to `out_dir`."""
+        from sightline.models.testing import llava_config, llava_processor, make_tokenizer, save_tiny
+
+        tok = make_tokenizer("<image>")
+        config = llava_config("LlavaConfig", tok, image_size, patch_size, text, vision)
+        return save_tiny(cls, config, llava_processor(tok, image_size, patch_size, do_pad), out_dir, seed)
 
     @property
     def grid_side(self) -> int:

@@ -16,13 +16,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
-from sightline.models.base import Adapter, Batch, register
+from sightline.models.base import Adapter, Batch, ModuleNames, register
 from sightline.models.geometry import clip_style_grid
 from sightline.models.layout import TokenLayout, ViewGrid
+
+# Tiny checkpoints (`build_tiny`): tiles of 56 px with patch 14 give 4 x 4 tokens per crop. The
+# pinpoints are LLaVA-NeXT's set scaled down (336 -> 56), so images of 20..300 px take 1 to 3 tiles
+# and every unpad direction occurs.
+TINY_PINPOINTS = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
 
 
 def select_best_resolution(image_hw: tuple[int, int], pinpoints) -> tuple[int, int]:
@@ -172,6 +178,41 @@ class LlavaNextAdapter(Adapter):
     architectures = ("LlavaNextForConditionalGeneration",)
     model_types = ("llava_next",)
     hf_class = "LlavaNextForConditionalGeneration"
+    modules = ModuleNames()  # HF's LLaVA layout (the defaults): model.language_model, model.vision_tower, ...
+
+    @classmethod
+    def build_tiny(
+        cls,
+        out_dir: str | Path,
+        image_size: int = 56,
+        patch_size: int = 14,
+        image_grid_pinpoints: list | None = None,
+        text: dict | None = None,
+        vision: dict | None = None,
+        seed: int = 0,
+    ) -> Path:
+        """A random LlavaNextForConditionalGeneration (CLIP tower, Llama LM) with processor, saved to `out_dir`."""
+        from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+        from sightline.models.testing import llava_config, make_tokenizer, save_tiny
+
+        pinpoints = image_grid_pinpoints or [[a * image_size // 56, b * image_size // 56] for a, b in TINY_PINPOINTS]
+        tok = make_tokenizer("<image>")
+        config = llava_config("LlavaNextConfig", tok, image_size, patch_size, text, vision, image_grid_pinpoints=pinpoints)
+        ip = LlavaNextImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+            image_grid_pinpoints=pinpoints,
+        )
+        proc = LlavaNextProcessor(
+            image_processor=ip,
+            tokenizer=tok,
+            patch_size=patch_size,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,  # CLIP's CLS, as in llava-hf/llava-v1.6-*-hf
+            chat_template=tok.chat_template,
+        )
+        return save_tiny(cls, config, proc, out_dir, seed)
 
     # ------------------------------------------------------------------ facts
     @property

@@ -15,12 +15,17 @@ subclass of HF's processor is used there (see `ImageOnlyOnevisionProcessor`).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
 from sightline.models.base import register
 from sightline.models.layout import ViewGrid
 from sightline.models.llava_next import AnyresPlan, LlavaNextAdapter, spans_grid
+
+# Tiny checkpoints (`build_tiny`): OneVision's pinpoints scaled down (384 -> 56), up to 3 x 3 tiles
+# of 4 x 4 tokens.
+TINY_PINPOINTS = [[56 * i, 56 * j] for i in (1, 2, 3) for j in (1, 2, 3)]
 
 
 def max_crops(vision_aspect_ratio: str) -> int:
@@ -57,6 +62,58 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     model_types = ("llava_onevision",)
     hf_class = "LlavaOnevisionForConditionalGeneration"
     processor_class = "LlavaOnevisionProcessor"
+
+    @classmethod
+    def build_tiny(
+        cls,
+        out_dir: str | Path,
+        image_size: int = 56,
+        patch_size: int = 14,
+        image_grid_pinpoints: list | None = None,
+        vision_aspect_ratio: str = "anyres_max_4",
+        text: dict | None = None,
+        vision: dict | None = None,
+        seed: int = 0,
+    ) -> Path:
+        """A random LlavaOnevisionForConditionalGeneration (SigLIP tower, Qwen2 LM) with processor.
+
+        `anyres_max_4` with up to 3 x 3 tiles of 4 x 4 tokens: maps of more than ~4.8 tiles' worth of
+        tokens are interpolated (e.g. a square image on 3 x 3 tiles), smaller ones are not.
+        """
+        from transformers import LlavaOnevisionConfig, LlavaOnevisionImageProcessor
+
+        from sightline.models.processors import image_only_processor_class
+        from sightline.models.testing import llama_text_config, make_tokenizer, save_tiny, siglip_vision_config
+
+        pinpoints = image_grid_pinpoints or [[a * image_size // 56, b * image_size // 56] for a, b in TINY_PINPOINTS]
+        tok = make_tokenizer("<image>", extra_special=("<video>",))
+        config = LlavaOnevisionConfig(
+            text_config=llama_text_config(len(tok), model_type="qwen2", **(text or {})),
+            vision_config=siglip_vision_config(image_size, patch_size, **(vision or {})),
+            image_token_index=tok.image_token_id,
+            video_token_index=tok.convert_tokens_to_ids("<video>"),
+            image_grid_pinpoints=pinpoints,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio=vision_aspect_ratio,
+            projector_hidden_act="gelu",
+            pad_token_id=tok.pad_token_id,
+        )
+        ip = LlavaOnevisionImageProcessor(
+            size={"height": image_size, "width": image_size},
+            image_grid_pinpoints=pinpoints,
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+        )
+        proc = image_only_processor_class(cls.processor_class)(
+            image_processor=ip,
+            tokenizer=tok,
+            num_image_tokens=(image_size // patch_size) ** 2,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio=vision_aspect_ratio,
+            chat_template=tok.chat_template,
+        )
+        return save_tiny(cls, config, proc, out_dir, seed)
 
     @property
     def vision_aspect_ratio(self) -> str:

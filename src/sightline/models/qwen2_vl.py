@@ -16,11 +16,31 @@ gathers through that permutation, so a token's capture is its own 2x2 patches
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import numpy as np
 
-from sightline.models.base import Adapter, Batch, register
+from sightline.models.base import Adapter, Batch, ModuleNames, register
 from sightline.models.layout import TokenLayout, ViewGrid
+
+# Tiny checkpoints (`build_tiny`): Qwen's chat template and markers, for a locally trained tokenizer.
+TINY_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+TINY_SPECIAL = ("<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>")
 
 
 def _numpy(x) -> np.ndarray:
@@ -53,16 +73,72 @@ class Qwen2_5_VLAdapter(Adapter):
     hf_class = "Qwen2_5_VLForConditionalGeneration"
     processor_class = "Qwen2_5_VLProcessor"
     windowed = True  # vision blocks see merged groups in window order
+    modules = ModuleNames(vision_tower="model.visual", vision_blocks="blocks", projector="model.visual.merger")
+
+    @classmethod
+    def build_tiny(
+        cls,
+        out_dir: str | Path,
+        min_tokens: int = 4,
+        max_tokens: int = 64,
+        window_size: int = 56,
+        text: dict | None = None,
+        vision: dict | None = None,
+        seed: int = 0,
+    ) -> Path:
+        """A random model of this family with its processor (images only), saved to `out_dir`.
+
+        Images become between `min_tokens` and `max_tokens` merged tokens (2x2 .. 8x8 by default).
+        Qwen2.5-VL's windows are `window_size` px = 2x2 merged tokens, so windows split every grid
+        larger than that; block 1 is a full-attention block, block 0 a window block.
+        """
+        import transformers
+        from transformers import Qwen2VLImageProcessorPil
+
+        from sightline.models.processors import image_only_processor_class
+        from sightline.models.testing import make_tokenizer, save_tiny
+
+        tok = make_tokenizer("<|image_pad|>", extra_special=TINY_SPECIAL)
+        tok.chat_template = TINY_CHAT_TEMPLATE
+        ids = {t: tok.convert_tokens_to_ids(t) for t in TINY_SPECIAL}
+        text_cfg = dict(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},  # head_dim 16
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        text_cfg.update(text or {})
+        vision_cfg = {**cls._tiny_vision_config(text_cfg["hidden_size"], window_size), **(vision or {})}
+        config = getattr(transformers, cls.hf_class.replace("ForConditionalGeneration", "Config"))(
+            text_config=text_cfg,
+            vision_config=vision_cfg,
+            image_token_id=tok.image_token_id,
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
+        side = 28  # patch * merge: one merged token
+        ip = Qwen2VLImageProcessorPil(min_pixels=min_tokens * side * side, max_pixels=max_tokens * side * side)
+        proc = image_only_processor_class(cls.processor_class)(
+            image_processor=ip, tokenizer=tok, chat_template=TINY_CHAT_TEMPLATE)
+        return save_tiny(cls, config, proc, out_dir, seed)
+
+    @classmethod
+    def _tiny_vision_config(cls, text_hidden: int, window_size: int) -> dict:
+        return dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2, window_size=window_size, fullatt_block_indexes=[1], out_hidden_size=text_hidden,
+        )
 
     # ------------------------------------------------------------------ facts
-    @property
-    def vision_tower(self):
-        return self.model.model.visual
-
-    @property
-    def vision_layers(self):
-        return self.vision_tower.blocks
-
     @property
     def vision_hidden_size(self) -> int:
         return self.config.vision_config.hidden_size
@@ -178,6 +254,13 @@ class Qwen2VLAdapter(Qwen2_5_VLAdapter):
     hf_class = "Qwen2VLForConditionalGeneration"
     processor_class = "Qwen2VLProcessor"
     windowed = False
+
+    @classmethod
+    def _tiny_vision_config(cls, text_hidden: int, window_size: int) -> dict:
+        return dict(
+            depth=2, embed_dim=32, hidden_size=text_hidden, mlp_ratio=2, num_heads=2, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2,
+        )
 
     @property
     def vision_hidden_size(self) -> int:

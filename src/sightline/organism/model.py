@@ -61,9 +61,9 @@ def tokenizer_corpus(n_scenes: int = 400, seed: int = 12345) -> list[str]:
 def build_organism(arch: OrganismArch = OrganismArch(), seed: int = 0):
     """(model, processor) with random weights, ready to train."""
     import torch
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from sightline.models.testing import make_tokenizer
+    from sightline.models.testing import llava_processor, make_tokenizer
 
     tok = make_tokenizer("<image>", vocab_size=arch.vocab_size, corpus=tokenizer_corpus())
     config = LlavaConfig(
@@ -102,14 +102,7 @@ def build_organism(arch: OrganismArch = OrganismArch(), seed: int = 0):
     model = LlavaForConditionalGeneration(config)
     model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|end|>")
     model.generation_config.pad_token_id = tok.pad_token_id
-    ip = CLIPImageProcessor(
-        size={"shortest_edge": arch.image_size},
-        crop_size={"height": arch.image_size, "width": arch.image_size},
-        do_center_crop=True,
-    )
-    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=arch.patch_size,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=tok.chat_template)
+    proc = llava_processor(tok, arch.image_size, arch.patch_size)
     return model, proc
 
 
