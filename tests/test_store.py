@@ -323,6 +323,54 @@ def test_exception_inside_with_commits_nothing_partial(tmp_path):
     assert torch.equal(ActivationStore.open(path).tensor("keys.1"), want["keys.1"])
 
 
+def test_interrupt_inside_with_commits_the_buffer(tmp_path):
+    """Ctrl-C (or Interrupted, raised on SIGTERM) keeps every example added so far; resume repeats none."""
+    from sightline.store.writer import Interrupted
+
+    for exc in (KeyboardInterrupt, Interrupted):
+        path = tmp_path / exc.__name__
+        added = []
+        with pytest.raises(exc):
+            with StoreWriter(path, sw.manifest(N), sw.SITES, shard_bytes=1 << 30) as w:  # never full by bytes
+                for i in range(N):
+                    if not sw.is_skipped(i):
+                        w.add(i, *sw.make_example(i))
+                        added.append(i)
+                    if i == 17:
+                        assert w.done == set()  # all of it is still in memory
+                        raise exc()
+        s = ActivationStore.open(path)
+        assert sorted(e["example"] for e in s.examples) == added and no_leftovers(path)
+        sw.write(path, n=N, shard_bytes=1 << 30, resume=True)
+        want, _, _ = expected()
+        assert torch.equal(ActivationStore.open(path).tensor("keys.1"), want["keys.1"])
+
+
+def test_shards_close_after_n_examples_or_t_seconds(tmp_path, monkeypatch):
+    """shard_examples and shard_seconds bound the work a SIGKILL can lose, whatever shard_bytes is."""
+    import sightline.store.writer as writer_mod
+
+    with StoreWriter(tmp_path / "n", sw.manifest(N), sw.SITES, shard_bytes=1 << 30, shard_examples=4,
+                     background=False) as w:
+        for i in range(10):
+            w.add(i, *sw.make_example(i)) if not sw.is_skipped(i) else w.skip(i, {}, "bad")
+            assert len(w._buffer) < 4
+    sizes = [len(fmt.read_json(d / fmt.RECORD)["examples"]) + len(fmt.read_json(d / fmt.RECORD)["skipped"])
+             for d in shard_dirs(tmp_path / "n")]
+    assert sizes == [4, 4, 2]
+    clock = [100.0]
+    monkeypatch.setattr(writer_mod.time, "monotonic", lambda: clock[0])
+    with StoreWriter(tmp_path / "t", sw.manifest(N), sw.SITES, shard_bytes=1 << 30, shard_seconds=30,
+                     background=False) as w:
+        for i in (0, 1, 2, 3):
+            w.add(i, *sw.make_example(i))
+            clock[0] += 12.0  # the 4th example is added 36 s after the first: that shard closes
+        assert w.done == {0, 1, 2, 3}
+    assert len(shard_dirs(tmp_path / "t")) == 1
+    with pytest.raises(ValueError, match="shard_examples"):
+        StoreWriter(tmp_path / "bad", sw.manifest(N), sw.SITES, shard_examples=-1)
+
+
 def test_writer_rejects_bad_examples(tmp_path):
     with StoreWriter(tmp_path / "s", sw.manifest(10), sw.SITES) as w:
         meta, index, tensors = sw.make_example(1)

@@ -8,6 +8,7 @@ place, and the set of committed examples (`done`) is read from every rank's reco
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,10 @@ import torch
 from sightline.errors import UserError
 from sightline.store import format as fmt
 
+class Interrupted(Exception):
+    """Raised (e.g. by a SIGTERM handler) to stop a run the way Ctrl-C does: finished work is kept."""
+
+
 # Keys the reader adds to each example's metadata; a caller's meta may not use them.
 RESERVED_META = ("example", "n_tokens", "token_start", "reason")
 
@@ -26,11 +31,14 @@ class StoreWriter:
     """Write examples (per-token index + tensors per site) into an ActivationStore directory.
 
     Examples are buffered in memory and written as one shard whenever the buffered tensor bytes
-    reach `shard_bytes`. With `background=True` (default) the shard is written by a thread while
+    reach `shard_bytes`, the buffer holds `shard_examples` examples, or its first example was added
+    `shard_seconds` ago (0 turns a limit off), so that a killed run loses little work. With `background=True` (default) the shard is written by a thread while
     the caller goes on; at most one shard is in flight, so memory holds at most about
     2 x `shard_bytes` plus one example, whatever the dataset size. `done` grows as shards commit.
-    Use as a context manager: leaving the block normally commits the last shard; leaving it by
-    an exception drops the buffered examples (committed shards stay valid; resume redoes the rest).
+    Use as a context manager: leaving the block normally, or by an interrupt (KeyboardInterrupt,
+    `Interrupted` e.g. raised from a SIGTERM handler), commits the buffered examples (each one is
+    complete); leaving it by any other exception drops them (committed shards stay valid; resume
+    redoes the rest).
     """
 
     def __init__(
@@ -44,6 +52,8 @@ class StoreWriter:
         resume: bool = False,
         shard_bytes: int = 256 << 20,
         background: bool = True,
+        shard_examples: int = 0,
+        shard_seconds: float = 0.0,
     ):
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
@@ -55,6 +65,11 @@ class StoreWriter:
         self.rank = rank
         self.world_size = world_size
         self.shard_bytes = int(shard_bytes)
+        if shard_examples < 0 or shard_seconds < 0:
+            raise ValueError("shard_examples and shard_seconds must be >= 0 (0: no limit)")
+        self.shard_examples = int(shard_examples)
+        self.shard_seconds = float(shard_seconds)
+        self._buffer_started: float | None = None  # monotonic time of the buffer's first example
         self.dtype = fmt.torch_dtype(dtype)
         self.site_shapes: dict[str, tuple[int, ...]] = {}
         for site in sorted(site_shapes, key=fmt.natural_key):
@@ -234,8 +249,7 @@ class StoreWriter:
                              "n_tokens": n_tok, "nbytes": nbytes})
         self._buffered_ids.add(i)
         self.buffered_bytes += nbytes
-        if self.buffered_bytes >= self.shard_bytes:
-            self.flush()
+        self._maybe_flush()
 
     def skip(self, example_id: int, meta: dict, reason: str) -> None:
         """Record an example that could not be captured; it counts as done and holds no tokens."""
@@ -243,6 +257,17 @@ class StoreWriter:
         meta = self._check_meta(meta)
         self._buffer.append({"example": i, "meta": meta, "reason": str(reason)})
         self._buffered_ids.add(i)
+        self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        """Flush when the buffer reached shard_bytes, shard_examples or shard_seconds."""
+        now = time.monotonic()
+        if self._buffer_started is None:
+            self._buffer_started = now
+        if (self.buffered_bytes >= self.shard_bytes
+                or (self.shard_examples and len(self._buffer) >= self.shard_examples)
+                or (self.shard_seconds and now - self._buffer_started >= self.shard_seconds)):
+            self.flush()
 
     # ------------------------------------------------------------------ committing
     def flush(self) -> None:
@@ -318,6 +343,7 @@ class StoreWriter:
         self._buffer.clear()
         self._buffered_ids.clear()
         self.buffered_bytes = 0
+        self._buffer_started = None
 
     def close(self) -> None:
         """Commit the buffered examples as a last shard and wait for it; calling it again does nothing."""
@@ -344,9 +370,11 @@ class StoreWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.closed:
             return
-        # On an exception, never commit a shard filled by a run that failed part way (resume redoes
+        # An interrupt commits the buffer: it holds only complete examples, and a resume then repeats
+        # nothing. Any other exception may come from a bug: nothing more is committed (resume redoes
         # those examples); a shard already in flight holds only complete examples: it commits.
-        self._finish(commit_buffer=exc_type is None)
+        interrupted = exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, Interrupted))
+        self._finish(commit_buffer=exc_type is None or interrupted)
 
     def __repr__(self) -> str:
         return (f"StoreWriter({str(self.path)!r}, rank={self.rank}/{self.world_size}, done={len(self.done)}, "
