@@ -202,11 +202,10 @@ def cmd_extract(a) -> int:
 
 def cmd_inspect(a) -> int:
     from sightline.data import load_image
-    from sightline.extract import _resolve_device
     from sightline.models import load_model
+    from sightline.runtime import resolve_placement
 
-    device = _resolve_device(a.device) if a.device_map is None else None
-    dtype = a.model_dtype if a.model_dtype != "auto" else ("bfloat16" if (device or "").startswith("cuda") else "float32")
+    device, dtype = resolve_placement(a.device, a.model_dtype, a.device_map)
     image = load_image(a.image)
     ad = load_model(a.model, dtype=dtype, device=device, device_map=a.device_map, revision=a.revision,
                     trust_remote_code=a.trust_remote_code)
@@ -341,7 +340,7 @@ def cmd_sae(a) -> int:
                              total_tokens=a.total_tokens, dead_tokens=a.dead_tokens,
                              checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device, threads=a.threads,
                              saes=sae_grid(a.arch, a.width, a.k, a.l1_coeff, **common))
-        paths = train_saes(cfg, progress=not a.no_progress)
+        paths = train_saes(cfg, progress=not a.no_progress)["paths"]
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line from rank 0
             print("trained " + ", ".join(str(p) for p in paths))
         return 0

@@ -4,6 +4,7 @@ from sightline.models.base import Adapter, Batch, adapter_for_config, load_model
 from sightline.models.layout import (
     INDEX_COLUMNS,
     MODALITIES,
+    StoredLayout,
     TokenLayout,
     ViewGrid,
     mask_to_tokens,
@@ -12,6 +13,6 @@ from sightline.models.layout import (
 )
 
 __all__ = [
-    "Adapter", "Batch", "INDEX_COLUMNS", "MODALITIES", "TokenLayout", "ViewGrid", "adapter_for_config",
+    "Adapter", "Batch", "INDEX_COLUMNS", "MODALITIES", "StoredLayout", "TokenLayout", "ViewGrid", "adapter_for_config",
     "load_model", "mask_to_tokens", "point_to_token", "supported", "tokens_to_pixels",
 ]
