@@ -435,7 +435,7 @@ def _finished_run(out: Path, cfg: SAETrainConfig, names: list[str]) -> RunResult
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return None
     if not (out / "config.json").is_file() or not (out / "results.json").is_file():
-        raise UserError(f"output {out} exists and is not a finished SAE run; choose another --out")
+        raise UserError(f"output {out} exists and is not an SAE run (or not a finished one); choose another --out")
     _check_same_run(out, cfg)
     if not all((out / n).is_dir() for n in names):
         raise UserError(f"{out} holds an SAE run without all of its SAE folders; choose another --out or delete it")
