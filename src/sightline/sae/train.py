@@ -43,7 +43,7 @@ import torch
 from sightline.config import FlagGroup, from_dict, to_dict
 from sightline.errors import UserError
 from sightline.models.layout import MODALITIES, TEXT
-from sightline.report.files import RunFolder, RunResult, read_json, write_json
+from sightline.report.files import RunFolder, RunResult, dumps, read_json, write_json
 from sightline.runtime import barrier, dist_info, resolve_device
 from sightline.sae.features import IMAGE_CODES
 from sightline.sae.models import ARCHITECTURES, SAE, SAEConfig
@@ -347,7 +347,7 @@ def _save_checkpoint(path: Path, saes: list[SAE], opts: list[torch.optim.Optimiz
                 for k, v in opt.state.get(p, {}).items():
                     adam[f"{names[id(p)]}::{k}"] = torch.as_tensor(v).detach().cpu().clone()
         save_file(adam, str(tmp / f"adam_{i}.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    write_json(tmp / "state.json", state, indent=1)
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
@@ -609,7 +609,7 @@ def _train(cfg: SAETrainConfig, store, d_in: int, names: list[str], n_avail: int
                                  for n, v, df in zip(names, vals, dead_frac)}}
                 if rank == 0:
                     with open(log_path, "a") as f:
-                        f.write(json.dumps(last) + "\n")
+                        f.write(dumps(last, indent=None) + "\n")
                     log_lines += 1
                     bar.set_postfix_str(" ".join(
                         f"{n[:14]}:fvu={v[0]:.3f},l0={v[1]:.1f},dead={df:.1%}" for n, v, df in
