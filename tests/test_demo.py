@@ -89,12 +89,15 @@ def test_page_shows_figures_and_example_generations(demo):
     assert refs.scripts == 0
     for ref in refs.refs:  # every image and link of the page opens from disk
         assert (out / ref).exists(), ref
-    for fig in ("probes/accuracy_vs_layer.png", "steer/figures/steer_overview.png", "sae-analysis/shared_by_layer.png"):
+    for fig in ("probes/figures/accuracy_vs_layer.png", "steer/figures/steer_overview.png",
+                "sae-analysis/figures/shared_by_layer.png"):
         assert fig in refs.refs and (out / fig).stat().st_size > 5000
     assert "example generations" in page
     thumbs = [r for r in refs.refs if r.startswith("steer_data/")]
     assert len(thumbs) >= 8  # image, linked: 4 per pair and two pairs, each twice (img + link)
     assert "sae-analysis/index.html" in refs.refs
+    for run in ("probes", "steer", "sae-analysis", "sae/resid.0"):  # every analysis wrote its run folder whole
+        assert {"config.json", "results.json", "figures", "index.html"} <= {p.name for p in (out / run).iterdir()}, run
 
 
 def test_refuses_a_folder_that_is_not_a_demo_and_writes_nothing(tmp_path):

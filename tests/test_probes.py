@@ -236,22 +236,23 @@ def test_run_writes_a_complete_probe_folder(hand_store, tmp_path):
     cfg = ProbeConfig(store=str(path), label="label", out=str(tmp_path / "run"), progress=False, device="cpu")
     res = run_probes(cfg)
     out = Path(res["out"])
-    for name in ("probes.safetensors", "probes.json", "metrics.json", "splits.json", "accuracy_vs_layer.png",
+    assert res.path == out
+    for name in ("config.json", "results.json", "index.html", "figures/accuracy_vs_layer.png", "probes.safetensors",
                  "directions.safetensors", "directions.json"):
         assert (out / name).is_file(), name
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
-    card = json.loads((out / "probes.json").read_text())
-    assert ProbeConfig.from_dict(card) == cfg
+    card = json.loads((out / "results.json").read_text())
+    assert ProbeConfig.from_dict(json.loads((out / "config.json").read_text())) == cfg
     assert card["classes"] == ["c0", "c1", "c2"]
     assert sum(card["split_sizes"].values()) == 120
     # the signal sites decode, the empty one does not; the control task stays near chance
-    m = json.loads((out / "metrics.json").read_text())["sites"]
+    m = card["metrics"]["sites"]
     assert m["resid.1"]["test"]["top1"] >= 0.95 and m["keys.1"]["test"]["top1"] >= 0.95
     assert m["resid.0"]["test"]["top1"] <= 0.6
     assert m["resid.1"]["control"]["test_top1"] <= 0.6 and m["resid.1"]["selectivity"] >= 0.35
     assert res["best_site"] in ("resid.1", "keys.1")
     # splits: the examples that share an image never straddle two splits
-    splits = json.loads((out / "splits.json").read_text())["examples"]
+    splits = card["splits"]["examples"]
     where = {i: name for name, ids in splits.items() for i in ids}
     for i in range(0, 20, 2):
         assert where[i] == where[i + 1]
@@ -276,11 +277,11 @@ def test_run_writes_a_complete_probe_folder(hand_store, tmp_path):
     flat = steer_load(out / "directions.safetensors")
     assert torch.equal(flat["resid.1/c1"], dirs["resid.1"]["c1"])
     # a second run into the same folder is refused, then allowed with overwrite
-    with pytest.raises(UserError, match="already holds a probe run; pass --overwrite"):
+    with pytest.raises(UserError, match="exists and is not empty; pass --overwrite"):
         run_probes(cfg)
     run_probes(ProbeConfig(**{**cfg.to_dict(), "overwrite": True, "sites": "resid", "layers": "1",
                               "l2_grid": (1e-2,), "control": False}))
-    assert list(json.loads((out / "metrics.json").read_text())["sites"]) == ["resid.1"]
+    assert list(json.loads((out / "results.json").read_text())["metrics"]["sites"]) == ["resid.1"]
 
 
 def test_run_with_where_filter_token_pooling_and_user_errors(hand_store, tmp_path):
@@ -413,8 +414,8 @@ def test_organism_coin_stays_at_chance(organism_probes):
 def test_organism_probe_accuracy_agrees_with_sklearn(organism_probes):
     root, store_path, runs = organism_probes
     store = ActivationStore.open(store_path)
-    card = json.loads((root / "shape" / "probes.json").read_text())
-    splits = json.loads((root / "shape" / "splits.json").read_text())["examples"]
+    card = json.loads((root / "shape" / "results.json").read_text())
+    splits = card["splits"]["examples"]
     labels = {e["example"]: e["meta"]["facts"]["objects"][0]["shape"] for e in store.examples}
     for site, info in card["sites"].items():
         f = {k: pool_features(store, [site], splits[k]).acts[site].numpy() for k in ("train", "test")}
@@ -423,3 +424,31 @@ def test_organism_probe_accuracy_agrees_with_sklearn(organism_probes):
         sc, m = sklearn_fit(f["train"], np.array(ytr), info["l2"], tol=1e-8)
         acc = (m.predict(sc.transform(f["test"])) == np.array(yte)).mean()
         assert abs(acc - info["test_top1"]) <= 0.01 + 1e-9, (site, acc, info["test_top1"])
+
+
+def test_probe_run_folder_follows_the_output_convention(hand_store, tmp_path, monkeypatch):
+    """config.json round-trips, results.json has the summary, figures/ and index.html exist; an error
+    mid-run leaves no output folder."""
+    from sightline.report.files import RunResult
+
+    path, _ = hand_store
+    cfg = ProbeConfig(store=str(path), label="label", out=str(tmp_path / "run"), progress=False, device="cpu",
+                      sites="resid", layers="1", l2_grid=(1e-2,), control=False)
+    res = run_probes(cfg)
+    assert isinstance(res, RunResult) and res.path == tmp_path / "run"
+    assert ProbeConfig.from_dict(json.loads((res.path / "config.json").read_text())) == cfg
+    results = json.loads((res.path / "results.json").read_text())
+    assert results["summary"] == json.loads(json.dumps(res.summary)) and results["summary"]["best_site"] == "resid.1"
+    assert [p.name for p in (res.path / "figures").iterdir()] == ["accuracy_vs_layer.png"]
+    page = (res.path / "index.html").read_text()
+    assert "figures/accuracy_vs_layer.png" in page and "resid.1" in page
+
+    import sightline.report.probes as figs
+
+    def broken(*a, **k):
+        raise RuntimeError("figure failed")
+
+    monkeypatch.setattr(figs, "plot_accuracy_vs_layer", broken)
+    with pytest.raises(RuntimeError, match="figure failed"):
+        run_probes(ProbeConfig(**{**cfg.to_dict(), "out": str(tmp_path / "broken")}))
+    assert not (tmp_path / "broken").exists() and not (tmp_path / "broken.partial").exists()

@@ -311,8 +311,9 @@ def test_analysis_job_writes_a_complete_report(tiny, tmp_path):
     res = analyze_saes(saes, store, cfg, adapter=ad)
     out = tmp_path / "an"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["an"]  # no temporary folder left
-    metrics = json.loads((out / "metrics.json").read_text())
-    modality = json.loads((out / "modality.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    metrics, modality = results["metrics"], results["modality"]
+    assert res.path == out and results["summary"] == json.loads(json.dumps(res.summary))
     assert set(metrics["saes"]) == {"resid.1", "resid.2"}
     rec = metrics["saes"]["resid.1"]
     assert set(rec["reconstruction"]) == {"image", "text", "special", "all"}
@@ -320,17 +321,44 @@ def test_analysis_job_writes_a_complete_report(tiny, tmp_path):
     assert [c["layer"] for c in modality["shared_by_layer"]] == [1, 2]
     assert [c["layer"] for c in res["shared_by_layer"]] == [1, 2]
     assert abs(sum(modality["shared_by_layer"][0][k] for k in ("shared", "image_only", "text_only")) - 1) < 1e-9
-    assert (out / "shared_by_layer.png").stat().st_size > 1000
+    assert (out / "figures" / "shared_by_layer.png").stat().st_size > 1000
     assert SAEAnalyzeConfig.from_dict(json.loads((out / "config.json").read_text())) == cfg
     index = (out / "index.html").read_text()
     assert "resid.1/features.html" in index and "<script" not in index
     page = (out / "resid.1" / "features.html").read_text()
     srcs = re.findall(r"<img src='([^']+)'", page)
-    assert "modality_hist.png" in srcs and any(s.startswith("latent_") for s in srcs)
+    assert "../figures/resid.1/modality_hist.png" in srcs and any(s.startswith("../figures/resid.1/latent_")
+                                                                  for s in srcs)
     assert all((out / "resid.1" / s).is_file() and not s.startswith("/") for s in srcs)
     assert "id='latent7'" in page and "class='ctx'" in page  # forced latent; text contexts shown
     with pytest.raises(UserError, match="exists and is not empty"):
         analyze_saes(saes, store, cfg, adapter=ad)
+
+
+def test_analysis_run_folder_follows_the_output_convention(tiny, tmp_path, monkeypatch):
+    """config.json round-trips, results.json has the summary, figures/ and index.html exist; an error
+    mid-run leaves no output folder."""
+    store = tiny["store"]
+    saes = [make_sae(store, "resid.1", seed=3)]
+    cfg = SAEAnalyzeConfig(saes=("a", "b"), store=str(store.path), out=str(tmp_path / "an"), loss=False,
+                           n_features=2, top_images=2, top_texts=2, batch_size=50, progress=False)
+    res = analyze_saes(saes, store, cfg)
+    out = tmp_path / "an"
+    assert SAEAnalyzeConfig.from_dict(json.loads((out / "config.json").read_text())) == cfg
+    assert json.loads((out / "results.json").read_text())["summary"]["saes"][0]["site"] == res["saes"][0]["site"]
+    assert (out / "figures" / "resid.1" / "modality_hist.png").is_file()
+    index = (out / "index.html").read_text()
+    assert "What this run found" in index and "resid.1/features.html" in index
+
+    import sightline.report.sae as figs
+
+    def broken(*a, **k):
+        raise RuntimeError("figure failed")
+
+    monkeypatch.setattr(figs, "plot_modality_hist", broken)
+    with pytest.raises(RuntimeError, match="figure failed"):
+        analyze_saes(saes, store, SAEAnalyzeConfig(**{**cfg.to_dict(), "out": str(tmp_path / "broken")}))
+    assert not (tmp_path / "broken").exists() and not (tmp_path / "broken.partial").exists()
 
 
 def test_analyze_sae_loads_folders_and_rejects_mismatches(tiny, tmp_path):
@@ -396,10 +424,10 @@ def test_organism_sae_probing_and_sharing_curve(tmp_path_factory):
     assert store.sites == [f"resid.{L}" for L in range(ad.n_layers + 1)]
     saes = []
     for site in store.sites:
-        paths = train_saes(SAETrainConfig(store=str(store.path), site=site, out=str(root / f"sae-{site}"),
+        run = train_saes(SAETrainConfig(store=str(store.path), site=site, out=str(root / f"sae-{site}"),
                                           modality="both", batch_size=1024, epochs=12.0, threads=2,
                                           saes=(SAEConfig(arch="topk", expansion=8, k=32, lr=1e-3),)), progress=False)
-        saes.append(SAE.from_pretrained(paths[0]))
+        saes.append(SAE.from_pretrained(run["paths"][0]))
     cfg = SAEAnalyzeConfig(saes=(), store=str(store.path), out=str(root / "analysis"), data=str(qa), progress=False)
     res = analyze_saes(saes, store, cfg, adapter=ad)
     report = {s["site"]: s for s in res["saes"]}
@@ -409,8 +437,8 @@ def test_organism_sae_probing_and_sharing_curve(tmp_path_factory):
                                   for k, v in report.items()}}, indent=1))
     # the curve: every layer, and the png that shows it
     assert [c["layer"] for c in res["shared_by_layer"]] == list(range(ad.n_layers + 1))
-    assert (root / "analysis" / "shared_by_layer.png").stat().st_size > 1000
+    assert (root / "analysis" / "figures" / "shared_by_layer.png").stat().st_size > 1000
     # sparse probing at the layer fixed in advance
-    modality = json.loads((root / "analysis" / "modality.json").read_text())
+    modality = json.loads((root / "analysis" / "results.json").read_text())["modality"]
     assert modality["saes"][PROBE_LAYER]["concepts"]["probing"]["n_labels"] == 16
     assert report[PROBE_LAYER]["probe_coverage"] >= 0.8

@@ -72,6 +72,11 @@ def base_config(store: Path, out: Path, **kw) -> SAETrainConfig:
                           **kw)
 
 
+def paths_of(result) -> list[Path]:
+    """The SAE folders of a finished training run."""
+    return [Path(p) for p in result["paths"]]
+
+
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -150,7 +155,7 @@ def test_both_modalities_mixed_in_fixed_share(id_store):
 def test_topk_learns_the_sparse_dictionary(sparse_store, tmp_path):
     """3-sparse data over 96 atoms: TopK (k=6) explains it far better than the best 6-dim linear map."""
     cfg = base_config(sparse_store, tmp_path / "run", epochs=30)
-    (path,) = train_saes(cfg, progress=False)
+    (path,) = paths_of(train_saes(cfg, progress=False))
     store = ActivationStore.open(sparse_store)
     x = store.tensor("resid.1").float()[store.index["modality"] == 1]
     sae = SAE.from_pretrained(path)
@@ -159,28 +164,31 @@ def test_topk_learns_the_sparse_dictionary(sparse_store, tmp_path):
     pca6 = 1 - float((torch.linalg.svdvals(xc)[:6] ** 2).sum() / xc.pow(2).sum())
     assert fvu < 0.2 and pca6 > 0.6, (fvu, pca6)
     assert l0 <= 6 and dead < 0.05
-    # outputs: config, log, summary, SAELens folder
+    # outputs: config, log, results (summary), figures, page, SAELens folder
     assert SAETrainConfig.from_dict(json.loads((tmp_path / "run" / "config.json").read_text())) == cfg
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 450 and log[-1]["saes"]["topk-w128-k6"]["fvu"] < log[0]["saes"]["topk-w128-k6"]["fvu"]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "run" / "results.json").read_text())["summary"]
     assert summary["steps"] == 450 and summary["saes"][0]["name"] == "topk-w128-k6"
     assert 0 <= summary["load_frac"] < 1 and sae.cfg.site == "resid.1" and sae.cfg.modality == "image"
     assert sae.cfg.input_scale == pytest.approx(summary["input_scale"])
-    assert not (tmp_path / "run" / "checkpoint").exists()
-    assert train_saes(cfg, progress=False) == [path]  # a finished run returns at once
+    assert not (tmp_path / "run" / "checkpoint").exists() and not (tmp_path / "run.partial").exists()
+    assert paths_of(train_saes(cfg, progress=False)) == [path]  # a finished run returns at once
 
 
 def test_resume_gives_identical_weights(sparse_store, tmp_path):
     saes = (SAEConfig(arch="topk", width=64, k=4, lr=3e-3), SAEConfig(arch="batchtopk", width=64, k=4, lr=3e-3),
             SAEConfig(arch="relu", width=64, lr=1e-3, l1_coeff=1.0))
     full = base_config(sparse_store, tmp_path / "full", total_tokens=256 * 40, checkpoint_every=15, saes=saes)
-    paths = train_saes(full, progress=False)
+    paths = paths_of(train_saes(full, progress=False))
     cut = dataclasses.replace(full, out=str(tmp_path / "cut"))
-    assert train_saes(cut, progress=False, stop_after=22) == []  # "interrupted" at step 22: checkpoint at 15
-    state = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
+    assert train_saes(cut, progress=False, stop_after=22) is None  # "interrupted" at step 22: checkpoint at 15
+    assert not (tmp_path / "cut").exists()  # the run folder appears only when complete
+    state = json.loads((tmp_path / "cut.partial" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 15
-    resumed = train_saes(dataclasses.replace(cut, prefetch=False), progress=False)  # runtime fields may change
+    with pytest.raises(UserError, match="holds an SAE run with another config"):
+        train_saes(dataclasses.replace(cut, seed=1), progress=False)  # the partial run is checked too
+    resumed = paths_of(train_saes(dataclasses.replace(cut, prefetch=False), progress=False))  # runtime fields may change
     for a, b in zip(paths, resumed):
         wa, wb = weights(a), weights(b)
         assert all(torch.equal(wa[k], wb[k]) for k in wa), a.name
@@ -195,9 +203,10 @@ def test_resume_gives_identical_weights(sparse_store, tmp_path):
 def test_several_saes_in_one_pass_train_as_if_alone(sparse_store, tmp_path):
     grid = sae_grid("topk", widths=(64, 96), ks=(4,), lr=3e-3)
     assert [s.width for s in grid] == [64, 96] and all(s.k == 4 for s in grid)
-    both = train_saes(base_config(sparse_store, tmp_path / "both", total_tokens=256 * 12, saes=grid), progress=False)
-    alone = train_saes(base_config(sparse_store, tmp_path / "alone", total_tokens=256 * 12, saes=grid[1:]),
-                       progress=False)
+    both = paths_of(train_saes(base_config(sparse_store, tmp_path / "both", total_tokens=256 * 12, saes=grid),
+                               progress=False))
+    alone = paths_of(train_saes(base_config(sparse_store, tmp_path / "alone", total_tokens=256 * 12, saes=grid[1:]),
+                                progress=False))
     assert [p.name for p in both] == ["topk-w64-k4", "topk-w96-k4"]
     wa, wb = weights(both[1]), weights(alone[0])
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -217,8 +226,8 @@ def test_ddp_two_gloo_processes_match_one(sparse_store, tmp_path):
                            "-m", "sightline.sae.train", str(cfg_file)], env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    paths = train_saes(one, progress=False)
-    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    paths = paths_of(train_saes(one, progress=False))
+    summary = json.loads((tmp_path / "two" / "results.json").read_text())["summary"]
     assert summary["world_size"] == 2
     log = [json.loads(line) for line in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
     assert any(r["saes"]["topk-w256-k4"]["aux"] > 0 for r in log)
@@ -239,7 +248,7 @@ def test_cli_under_torchrun_prints_once_and_passes_its_flags(sparse_store, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [line for line in proc.stdout.splitlines() if line.startswith("trained ")] == [
         f"trained {tmp_path / 'run' / 'topk-w64-k4'}"]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "run" / "results.json").read_text())["summary"]
     assert summary["world_size"] == 2 and summary["dead_tokens"] == 512 and summary["steps"] == 6
     assert (tmp_path / "run" / "topk-w64-k4" / "sae_weights.safetensors").exists()
 
@@ -300,7 +309,7 @@ def test_organism_middle_layer_image_tokens(organism_stores, tmp_path):
     cfg = SAETrainConfig(store=str(train), site="resid.2", out=str(tmp_path / "run"), modality="image",
                          batch_size=1024, epochs=12, threads=2, log_every=20,
                          saes=(SAEConfig(arch="topk", width=256, k=32),))
-    (path,) = train_saes(cfg, progress=False)
+    (path,) = paths_of(train_saes(cfg, progress=False))
     seconds = time.perf_counter() - t0
     sae = SAE.from_pretrained(path)
     image = lambda s: s.tensor("resid.2").float()[np.isin(s.index["modality"], [1, 2])]  # noqa: E731
@@ -309,8 +318,31 @@ def test_organism_middle_layer_image_tokens(organism_stores, tmp_path):
     with torch.no_grad():
         ever = (sae.encode(x_test) > 0).any(0) | (sae.encode(x_train) > 0).any(0)
     dead = float((~ever).float().mean())
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "run" / "results.json").read_text())["summary"]
     print(f"organism resid.2 image: held-out fvu={fvu:.4f} l0={l0:.1f} dead={dead:.2%} (held-out only {dead_held:.2%}) "
           f"seconds={seconds:.1f} load_frac={summary['load_frac']} wait_frac={summary['wait_frac']}")
     assert fvu <= 0.15 and l0 <= 32 and dead < 0.05
     assert summary["wait_frac"] < 0.2  # streaming is a small part of the step time
+
+
+def test_training_run_folder_follows_the_output_convention(sparse_store, tmp_path, monkeypatch):
+    """config.json round-trips, results.json has the summary, figures/ and index.html exist; an error
+    mid-run leaves no OUT (only OUT.partial, which a rerun resumes)."""
+    cfg = base_config(sparse_store, tmp_path / "run", total_tokens=256 * 4, saes=(SAEConfig(width=64, k=4),))
+    res = train_saes(cfg, progress=False)
+    out = tmp_path / "run"
+    assert res.path == out and SAETrainConfig.from_dict(json.loads((out / "config.json").read_text())) == cfg
+    results = json.loads((out / "results.json").read_text())
+    assert results["summary"] == json.loads(json.dumps(res.summary)) and res["steps"] == 4
+    assert [p.name for p in (out / "figures").iterdir()] == ["training.png"]
+    assert "topk-w64-k4/cfg.json" in (out / "index.html").read_text()
+
+    import sightline.report.sae as figs
+
+    def broken(*a, **k):
+        raise RuntimeError("figure failed")
+
+    monkeypatch.setattr(figs, "plot_training_curves", broken)
+    with pytest.raises(RuntimeError, match="figure failed"):
+        train_saes(dataclasses.replace(cfg, out=str(tmp_path / "broken")), progress=False)
+    assert not (tmp_path / "broken").exists() and (tmp_path / "broken.partial" / "config.json").exists()

@@ -15,7 +15,7 @@ from conftest import gradient_image
 from sightline.capture.edit import Edit, add_vector, apply_edits
 from sightline.errors import UserError
 from sightline.steer import (SteerConfig, answer_logprobs, caption_nll, class_means, efficacy_from_logprobs,
-                             first_answer_token, left_pad, load_directions, mentions, normalize, run_steering,
+                             first_answer_token, headline, left_pad, load_directions, mentions, normalize, run_steering,
                              steer_edit, steering_vector)
 from sightline.steer.generate import generate_ids, steer_positions
 
@@ -234,7 +234,7 @@ def test_vectors_class_means_explicit_keys_and_normalisation(tmp_path, tiny_chec
     torch.testing.assert_close(normalize(explicit, "none"), explicit)
 
 
-def test_run_steering_writes_results_generations_and_figures(tmp_path, tiny_checkpoint):
+def test_run_steering_writes_results_generations_and_figures(tmp_path, tiny_checkpoint, monkeypatch):
     from sightline.data.synthetic import WorldConfig, export_imagefolder
     from sightline.extract import ExtractConfig, extract
 
@@ -249,12 +249,16 @@ def test_run_steering_writes_results_generations_and_figures(tmp_path, tiny_chec
                       max_new_tokens=4, progress=False)
     res = run_steering(cfg)
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "figures", "generations.jsonl", "results.json"]
+    assert res.path == out
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "figures", "generations.jsonl", "index.html",
+                                                     "results.json"]
     assert sorted(p.name for p in (out / "figures").iterdir()) == [
         "steer_overview.png", "steer_resid.1.png", "steer_resid.2.png"]
     assert SteerConfig.from_dict(json.loads((out / "config.json").read_text())) == cfg
     saved = json.loads((out / "results.json").read_text())
-    assert saved["summary"] == res["summary"] and saved["prompts"]["damage_qtypes"] == ["colour"]
+    assert saved["summary"] == res.summary and saved["prompts"]["damage_qtypes"] == ["colour"]
+    assert res["best_site"] == res["best"]["site"] and headline(res) == headline(saved)  # headline in the summary
+    assert "figures/steer_overview.png" in (out / "index.html").read_text()
     lay = saved["pairs"][0]["layers"]["resid.1"]
     n = saved["pairs"][0]["n_images"]
     assert lay["scales"] == [0.0, 8.0] and lay["caption_nll_increase"][0] == 0.0  # k = 0 is the clean run
@@ -269,6 +273,16 @@ def test_run_steering_writes_results_generations_and_figures(tmp_path, tiny_chec
         run_steering(SteerConfig(model=model, directions=str(store), data=str(test), out=str(tmp_path / "o2"),
                                  pairs=("circle:heart",)))
     assert not (tmp_path / "o2").exists()
+    # an error mid-run (here: drawing a figure) leaves no output folder, not even a partial one
+    import sightline.report.steer as figs
+
+    def broken(*a, **k):
+        raise RuntimeError("figure failed")
+
+    monkeypatch.setattr(figs, "plot_overview", broken)
+    with pytest.raises(RuntimeError, match="figure failed"):
+        run_steering(SteerConfig(**{**cfg.to_dict(), "out": str(tmp_path / "o3")}))
+    assert not (tmp_path / "o3").exists() and not (tmp_path / "o3.partial").exists()
 
 
 def test_run_steering_reads_classes_from_a_jsonl_manifest_by_dotted_path(tmp_path, tiny_checkpoint):
@@ -290,10 +304,10 @@ def test_run_steering_reads_classes_from_a_jsonl_manifest_by_dotted_path(tmp_pat
     res = run_steering(SteerConfig(model=model, directions=str(store), label=label, data=str(manifest),
                                    data_label=label, out=str(tmp_path / "out"), pairs=("star:circle",),
                                    scales=(0.0, 4.0), images_per_class=2, max_new_tokens=3, progress=False))
-    pair = res["pairs"][0]
+    pair = res.results["pairs"][0]
     assert list(pair["layers"]) == ["resid.1"] and pair["n_images"] == 2
     assert pair["n_damage_questions"] == 2  # the world's colour question of each steered scene
-    assert any("not held out" in w for w in res["warnings"])  # steered on the directions' own images
+    assert any("not held out" in w for w in res.results["warnings"])  # steered on the directions' own images
 
 
 # ------------------------------------------------------------------------------ the model organism
@@ -312,7 +326,7 @@ def _organism_run(tmp_path, layers: str, scales, extract_layers: str = "all") ->
                                   layers=extract_layers, dtype="float32", batch_size=40, progress=False))
     return run_steering(SteerConfig(model=str(ckpt), directions=str(store), data=str(held_out),
                                     out=str(tmp_path / "out"), pairs=("circle:star",), layers=layers, scales=scales,
-                                    images_per_class=20, batch_size=64, max_new_tokens=8, progress=False))
+                                    images_per_class=20, batch_size=64, max_new_tokens=8, progress=False)).results
 
 
 def _check_organism_validation(res: dict) -> dict:

@@ -79,7 +79,7 @@ def _show_sae_train(cfg, res) -> str | None:
 
     if not is_main_process():  # under torchrun, one line from rank 0
         return None
-    paths = res if isinstance(res, (list, tuple)) else res.summary.get("saes", [])
+    paths = res["paths"]
     return "trained " + ", ".join(str(p) for p in paths)
 
 

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sightline.errors import UserError
-from sightline.report.html import Section, Thumb, write_json, write_page
+from sightline.report.files import write_json
+from sightline.report.html import Section, Thumb, write_page
 
 MARKER = ".sightline-demo"
 DEMO_QTYPES = ("shape", "colour", "size", "position", "presence", "count")
@@ -98,7 +99,7 @@ def _store_section(ctx: DemoContext) -> tuple[dict, Section]:
 
     s = ActivationStore.open(ctx.store_path)
     idx = s.index
-    from sightline.store.format import MODALITIES
+    from sightline.models.layout import MODALITIES
 
     mods = {m: int((idx["modality"] == k).sum()) for k, m in enumerate(MODALITIES)}
     summary = {"path": str(ctx.store_path.relative_to(ctx.out)), "examples": len(s), "tokens": s.n_tokens,
@@ -128,8 +129,8 @@ def _probe_section(ctx: DemoContext) -> tuple[dict, Section]:
         figures={k: summary[k] for k in ("best_site", "best_top1", "best_top5", "best_control_top1", "best_selectivity")
                  if k in summary},
         tables=[("held-out accuracy per site", ["site", "top-1", "top-5", "control top-1", "selectivity"], rows)],
-        images=[("probes/accuracy_vs_layer.png", "accuracy vs layer")],
-        links=[("probes/metrics.json", "metrics.json"), ("probes/probes.json", "probes.json (card)")],
+        images=[("probes/figures/accuracy_vs_layer.png", "accuracy vs layer")],
+        links=[("probes/index.html", "probe run page"), ("probes/results.json", "results.json")],
     )
     return summary, sec
 
@@ -161,7 +162,8 @@ def _steer_section(ctx: DemoContext) -> tuple[dict, Section]:
                  ["image", "source -> target", "open answer, clean", "open answer, steered", "colour, steered",
                   "colour, true"], examples)] if examples else [],
         images=[(str(f.relative_to(ctx.out)), f.stem) for f in figs],
-        links=[("steer/results.json", "results.json"), ("steer/generations.jsonl", "generations.jsonl")],
+        links=[("steer/index.html", "steering run page"), ("steer/results.json", "results.json"),
+               ("steer/generations.jsonl", "generations.jsonl")],
     )
     return h, sec
 
@@ -205,7 +207,7 @@ def _sae_section(ctx: DemoContext) -> tuple[dict, Section]:
     for L in range(ctx.adapter.n_layers + 1):  # one small TopK SAE per layer, on image and text tokens
         folders += train_saes(SAETrainConfig(
             store=str(ctx.store_path), site=f"resid.{L}", out=str(ctx.out / "sae" / f"resid.{L}"), modality="both",
-            batch_size=1024, epochs=12, saes=(SAEConfig(arch="topk", width=256, k=16),)), progress=cfg.progress)
+            batch_size=1024, epochs=12, saes=(SAEConfig(arch="topk", width=256, k=16),)), progress=cfg.progress)["paths"]
     res = analyze_sae(SAEAnalyzeConfig(saes=tuple(str(f) for f in folders), store=str(ctx.store_path),
                                        out=str(ctx.out / "sae-analysis"), n_loss=32, n_features=12,
                                        progress=cfg.progress))
@@ -222,9 +224,9 @@ def _sae_section(ctx: DemoContext) -> tuple[dict, Section]:
                                "text-only", "shared"],
                  [(e["site"], e["fvu_image"], e["fvu_text"], e["l0_image"], e["frac_dead"], e["loss_recovered"],
                    e["image_only"], e["text_only"], e["shared"]) for e in per_sae])],
-        images=[("sae-analysis/shared_by_layer.png", "shared fraction of latents per layer")],
+        images=[("sae-analysis/figures/shared_by_layer.png", "shared fraction of latents per layer")],
         links=[("sae-analysis/index.html", "feature pages (top image tokens as heatmaps, top text contexts)"),
-               ("sae-analysis/metrics.json", "metrics.json"), ("sae-analysis/modality.json", "modality.json")],
+               ("sae-analysis/results.json", "results.json")],
     )
     return summary, sec
 

@@ -9,16 +9,14 @@ and writes bit-identical tensors.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import numpy as np
-
 from sightline import __version__
 from sightline.errors import BadImageError, UserError
+from sightline.runtime import barrier, dist_info, resolve_placement
 
 POSITIONS = ("image", "text", "all")
 STORE_DTYPES = ("float16", "bfloat16", "float32")
@@ -82,39 +80,6 @@ class ExtractConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
-    return device
-
-
-def _dist_info() -> tuple[int, int]:
-    """(rank, world_size) from torchrun's environment; initialises torch.distributed when > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def extract(cfg: ExtractConfig) -> Path:
     """Run an extraction; returns the store path. User mistakes raise UserError before anything is written."""
     import torch
@@ -131,16 +96,13 @@ def extract(cfg: ExtractConfig) -> Path:
     if cfg.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     out = Path(cfg.out)
-    rank, world = _dist_info()
+    rank, world = dist_info()
     fresh = not (out.exists() and any(out.iterdir()))
     # fail before loading anything; under torchrun the writer does this check, allowing for sibling ranks
     if world == 1 and not fresh and not cfg.resume:
         raise UserError(f"output {out} exists and is not empty; pass --resume to continue it or choose another --out")
 
-    device = _resolve_device(cfg.device) if cfg.device_map is None else None
-    model_dtype = cfg.model_dtype
-    if model_dtype == "auto":
-        model_dtype = "bfloat16" if (device or "").startswith("cuda") or cfg.device_map else "float32"
+    device, model_dtype = resolve_placement(cfg.device, cfg.model_dtype, cfg.device_map)
     dataset = open_dataset(cfg.data, limit=cfg.limit)
     adapter = load_model(cfg.model, dtype=model_dtype, device=device, device_map=cfg.device_map,
                          revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
@@ -171,7 +133,7 @@ def extract(cfg: ExtractConfig) -> Path:
         if fresh and world == 1:  # no half-written store for a user mistake (other ranks may still write)
             shutil.rmtree(out, ignore_errors=True)
         raise
-    _barrier(world)
+    barrier(world)
     return out
 
 
@@ -226,31 +188,11 @@ def _run(cfg, dataset, adapter, capture, writer, texts, rank, world) -> None:
                     text=batch.texts[j],
                     image_size_hw=list(batch.image_sizes_hw[j][0]),
                     seq_len=len(lay),
-                    layout=[_grid_json(g, s) for g, s in zip(lay.grids, lay.grid_start)],
+                    layout=[g.to_json(s) for g, s in zip(lay.grids, lay.grid_start)],
                 )
                 writer.add(i, meta, lay.index_rows(positions[j], i), results[j])
                 bar.update(1)
     bar.close()
-
-
-def _grid_json(g, start: int) -> dict:
-    """A grid's facts, enough to map the store's (row, col) back to pixels."""
-    return {
-        "image": g.image,
-        "view": g.view,
-        "rows": g.rows,
-        "cols": g.cols,
-        "first_position": int(start),
-        "newline": g.newline,
-        "interpolated": g.interpolated,
-        "image_size_hw": list(g.image_size_hw),
-        "origin_xy": [float(v) for v in g.origin_xy],
-        "step_xy": [float(v) for v in g.step_xy],
-        # exact per-column / per-row pixel spans (x0, x1) / (y0, y1): differ from origin + k * step
-        # where crops are not whole patches (LLaVA-OneVision's 384-px tiles)
-        "col_spans": np.round(g.spans()[0], 4).tolist(),
-        "row_spans": np.round(g.spans()[1], 4).tolist(),
-    }
 
 
 def config_from_json(path: str) -> ExtractConfig:

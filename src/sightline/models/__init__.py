@@ -4,6 +4,7 @@ from sightline.models.base import Adapter, Batch, ModuleNames, adapter_for_confi
 from sightline.models.layout import (
     INDEX_COLUMNS,
     MODALITIES,
+    StoredLayout,
     TokenLayout,
     ViewGrid,
     mask_to_tokens,
@@ -12,6 +13,7 @@ from sightline.models.layout import (
 )
 
 __all__ = [
-    "Adapter", "Batch", "INDEX_COLUMNS", "MODALITIES", "ModuleNames", "TokenLayout", "ViewGrid", "adapter_for_config",
+    "Adapter", "Batch", "INDEX_COLUMNS", "MODALITIES", "ModuleNames", "StoredLayout", "TokenLayout", "ViewGrid",
+    "adapter_for_config",
     "load_model", "mask_to_tokens", "point_to_token", "supported", "tokens_to_pixels",
 ]

@@ -78,6 +78,36 @@ class ViewGrid:
         out[..., 3] = y1[:, None]
         return out
 
+    def to_json(self, first_position: int | None = None) -> dict:
+        """The grid's facts as JSON (what a store keeps per example under `layout`): enough to map the
+        stored (row, col) back to pixels. `first_position`: where the grid starts in the sequence."""
+        out = {"image": self.image, "view": self.view, "rows": self.rows, "cols": self.cols}
+        if first_position is not None:
+            out["first_position"] = int(first_position)
+        xs, ys = self.spans()
+        out.update({
+            "newline": self.newline,
+            "interpolated": self.interpolated,
+            "image_size_hw": [int(v) for v in self.image_size_hw],
+            "origin_xy": [float(v) for v in self.origin_xy],
+            "step_xy": [float(v) for v in self.step_xy],
+            # exact per-column / per-row pixel spans (x0, x1) / (y0, y1): differ from origin + k * step
+            # where crops are not whole patches (LLaVA-OneVision's 384-px tiles)
+            "col_spans": np.round(xs, 4).tolist(),
+            "row_spans": np.round(ys, 4).tolist(),
+        })
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> ViewGrid:
+        """The grid `to_json` wrote (vision_index is not kept)."""
+        spans = {k: (np.asarray(d[k], np.float64) if d.get(k) is not None else None)
+                 for k in ("col_spans", "row_spans")}
+        return cls(image=int(d["image"]), view=int(d["view"]), rows=int(d["rows"]), cols=int(d["cols"]),
+                   image_size_hw=tuple(int(v) for v in d["image_size_hw"]),
+                   origin_xy=tuple(float(v) for v in d["origin_xy"]), step_xy=tuple(float(v) for v in d["step_xy"]),
+                   newline=bool(d.get("newline", False)), interpolated=bool(d.get("interpolated", False)), **spans)
+
     def pixel_to_grid(self, x: float, y: float) -> tuple[float, float]:
         """Continuous grid coordinates (row, col) of an original-image pixel coordinate.
 
@@ -207,10 +237,7 @@ class TokenLayout:
 
     def grid(self, image: int = 0, view: int = 0) -> ViewGrid:
         """The grid of one image and view."""
-        for g in self.grids:
-            if g.image == image and g.view == view:
-                return g
-        raise KeyError(f"no grid for image {image} view {view}")
+        return find_grid(self.grids, image, view)
 
     def grid_positions(self, image: int = 0, view: int = 0) -> np.ndarray:
         """Sequence positions of a grid's tokens as [rows, cols] (newlines left out)."""
@@ -245,6 +272,27 @@ class TokenLayout:
             for g, s in zip(self.grids, self.grid_start)
         ]
         return {"seq_len": len(self), "tokens": counts, "grids": grids}
+
+
+class StoredLayout:
+    """The grids of a stored example (its `layout` JSON, `ViewGrid.to_json` each), with TokenLayout's
+    `grid(image, view)`: enough for `mask_to_tokens` and `tokens_to_pixels`."""
+
+    def __init__(self, grids_json: list[dict]):
+        self.grids = [ViewGrid.from_json(g) for g in grids_json]
+        self.grid_start = [g.get("first_position") for g in grids_json]
+
+    def grid(self, image: int = 0, view: int = 0) -> ViewGrid:
+        """The grid of one image and view (KeyError if the example has none)."""
+        return find_grid(self.grids, image, view)
+
+
+def find_grid(grids, image: int = 0, view: int = 0) -> ViewGrid:
+    """The grid of one image and view among `grids`; KeyError if none."""
+    for g in grids:
+        if g.image == image and g.view == view:
+            return g
+    raise KeyError(f"no grid for image {image} view {view}")
 
 
 def mask_to_tokens(layout: TokenLayout, mask_hw: np.ndarray, image: int = 0, view: int = 0) -> np.ndarray:

@@ -30,6 +30,7 @@ import torch
 
 from sightline.errors import UserError
 from sightline.organism.model import OrganismArch, build_organism, save_organism
+from sightline.report.files import write_json
 
 IGNORE = -100
 
@@ -315,7 +316,7 @@ def _save_checkpoint(path: Path, model, opt, step: int, cfg: TrainConfig, log: l
                 for k, v in st.items():
                     state[f"{names[id(p)]}::{k}"] = torch.as_tensor(v).clone()
     save_file(state, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "config": cfg.to_dict(), "log": log}))
+    write_json(tmp / "state.json", {"step": step, "config": cfg.to_dict(), "log": log}, indent=None)
     if path.exists():
         import shutil
 
@@ -393,7 +394,7 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, stop_aft
         if replace(saved, threads=cfg.threads) != cfg:  # threads change speed, not results
             raise UserError(f"{out} holds a run with another config; choose another --out or delete it")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    write_json(out / "config.json", cfg.to_dict())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -475,7 +476,6 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, stop_aft
         log.append({"step": total, "final_vision_heldout": vision_heldout(model, heads, enc, cfg)})
     model.eval()
     final = save_organism(model, processor, out / "model")
-    (out / "train_log.json").write_text(json.dumps({"config": cfg.to_dict(), "log": log,
-                                                    "seconds_this_session": round(time.perf_counter() - t0, 1)},
-                                                   indent=2))
+    write_json(out / "train_log.json", {"config": cfg.to_dict(), "log": log,
+                                        "seconds_this_session": round(time.perf_counter() - t0, 1)})
     return final

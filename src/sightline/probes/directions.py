@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from sightline.errors import UserError
+from sightline.report.files import write_json
 
 NORM_CONVENTION = ("raw: vectors are in the site's own activation units, centred across classes; "
                    "use dir[target] - dir[source] and normalise it (the paper: to unit length)")
@@ -127,10 +128,7 @@ def save_directions(path: str | os.PathLike, directions: dict[str, dict[str, tor
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"card": json.dumps(card)})
     os.replace(tmp, path)
-    card_path = path.with_suffix(".json")
-    tmp = card_path.with_name(card_path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(card, indent=1) + "\n")
-    os.replace(tmp, card_path)
+    write_json(path.with_suffix(".json"), card, indent=1)
     return path
 
 

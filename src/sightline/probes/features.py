@@ -3,7 +3,6 @@ resolved from the store's example metadata (or, per token, from the synthetic wo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,7 +129,7 @@ class Features:
 
 
 def _modality_codes(modality: str | Sequence[str]) -> list[int]:
-    from sightline.store.format import MODALITIES
+    from sightline.models.layout import MODALITIES
 
     items = [m.strip() for m in modality.split(",")] if isinstance(modality, str) else list(modality)
     bad = [m for m in items if m not in MODALITIES]
@@ -242,42 +241,6 @@ def pool_features(store, sites: Sequence[str], example_ids: Sequence[int] | None
 
 
 # ---------------------------------------------------------------------------------- token labels
-class _GridLayout:
-    """The one method of TokenLayout that `mask_to_tokens` uses, built from a store example's layout JSON."""
-
-    def __init__(self, grids_json: list[dict]):
-        from sightline.models.layout import ViewGrid
-
-        self._grids = {}
-        for g in grids_json:
-            self._grids[(g["image"], g["view"])] = ViewGrid(
-                image=g["image"], view=g["view"], rows=g["rows"], cols=g["cols"],
-                image_size_hw=tuple(g["image_size_hw"]), origin_xy=tuple(g["origin_xy"]),
-                step_xy=tuple(g["step_xy"]), newline=g.get("newline", False),
-                interpolated=g.get("interpolated", False),
-                col_spans=np.asarray(g["col_spans"], np.float64) if g.get("col_spans") is not None else None,
-                row_spans=np.asarray(g["row_spans"], np.float64) if g.get("row_spans") is not None else None)
-
-    def grid(self, image: int = 0, view: int = 0):
-        return self._grids[(image, view)]
-
-
-def _world_for(store) -> tuple[Any, Path]:
-    from sightline.data.synthetic import World, WorldConfig
-
-    root = (store.manifest.get("dataset") or {}).get("root")
-    if not root:
-        raise UserError(f"store {store.path} does not record its dataset root; mask.* labels need one")
-    root_p = Path(root)
-    folder = root_p.parent if root_p.suffix == ".jsonl" else root_p
-    wj = folder / "world.json"
-    if not wj.is_file():
-        raise UserError(f"mask.* token labels need a dataset exported by sightline.data.synthetic "
-                        f"({wj} is missing); use an example-level --label instead")
-    info = json.loads(wj.read_text())
-    return World(int(info["seed"]), WorldConfig.from_dict(info["config"])), folder
-
-
 def synthetic_token_labels(store, rows: np.ndarray, attribute: str, min_cover: float = 0.5) -> list[str | None]:
     """Per stored token row: the `attribute` (shape, colour, size, or 'object' = instance) of the
     object covering most of its pixel box, 'background' where nothing does, None where the winner
@@ -286,9 +249,17 @@ def synthetic_token_labels(store, rows: np.ndarray, attribute: str, min_cover: f
     if attribute not in MASK_ATTRIBUTES:
         raise UserError(f"unknown mask label {MASK_PREFIX}{attribute}: use "
                         f"{', '.join(MASK_PREFIX + a for a in MASK_ATTRIBUTES)}")
-    from sightline.models.layout import mask_to_tokens
+    from sightline.data.synthetic import world_facts
+    from sightline.models.layout import StoredLayout, mask_to_tokens
 
-    world, _ = _world_for(store)
+    root = (store.manifest.get("dataset") or {}).get("root")
+    if not root:
+        raise UserError(f"store {store.path} does not record its dataset root; mask.* labels need one")
+    facts = world_facts(root)
+    if facts is None:
+        raise UserError(f"mask.* token labels need a dataset exported by sightline.data.synthetic (no world.json "
+                        f"from it beside {root}); use an example-level --label instead")
+    world = facts.world
     by_id = {e["example"]: e for e in store.examples}
     out: list[str | None] = [None] * len(rows)
     order = np.argsort(rows["example"], kind="stable")
@@ -308,7 +279,7 @@ def synthetic_token_labels(store, rows: np.ndarray, attribute: str, min_cover: f
         per_instance = [BACKGROUND] + [
             (f"object{o.index}" if attribute == "object" else getattr(o, attribute)) for o in scene.objects]
         names = sorted(set(per_instance))  # objects sharing a label pool their cover
-        lay = _GridLayout(ex["layout"])
+        lay = StoredLayout(ex["layout"])
         cover: dict[tuple[int, int], np.ndarray] = {}
         for j in order[a:b]:
             key = (int(rows["image"][j]), int(rows["view"][j]))

@@ -38,13 +38,10 @@ SMALL_WORK = 1e8  # B * n * min(n, d) * T * K below which a CPU fit runs on one 
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto'/None -> cuda if available else cpu; otherwise the device asked for."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device} asked for, but no CUDA device is available; use --device cpu")
-    return dev
+    """'auto'/None -> cuda if available else cpu; otherwise the device asked for (sightline.runtime)."""
+    from sightline.runtime import resolve_device as resolve
+
+    return torch.device(resolve("auto" if device is None else str(device)))
 
 
 @contextlib.contextmanager

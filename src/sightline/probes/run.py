@@ -3,70 +3,79 @@ control task, class-mean directions and a figure, written to one output folder."
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from sightline.config import from_dict, to_dict
 from sightline.errors import UserError
 from sightline.probes.linear import DEFAULT_L2_GRID
+from sightline.report.files import RunFolder, RunResult, check_output, write_json
 
-FILES = ("probes.safetensors", "probes.json", "metrics.json", "splits.json", "accuracy_vs_layer.png",
+FILES = ("config.json", "results.json", "index.html", "figures/accuracy_vs_layer.png", "probes.safetensors",
          "directions.safetensors", "directions.json")
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """Everything a probe run depends on; saved in probes.json."""
+    """Everything a probe run depends on; saved as OUT/config.json."""
 
-    store: str
-    label: str = "label"  # an example field, a key of its JSONL meta, a dotted path, or mask.<attr> (per token)
+    store: str = field(metadata={"positional": True})
+    """ActivationStore folder to read the features from."""
+    label: str = "label"
+    """What to decode: an example field, a key of its JSONL meta, a dotted path (facts.objects.0.shape), or
+    mask.<attr> (per token, from the synthetic world's masks)."""
     out: str = "probes"
-    sites: str = "all"  # 'all', kinds (resid,keys,...) and/or exact sites (resid.3)
-    layers: str = "all"  # layers of the kinds named in `sites`: all, 0,4,8 or 4-12
-    pooling: str = "mean"  # mean | max | last | token
-    modality: str = "image"  # tokens pooled: image, or e.g. image,image_newline
-    where: str | None = None  # keep only examples with these fields, e.g. qtype=shape
-    drop_classes: tuple[str, ...] = ()  # label values left out, e.g. ("background",) for mask.* token labels
+    """Output folder (config.json, results.json, figures/, index.html, probes.safetensors, directions.*)."""
+    sites: str = "all"
+    """'all', site kinds (resid,keys,...) and/or exact sites (resid.3)."""
+    layers: str = "all"
+    """Layers of the kinds named in --sites: all, 0,4,8 or 4-12."""
+    pooling: str = "mean"
+    """How an example's tokens become one feature vector: mean, max, last, or token (one row per token)."""
+    modality: str = "image"
+    """Tokens pooled: image, or several, e.g. image,image_newline."""
+    where: str | None = None
+    """Keep only examples whose fields match, e.g. qtype=shape."""
+    drop_classes: tuple[str, ...] = ()
+    """Label values left out, e.g. background for mask.* token labels."""
     val_frac: float = 0.2
+    """Share of images held out to choose L2."""
     test_frac: float = 0.2
+    """Share of images held out to score the probes."""
     seed: int = 0
-    l2_grid: tuple[float, ...] = DEFAULT_L2_GRID  # mean-loss L2 strengths; sklearn C = 1 / (l2 * n_train)
-    control: bool = True  # fit the Hewitt & Liang control task too
+    """Seed of the split, the control labels and --max-per-class."""
+    l2_grid: tuple[float, ...] = field(default=DEFAULT_L2_GRID, metadata={"flags": ("--l2", "--l2-grid")})
+    """Mean-loss L2 strengths tried on the validation split; sklearn C = 1 / (l2 * n_train)."""
+    control: bool = True
+    """Fit the Hewitt & Liang control task too (--no-control skips it)."""
     max_iter: int = 500
-    tol: float = 1e-4  # stop when the estimated objective gap <= tol * objective
-    max_per_class: int | None = None  # keep at most this many examples per class (seeded)
-    min_cover: float = 0.5  # mask.* labels: a token's label must cover this much of it
+    """Optimiser iterations per probe at most."""
+    tol: float = 1e-4
+    """Stop when the estimated objective gap <= tol * objective."""
+    max_per_class: int | None = None
+    """Keep at most this many examples per class (seeded); None: all."""
+    min_cover: float = 0.5
+    """mask.* labels: a token's label must cover this share of its pixel box."""
     device: str = "auto"
+    """Where the probes are fitted: auto (CUDA if available), cpu, cuda:0."""
     overwrite: bool = False
+    """Replace an existing output folder."""
     progress: bool = True
+    """Show progress bars."""
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict of every field."""
-        d = dataclasses.asdict(self)
-        d["l2_grid"] = list(self.l2_grid)
-        d["drop_classes"] = list(self.drop_classes)
-        return d
+        """JSON-able dict of every field (sightline.config.to_dict)."""
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProbeConfig:
-        """The inverse of `to_dict` (a probes.json card's `config` works too)."""
-        data = data.get("config", data)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise UserError(f"unknown probe config field(s) {unknown}: use {sorted(names)}")
-        values = dict(data)
-        if "l2_grid" in values:
-            values["l2_grid"] = tuple(float(x) for x in values["l2_grid"])
-        if "drop_classes" in values:
-            values["drop_classes"] = tuple(str(x) for x in values["drop_classes"])
-        return cls(**values)
+        """The inverse of `to_dict` (a dict holding it under `config` works too)."""
+        return from_dict(cls, data.get("config", data) if isinstance(data.get("config"), dict) else data)
 
 
 def select_sites(store, sites: str | None = "all", layers: str | None = "all") -> list[str]:
@@ -131,26 +140,9 @@ def _check(config: ProbeConfig) -> None:
         raise UserError(f"--max-iter must be at least 1, got {config.max_iter}")
 
 
-def _prepare_out(config: ProbeConfig) -> Path:
-    out = Path(config.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: pass a folder")
-    if out.is_dir() and any((out / f).exists() for f in FILES) and not config.overwrite:
-        raise UserError(f"{out} already holds a probe run; pass --overwrite or choose another --out")
-    return out  # created only when the results are written
-
-
-def _write_json(path: Path, data: Any) -> Path:
-    """Write JSON to a temporary name next to `path`; returns that name (the caller renames it)."""
-    from sightline.store.format import to_json
-
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(to_json(data, indent=1) + "\n")
-    return tmp
-
-
-def run_probes(config: ProbeConfig) -> dict[str, Any]:
-    """Fit probes for `config.label` at every chosen site, write the run folder, return a summary."""
+def run_probes(config: ProbeConfig) -> RunResult:
+    """Fit probes for `config.label` at every chosen site, write the run folder (docs/outputs.md), return
+    its path and summary."""
     from sightline import __version__
     from sightline.probes.control import control_labels
     from sightline.probes.directions import save_directions
@@ -169,7 +161,7 @@ def run_probes(config: ProbeConfig) -> dict[str, Any]:
     _check(config)
     store = ActivationStore.open(config.store)
     sites = select_sites(store, config.sites, config.layers)
-    out = _prepare_out(config)
+    out = check_output(Path(config.out).expanduser(), config.overwrite, UserError)  # written only at the end
 
     # ---------------------------------------------------------------- examples and labels
     examples = store.examples
@@ -246,7 +238,6 @@ def run_probes(config: ProbeConfig) -> dict[str, Any]:
     card = {
         "kind": "sightline linear probes",
         "sightline_version": __version__,
-        "config": config.to_dict(),
         "store": {"path": str(store.path), "model": store.manifest.get("model"),
                   "n_examples": len(store.examples)},
         "objective": "multinomial logistic regression on standardised features: mean cross-entropy + "
@@ -279,40 +270,10 @@ def run_probes(config: ProbeConfig) -> dict[str, Any]:
     split_ids = {name: sorted({int(i) for i in feats.example_ids[idx]}) for name, idx in
                  (("train", train), ("val", val), ("test", test))}
 
-    out.mkdir(parents=True, exist_ok=True)
-    tmps: list[tuple[Path, Path]] = []
-    pid = os.getpid()
-    try:
-        pt = out / f"probes.safetensors.tmp-{pid}"
-        save_probes(pt, probes, {"label": config.label, "classes": classes})
-        tmps.append((pt, out / "probes.safetensors"))
-        tmps.append((_write_json(out / "metrics.json", metrics), out / "metrics.json"))
-        tmps.append((_write_json(out / "splits.json", {"seed": config.seed, "examples": split_ids}),
-                     out / "splits.json"))
-        from sightline.report.probes import plot_accuracy_vs_layer
-
-        fig_tmp = out / f"accuracy_vs_layer.tmp-{pid}.png"
-        plot_accuracy_vs_layer(metrics, fig_tmp, title=f"{config.label} probes ({config.pooling} pooling)")
-        tmps.append((fig_tmp, out / "accuracy_vs_layer.png"))
-        d_tmp = out / f"directions.tmp-{pid}.safetensors"
-        save_directions(d_tmp, directions, {
-            "method": "class_mean", "label": config.label, "classes": classes, "sites": sites,
-            "made_from": f"training split ({len(train)} rows), {card['features']}",
-            "definition": "dir[site/c] = mu_c - mean over classes of mu_c'; dir[t] - dir[s] = mu_t - mu_s"})
-        tmps.append((d_tmp, out / "directions.safetensors"))
-        tmps.append((d_tmp.with_suffix(".json"), out / "directions.json"))
-        seconds = time.perf_counter() - t_start
-        card["seconds"] = round(seconds, 3)
-        tmps.append((_write_json(out / "probes.json", card), out / "probes.json"))  # last: the run's commit
-    except BaseException:  # nothing half-written: drop every temporary file
-        for leftover in out.glob(f"*tmp-{pid}*"):
-            leftover.unlink(missing_ok=True)
-        raise
-    for tmp, final in tmps:
-        os.replace(tmp, final)
-
     best_m = site_out[best]
-    return {
+    seconds = time.perf_counter() - t_start
+    card["seconds"] = round(seconds, 3)
+    summary = {
         "out": str(out),
         "label": config.label,
         "pooling": config.pooling,
@@ -329,6 +290,47 @@ def run_probes(config: ProbeConfig) -> dict[str, Any]:
         "files": [str(out / f) for f in FILES],
         "seconds": round(seconds, 3),
     }
+    from sightline.report.probes import plot_accuracy_vs_layer
+
+    with RunFolder(out, overwrite=config.overwrite) as tmp:
+        write_json(tmp / "config.json", to_dict(config))
+        save_probes(tmp / "probes.safetensors", probes, {"label": config.label, "classes": classes})
+        save_directions(tmp / "directions.safetensors", directions, {
+            "method": "class_mean", "label": config.label, "classes": classes, "sites": sites,
+            "made_from": f"training split ({len(train)} rows), {card['features']}",
+            "definition": "dir[site/c] = mu_c - mean over classes of mu_c'; dir[t] - dir[s] = mu_t - mu_s"})
+        plot_accuracy_vs_layer(metrics, tmp / "figures" / "accuracy_vs_layer.png",
+                               title=f"{config.label} probes ({config.pooling} pooling)")
+        write_json(tmp / "results.json", {"summary": summary, **card, "metrics": metrics,
+                                          "splits": {"seed": config.seed, "examples": split_ids}})
+        _write_page(tmp, config, summary, card)
+    return RunResult(out, summary)
+
+
+def _write_page(folder: Path, config: ProbeConfig, summary: dict, card: dict) -> None:
+    """index.html of a probe run: what it found, accuracy per site, the figures."""
+    from sightline.report.html import Section, figure_images, write_page
+
+    sel = summary["best_selectivity"]
+    found = (f"{config.label} ({len(summary['classes'])} classes, chance {summary['chance'].get('uniform', 0):.3g}) is "
+             f"decoded best at {summary['best_site']}: held-out top-1 {summary['best_top1']:.3f}"
+             + (f", control task {summary['best_control_top1']:.3f} (selectivity {sel:.3f})" if sel is not None else "")
+             + f". Features: {card['features']}; {summary['n_rows']} rows split by image "
+               f"({summary['split_sizes']['train']} train, {summary['split_sizes']['test']} test).")
+    rows = [(s, m["test_top1"], m["test_top5"], m["control_test_top1"], m["selectivity"], m["l2"])
+            for s, m in summary["sites"].items()]
+    write_page(folder / "index.html", f"Linear probes: {config.label}", f"store {config.store}", [
+        Section("What this run found", found,
+                figures={k: summary[k] for k in ("best_site", "best_top1", "best_top5", "best_control_top1",
+                                                 "best_selectivity")},
+                images=[("figures/accuracy_vs_layer.png", "held-out accuracy against layer")]),
+        Section("Accuracy per site", tables=[("held-out split", ["site", "top-1", "top-5", "control top-1",
+                                                                 "selectivity", "L2"], rows)]),
+        Section("Figures", images=figure_images(folder)),
+        Section("Files", links=[("results.json", "results.json"), ("config.json", "config.json"),
+                                ("probes.safetensors", "probes.safetensors"),
+                                ("directions.safetensors", "directions.safetensors")]),
+    ])
 
 
 def _fit_groups(config: ProbeConfig, store, by_dim: dict[int, list[str]], feats, y: np.ndarray, y_ctrl: np.ndarray,

@@ -70,6 +70,22 @@ def write_json(path: str | os.PathLike, data: Any, indent: int | None = 2) -> Pa
     return write_text_atomic(path, dumps(data, indent) + "\n")
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as PNG atomically (temporary sibling, then rename), mode 0644, and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+    finally:
+        plt.close(fig)
+    os.chmod(tmp, FILE_MODE)
+    os.replace(tmp, path)
+    return path
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file written by `write_json`."""
     return json.loads(Path(path).read_text(encoding="utf-8"))

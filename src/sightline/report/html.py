@@ -1,44 +1,57 @@
-"""A static HTML report: sections of headline figures, tables, images and links, opened from disk.
+"""The one page builder and stylesheet of every sightline report: sections of headline figures, tables, images, links.
 
 Pages are plain HTML with inline CSS, images linked by relative path, no JavaScript: a report folder
-can be zipped, mailed or served as is.
+can be zipped, mailed or served as is. Every analysis's index.html (docs/outputs.md), the SAE feature
+pages and the demo page are built here.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sightline.report.files import write_text_atomic
+
 CSS = """
-body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1150px;
        padding: 0 1em; color: #1d2330; }
 h1 { font-size: 1.7em; margin-bottom: .2em; } h2 { margin-top: 2em; border-bottom: 1px solid #d6dae3; }
+h3 { margin: 1.6em 0 .3em; }
 .sub { color: #5b6478; } .note { color: #5b6478; font-size: .92em; }
+.tag { background: #eef0f6; border-radius: 3px; padding: 0 .4em; margin-right: .4em; font-size: .9em; }
 table { border-collapse: collapse; margin: .8em 0; } td, th { padding: .25em .8em; border-bottom: 1px solid #e5e8ef;
        text-align: left; vertical-align: top; } th { background: #f4f6fa; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .figs { display: flex; flex-wrap: wrap; gap: 1em; } figure { margin: 0; max-width: 100%; }
 figure img { max-width: 520px; width: 100%; border: 1px solid #e5e8ef; }
 figcaption { font-size: .9em; color: #5b6478; max-width: 520px; }
+img { max-width: 100%; }
 code { background: #f4f6fa; padding: 0 .25em; border-radius: 3px; }
+.ctx { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12.5px; white-space: pre-wrap;
+       margin: .15em 0; } .ctx .top { outline: 1.5px solid #7b2cbf; } .ctx .img { color: #8a91a3; }
 """
 
 
 @dataclass
 class Section:
-    """One part of a report: a title, a paragraph, key figures, tables, figures and links."""
+    """One part of a report: a title, a paragraph, key figures, tables, figures, links, and any
+    ready-made HTML (`html`, placed last, not escaped)."""
 
     title: str
     text: str = ""
     figures: dict[str, Any] = field(default_factory=dict)  # label -> value (the headline numbers)
-    tables: list[tuple[str, Sequence[str], Sequence[Sequence[Any]]]] = field(default_factory=list)  # caption, header, rows
+    # (caption, header, rows)
+    tables: list[tuple[str, Sequence[str], Sequence[Sequence[Any]]]] = field(default_factory=list)
     images: list[tuple[str, str]] = field(default_factory=list)  # (path relative to the page, caption)
     links: list[tuple[str, str]] = field(default_factory=list)  # (path relative to the page, label)
+    html: str = ""  # trusted HTML built by the caller (e.g. a latent's top text contexts)
+    anchor: str | None = None  # id of the section's heading; None: s<i>
 
 
 @dataclass(frozen=True)
@@ -50,70 +63,89 @@ class Thumb:
     height: int = 56
 
 
-def _fmt(v: Any) -> str:
+@dataclass(frozen=True)
+class Link:
+    """A table cell that links to another page or file (path relative to the page)."""
+
+    href: str
+    text: str
+
+
+def fmt(v: Any, digits: int = 4) -> str:
+    """A value as table text: floats to `digits` significant digits, None and NaN as a dash."""
     if isinstance(v, Thumb):
         src = html.escape(v.src, quote=True)
         return f"<a href='{src}'><img src='{src}' alt='{html.escape(v.alt, quote=True)}' height='{v.height}'></a>"
+    if isinstance(v, Link):
+        return f"<a href='{html.escape(v.href, quote=True)}'>{html.escape(v.text)}</a>"
+    if v is None:
+        return "–"
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:.{digits}g}" if math.isfinite(v) else "–"
     if isinstance(v, (dict, list)):
         return html.escape(json.dumps(v))
     return html.escape(str(v))
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 4) -> str:
+    """An HTML table; numbers right-aligned."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join(
-        "<tr>" + "".join(f'<td class="num">{_fmt(c)}</td>' if isinstance(c, (int, float)) else f"<td>{_fmt(c)}</td>"
+        "<tr>" + "".join(f'<td class="num">{fmt(c, digits)}</td>'
+                         if isinstance(c, (int, float)) and not isinstance(c, bool) else f"<td>{fmt(c, digits)}</td>"
                          for c in r) + "</tr>"
         for r in rows
     )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def render_page(title: str, subtitle: str, sections: Sequence[Section]) -> str:
-    """The page's HTML text."""
+def render_page(title: str, subtitle: str, sections: Sequence[Section], nav: Sequence[tuple[str, str]] = (),
+                toc: bool | None = None) -> str:
+    """The page's HTML text. `nav`: (href, label) links shown under the title; `toc`: a contents line
+    (default: when there is more than one section)."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              f"<p class='sub'>{html.escape(subtitle)}</p>"]
-    if len(sections) > 1:
-        parts.append("<p>" + " &middot; ".join(f"<a href='#s{i}'>{html.escape(s.title)}</a>"
-                                                for i, s in enumerate(sections)) + "</p>")
-    for i, s in enumerate(sections):
-        parts.append(f"<h2 id='s{i}'>{html.escape(s.title)}</h2>")
+    if nav:
+        parts.append("<p>" + " &middot; ".join(f"<a href='{html.escape(h, quote=True)}'>{html.escape(t)}</a>"
+                                                for h, t in nav) + "</p>")
+    anchors = [s.anchor or f"s{i}" for i, s in enumerate(sections)]
+    if (len(sections) > 1) if toc is None else toc:
+        parts.append("<p>" + " &middot; ".join(f"<a href='#{a}'>{html.escape(s.title)}</a>"
+                                                for a, s in zip(anchors, sections)) + "</p>")
+    for a, s in zip(anchors, sections):
+        parts.append(f"<h2 id='{html.escape(a, quote=True)}'>{html.escape(s.title)}</h2>")
         if s.text:
             parts.append(f"<p>{html.escape(s.text)}</p>")
         if s.figures:
-            parts.append(_table(["figure", "value"], list(s.figures.items())))
+            parts.append(table(["figure", "value"], list(s.figures.items())))
         for caption, header, rows in s.tables:
-            parts.append(f"<p class='note'>{html.escape(caption)}</p>" + _table(header, rows))
+            parts.append((f"<p class='note'>{html.escape(caption)}</p>" if caption else "") + table(header, rows))
         if s.images:
             parts.append("<div class='figs'>")
             for src, caption in s.images:
                 src_q = html.escape(src, quote=True)
-                parts.append(f"<figure><a href='{src_q}'><img src='{src_q}' alt='{html.escape(caption, quote=True)}'></a>"
+                alt = html.escape(caption, quote=True)
+                parts.append(f"<figure><a href='{src_q}'><img src='{src_q}' alt='{alt}'></a>"
                              f"<figcaption>{html.escape(caption)}</figcaption></figure>")
             parts.append("</div>")
         if s.links:
             parts.append("<p>" + " &middot; ".join(f"<a href='{html.escape(h, quote=True)}'>{html.escape(t)}</a>"
                                                     for h, t in s.links) + "</p>")
+        if s.html:
+            parts.append(s.html)
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def write_page(path: str | os.PathLike, title: str, subtitle: str, sections: Sequence[Section]) -> Path:
+def write_page(path: str | os.PathLike, title: str, subtitle: str, sections: Sequence[Section],
+               nav: Sequence[tuple[str, str]] = (), toc: bool | None = None) -> Path:
     """Write the page atomically; image and link paths are taken relative to its folder."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_page(title, subtitle, sections), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, render_page(title, subtitle, sections, nav, toc))
 
 
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """JSON, indented, written atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+def figure_images(folder: str | os.PathLike, sub: str = "figures") -> list[tuple[str, str]]:
+    """(path relative to `folder`, caption) of every PNG under folder/sub, sorted: a section of all figures."""
+    root = Path(folder)
+    return [(p.relative_to(root).as_posix(), p.stem.replace("_", " "))
+            for p in sorted((root / sub).rglob("*.png"))]

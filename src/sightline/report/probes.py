@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sightline.report.files import save_figure
+
 
 def _kind_layer(site: str) -> tuple[str, float]:
     kind, _, layer = site.partition(".")
@@ -62,10 +64,4 @@ def plot_accuracy_vs_layer(metrics: dict, path: str | os.PathLike, title: str | 
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from sightline.report.files import save_figure
+
 
 def _plt():
     import matplotlib
@@ -21,13 +23,7 @@ def _plt():
 
 
 def _save(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Save atomically (temp name, then rename) and close."""
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    _plt().close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi)
 
 
 def plot_shared_by_layer(curve: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
@@ -45,6 +41,27 @@ def plot_shared_by_layer(curve: Sequence[dict[str, Any]], path: str | os.PathLik
     ax.grid(alpha=0.3)
     ax.legend(frameon=False, fontsize=8)
     ax.set_title(title or "SAE latents shared between image and text, by layer", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_training_curves(log: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
+    """FVU, L0 and the dead share of every SAE against step, from the lines of a run's train_log.jsonl."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    names = list(log[-1]["saes"]) if log else []
+    steps = [r["step"] for r in log]
+    for name in names:
+        for ax, key in zip(axes, ("fvu", "l0", "dead_frac")):
+            ax.plot(steps, [r["saes"].get(name, {}).get(key, float("nan")) for r in log], lw=1.5, label=name)
+    for ax, label in zip(axes, ("FVU (fraction of variance unexplained)", "L0 (active latents per token)",
+                                "dead latents (share)")):
+        ax.set_xlabel("step")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    if names:
+        axes[0].legend(frameon=False, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 

@@ -5,14 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
-def _save(fig, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+from sightline.report.files import save_figure as _save
 
 
 def _nan(xs):
@@ -58,10 +51,7 @@ def plot_layer(results: dict, site: str, path: str | os.PathLike) -> Path:
     b.set_title(f"{site}: damage")
     b.legend(handles=handles, fontsize=8, loc="best")
     fig.suptitle(f"steering {len(pairs)} pair(s), {results.get('normalize', '')} vectors", fontsize=10)
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(fig, path)
 
 
 def plot_overview(results: dict, path: str | os.PathLike) -> Path:
@@ -88,7 +78,4 @@ def plot_overview(results: dict, path: str | os.PathLike) -> Path:
     best = results["summary"].get("best")
     if best:
         axes[0].plot([best["scale"]], [best["flip_rate"]], marker="*", ms=14, color="crimson", ls="none")
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(fig, path)

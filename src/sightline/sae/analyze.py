@@ -2,38 +2,40 @@
 the modality split and its curve across layers, concept latents, and a static HTML page of latents.
 
 One streamed pass over the store per SAE feeds every accumulator (reconstruction, modality mass, top
-activations, concept scores), so memory does not grow with the store. Output (written under a
-temporary name, then renamed into place):
+activations, concept scores), so memory does not grow with the store. Output (docs/outputs.md; written
+under OUT.partial, then renamed into place):
 
-    out/config.json            the SAEAnalyzeConfig it ran with
-    out/metrics.json           per SAE: reconstruction metrics by modality, loss recovered
-    out/modality.json          per SAE: sharing fractions, concept probing, cross-modal latents;
-                               the shared-fraction curve across layers
-    out/shared_by_layer.png    the curve (the Line of Sight headline figure)
-    out/index.html             overview, links to each SAE's page
-    out/<site>/features.html   latents: top images as heatmaps over the originals, top text contexts
-    out/<site>/*.png, out/<site>/latents.safetensors (per-latent image share, frequencies, mean activations)
+    OUT/config.json            the SAEAnalyzeConfig it ran with
+    OUT/results.json           summary; metrics (per SAE: reconstruction by modality, loss recovered);
+                               modality (per SAE: sharing, concept probing, cross-modal latents; the
+                               shared-fraction curve across layers)
+    OUT/figures/shared_by_layer.png   the curve (the Line of Sight headline figure)
+    OUT/figures/<name>/        each SAE's image-share histogram and its latents' top images
+    OUT/index.html             what the run found, links to each SAE's page
+    OUT/<name>/features.html   latents: top images as heatmaps over the originals, top text contexts
+    OUT/<name>/latents.safetensors  per-latent image share, frequencies, mean activations
 """
 
 from __future__ import annotations
 
 import html
 import json
-import math
-import os
 import re
-import shutil
 import time
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from sightline.config import from_dict, to_dict
 from sightline.errors import UserError
+from sightline.report.files import RunFolder, RunResult, check_output, to_jsonable, write_json
+from sightline.report.html import fmt
+from sightline.runtime import resolve_device, resolve_placement
 from sightline.sae.features import (
-    IMAGE,
+    IMAGE_CODES,
     StoreTokens,
     TopActivations,
     check_sae_store,
@@ -56,70 +58,66 @@ from sightline.sae.modality import (
 
 @dataclass(frozen=True)
 class SAEAnalyzeConfig:
-    """Everything an SAE analysis depends on (saved as out/config.json)."""
+    """Everything an SAE analysis depends on (saved as OUT/config.json)."""
 
-    saes: tuple[str, ...]  # SAE folders (cfg.json + sae_weights.safetensors) or folders of them
-    store: str  # ActivationStore holding the SAEs' sites, ideally extracted with positions "all"
+    saes: tuple[str, ...] = field(metadata={"flags": ("--sae", "--saes")})
+    """SAE folders (cfg.json + sae_weights.safetensors), or folders of them such as an `sae train` run."""
+    store: str
+    """ActivationStore holding the SAEs' sites, ideally extracted with --positions all."""
     out: str = "sae-analysis"
-    # loss recovered: the model, and (image, question, answer) items from `data` (a JSONL of image,
-    # prompt, label) or, when data is None, from the store's own examples with a prompt and a label
+    """Output folder (config.json, results.json, figures/, index.html, one feature page per SAE)."""
     loss: bool = True
-    model: str | None = None  # None: the model the store was extracted from
+    """Measure loss recovered (runs the model; --no-loss skips it)."""
+    model: str | None = None
+    """Model for loss recovered; None: the model the store was extracted from."""
     data: str | None = None
-    n_loss: int = 64  # sequences scored for loss recovered
+    """JSONL of (image, prompt, label) for loss recovered; None: the store's own examples with a prompt and label."""
+    n_loss: int = 64
+    """Sequences scored for loss recovered."""
     loss_batch_size: int = 8
-    model_dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    """Sequences per forward for loss recovered."""
+    model_dtype: str = "auto"
+    """auto (bfloat16 on GPU, float32 on CPU), float32, float16 or bfloat16."""
     device: str = "auto"
-    batch_size: int = 4096  # stored tokens per SAE batch
+    """auto (CUDA if available), cpu, cuda:0."""
+    batch_size: int = 4096
+    """Stored tokens per SAE batch."""
     share_threshold: float = SHARE_THRESHOLD
+    """A latent is image-only (text-only) when its image share is >= 1 - t (<= t); shared in between."""
     dense_threshold: float = DENSE_THRESHOLD
-    concepts: str = "auto"  # auto | facts | label | none (see sightline.sae.modality)
+    """A latent firing on more than this share of tokens is dense."""
+    concepts: str = "auto"
+    """Concepts scored: auto, facts, label or none (see sightline.sae.modality)."""
     concept_auroc: float = CONCEPT_AUROC
+    """AUROC a latent needs to count for a concept."""
     max_probe_images: int = 4096
-    n_features: int = 24  # latents on each HTML page (concept latents first, then a mix)
-    features: tuple[int, ...] = ()  # latents always shown
+    """Images used for concept probing at most."""
+    n_features: int = 24
+    """Latents on each feature page (concept latents first, then a mix)."""
+    features: tuple[int, ...] = ()
+    """Latents always shown."""
     top_images: int = 6
+    """Top images shown per latent."""
     top_texts: int = 8
-    context: int = 10  # text tokens shown before a top text token
+    """Top text contexts shown per latent."""
+    context: int = 10
+    """Text tokens shown before a top text token."""
     overwrite: bool = False
+    """Replace an existing output folder."""
     progress: bool = True
+    """Show progress bars."""
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["saes"], d["features"] = list(self.saes), list(self.features)
-        return d
+        """JSON-able dict of every field (sightline.config.to_dict)."""
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> SAEAnalyzeConfig:
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        d["saes"] = tuple(d.get("saes", ()))
-        d["features"] = tuple(d.get("features", ()))
-        return cls(**d)
+        """The config `to_dict` (a run's config.json) describes."""
+        return from_dict(cls, d)
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _clean(v: Any) -> Any:
-    """JSON-safe: NaN/inf -> None, numpy -> Python, dataclasses -> dicts."""
-    if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return _clean(v.tolist())
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        return None if not math.isfinite(float(v)) else float(v)
-    if is_dataclass(v) and not isinstance(v, type):
-        return _clean(asdict(v))
-    return v
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(_clean(data), indent=2) + "\n", encoding="utf-8")
-
-
 def find_sae_folders(paths) -> list[Path]:
     """SAE folders: each path that holds cfg.json, or the subfolders of a path that hold one (natural order)."""
     out: list[Path] = []
@@ -139,12 +137,6 @@ def find_sae_folders(paths) -> list[Path]:
     if not out:
         raise UserError("no SAE given: pass one or more SAE folders")
     return out
-
-
-def _device(device: str) -> str:
-    from sightline.extract import _resolve_device
-
-    return _resolve_device(device)
 
 
 def _sae_cfg(sae) -> dict:
@@ -264,35 +256,6 @@ def encode_examples(sae, store, site: str, example_ids, latents: list[int],
 
 
 # -------------------------------------------------------------------------------------- HTML page
-PAGE_CSS = """
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1150px;
-       padding: 0 1em; color: #1d2330; }
-h1 { font-size: 1.6em; margin-bottom: .2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #d6dae3; }
-h3 { margin: 1.6em 0 .3em; } .sub, .note { color: #5b6478; } .tag { background: #eef0f6; border-radius: 3px;
-       padding: 0 .4em; margin-right: .4em; font-size: .9em; }
-table { border-collapse: collapse; margin: .6em 0; } td, th { padding: .2em .7em; border-bottom: 1px solid #e5e8ef;
-       text-align: right; font-variant-numeric: tabular-nums; } th { background: #f4f6fa; } td:first-child,
-th:first-child { text-align: left; }
-img { max-width: 100%; border: 1px solid #e5e8ef; }
-.ctx { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12.5px; white-space: pre-wrap;
-       margin: .15em 0; } .ctx .top { outline: 1.5px solid #7b2cbf; } .ctx .img { color: #8a91a3; }
-"""
-
-
-def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return "–" if not math.isfinite(v) else f"{v:.{digits}g}"
-    return html.escape(str(v))
-
-
-def _table(header, rows) -> str:
-    h = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
-    b = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{h}</tr>{b}</table>"
-
-
 def _unique_images(images: list[tuple[int, float]], by_id: dict[int, dict], n: int) -> list[tuple[int, float]]:
     """The first n of (example, value) whose image file differs from those before (an image asked several
     questions is stored once per question, with the same image tokens)."""
@@ -323,8 +286,8 @@ def _context_html(tok_texts: list[str], acts: np.ndarray, is_image: np.ndarray, 
     return "".join(parts)
 
 
-def _latent_section(j: int, why: str, rec: dict, top: TopActivations, tokens: StoreTokens | None, folder: Path,
-                    cfg: SAEAnalyzeConfig, by_id: dict[int, dict], acts: dict[int, tuple[np.ndarray, np.ndarray]],
+def _latent_section(j: int, why: str, rec: dict, top: TopActivations, tokens: StoreTokens | None, figdir: Path,
+                    fig_rel: str, cfg: SAEAnalyzeConfig, by_id: dict[int, dict], acts: dict[int, tuple[np.ndarray, np.ndarray]],
                     col: int) -> str:
     """One latent: tags, its top images as heatmaps (one PNG), its top text contexts."""
     from sightline.data import load_image
@@ -333,7 +296,7 @@ def _latent_section(j: int, why: str, rec: dict, top: TopActivations, tokens: St
     share = rec["image_share"][j]
     cls = ("dead" if np.isnan(share) else "image-only" if share >= 1 - cfg.share_threshold
            else "text-only" if share <= cfg.share_threshold else "shared")
-    tags = [why, cls, f"image share {_fmt(float(share), 3)}", f"fires on {100 * rec['freq_image'][j]:.2g}% of image "
+    tags = [why, cls, f"image share {fmt(float(share), 3)}", f"fires on {100 * rec['freq_image'][j]:.2g}% of image "
             f"tokens, {100 * rec['freq_text'][j]:.2g}% of text tokens"]
     parts = [f"<h3 id='latent{j}'>latent {j}</h3><p>" + "".join(f"<span class='tag'>{html.escape(t)}</span>" for t in tags) + "</p>"]
     imgs = _unique_images(top.images(j), by_id, cfg.top_images)
@@ -353,8 +316,8 @@ def _latent_section(j: int, why: str, rec: dict, top: TopActivations, tokens: St
             titles.append(f"ex {ex_id}: {v:.3g}")
         if pics:
             name = f"latent_{j:06d}.png"
-            plot_feature_images(pics, heats, folder / name, vmax=max(v for _, v in imgs))
-            parts.append(f"<p><img src='{name}' alt='top images of latent {j}'><br><span class='note'>"
+            plot_feature_images(pics, heats, figdir / name, vmax=max(v for _, v in imgs))
+            parts.append(f"<p><img src='{fig_rel}/{name}' alt='top images of latent {j}'><br><span class='note'>"
                          f"max activation per image, left to right: {html.escape(', '.join(titles))}</span></p>")
     else:
         parts.append("<p class='note'>no image token activates it</p>")
@@ -369,7 +332,7 @@ def _latent_section(j: int, why: str, rec: dict, top: TopActivations, tokens: St
             act_s[idx["position"]] = a[:, col]
             modality = np.full(len(ids), 0)
             modality[idx["position"]] = idx["modality"]
-            is_img = np.isin(modality, (IMAGE, 2)) | (ids == tokens.image_token_id)
+            is_img = np.isin(modality, IMAGE_CODES) | (ids == tokens.image_token_id)
             ctx = _context_html(tokens.token_texts(ids[lo:hi]), act_s[lo:hi], is_img[lo:hi], pos - lo, vmax)
             parts.append(f"<div class='ctx'><span class='note'>{v:.3g} (ex {ex_id})</span>  {ctx}</div>")
     elif texts:
@@ -380,11 +343,15 @@ def _latent_section(j: int, why: str, rec: dict, top: TopActivations, tokens: St
     return "\n".join(parts)
 
 
-def _write_sae_page(folder: Path, name: str, sae, store, site: str, rec: dict, top: TopActivations,
+def _write_sae_page(folder: Path, figdir: Path, sae, store, site: str, rec: dict, top: TopActivations,
                     tokens: StoreTokens | None, cfg: SAEAnalyzeConfig) -> None:
+    """OUT/<name>/features.html: one SAE's reconstruction, modality split, concepts and chosen latents; its
+    figures go to OUT/figures/<name>/."""
+    from sightline.report.html import Section, table, write_page
     from sightline.report.sae import plot_modality_hist
 
-    plot_modality_hist(rec["image_share"], folder / "modality_hist.png", cfg.share_threshold,
+    fig_rel = f"../figures/{figdir.name}"
+    plot_modality_hist(rec["image_share"], figdir / "modality_hist.png", cfg.share_threshold,
                        title=f"{site}: image share of live latents")
     m = rec["metrics"]
     rows = [[g, m[g]["n_tokens"], m[g]["mse"], m[g]["fvu"], m[g]["l0"], m[g]["n_dead"], m[g]["n_dense"]]
@@ -392,81 +359,88 @@ def _write_sae_page(folder: Path, name: str, sae, store, site: str, rec: dict, t
     s = rec["sharing"]
     lr = rec.get("loss_recovered") or {}
     conc = rec["concepts"]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>SAE {html.escape(site)}</title>",
-             f"<style>{PAGE_CSS}</style></head><body>",
-             f"<h1>SAE at {html.escape(site)}</h1><p class='sub'>{html.escape(json.dumps(_clean(rec['sae_cfg'])))}</p>",
-             "<p><a href='../index.html'>all SAEs</a></p>",
-             "<h2>Reconstruction by modality</h2>",
-             _table(["tokens", "n", "MSE", "FVU", "L0", "dead", f"dense (>{cfg.dense_threshold:g})"], rows)]
+    recon = Section("Reconstruction by modality", tables=[
+        ("", ["tokens", "n", "MSE", "FVU", "L0", "dead", f"dense (>{cfg.dense_threshold:g})"], rows)])
     if lr:
-        parts.append(_table(["answer NLL", "clean", "SAE at image positions", "zero at image positions",
-                             "loss recovered", "answer tokens"],
-                            [["", lr.get("nll_clean"), lr.get("nll_sae"), lr.get("nll_zero"), lr.get("loss_recovered"),
-                              lr.get("n_answer_tokens")]]))
+        recon.tables.append(("", ["answer NLL", "clean", "SAE at image positions", "zero at image positions",
+                                  "loss recovered", "answer tokens"],
+                             [["", lr.get("nll_clean"), lr.get("nll_sae"), lr.get("nll_zero"),
+                               lr.get("loss_recovered"), lr.get("n_answer_tokens")]]))
     elif rec.get("loss_note"):
-        parts.append(f"<p class='note'>{html.escape(rec['loss_note'])}</p>")
-    parts += ["<h2>Modality</h2>",
-              f"<p>{s['n_alive']} live latents: {_fmt(s['image_only'], 3)} image-only, {_fmt(s['text_only'], 3)} "
-              f"text-only, {_fmt(s['shared'], 3)} shared (image share of per-token activation mass outside "
-              f"[{s['threshold']:g}, {1 - s['threshold']:g}] is single-modality).</p>",
-              "<p><img src='modality_hist.png' alt='image share histogram'></p>"]
+        recon.html = f"<p class='note'>{html.escape(rec['loss_note'])}</p>"
+    sections = [recon, Section(
+        "Modality",
+        f"{s['n_alive']} live latents: {fmt(s['image_only'], 3)} image-only, {fmt(s['text_only'], 3)} text-only, "
+        f"{fmt(s['shared'], 3)} shared (image share of per-token activation mass outside "
+        f"[{s['threshold']:g}, {1 - s['threshold']:g}] is single-modality).",
+        images=[(f"{fig_rel}/modality_hist.png", "image share of live latents")])]
     probing = conc.get("probing")
     if probing:
         prow = [[n, r.get("latent"), r.get("auroc_train"), r.get("auroc_test"), r.get("n_pos_test")]
                 for n, r in probing["per_label"].items()]
-        parts += ["<h2>Concepts</h2>",
-                  f"<p>Sparse probing: the best single latent per concept chosen on half of the images, scored on "
-                  f"the other half; {_fmt(probing['coverage'], 3)} of concepts reach AUROC &ge; "
-                  f"{probing['threshold']:g}.</p>",
-                  _table(["concept", "latent", "AUROC (choose)", "AUROC (held out)", "positives held out"], prow)]
+        sec = Section("Concepts",
+                      f"Sparse probing: the best single latent per concept chosen on half of the images, scored on "
+                      f"the other half; {fmt(probing['coverage'], 3)} of concepts reach AUROC >= "
+                      f"{probing['threshold']:g}.",
+                      tables=[("", ["concept", "latent", "AUROC (choose)", "AUROC (held out)", "positives held out"],
+                               prow)])
         pc = conc.get("per_concept") or {}
         if pc:
             crow = [[n, r.get("latent"), r.get("auroc_image"), r.get("auroc_text"), r.get("n_word_tokens"),
                      r.get("image_share")] for n, r in pc.items()]
-            parts += [f"<p>Cross-modal: the latent that best fires both on images showing the concept and on its "
-                      f"word (max of min(AUROC image, AUROC text)); {len(conc.get('cross_modal', []))} concepts have "
-                      f"one with both &ge; {conc.get('threshold', cfg.concept_auroc):g}.</p>",
-                      _table(["concept", "latent", "AUROC image", "AUROC word token", "word tokens", "image share"],
-                             crow)]
-    parts.append("<h2>Latents</h2><p class='note'>Top images: each original image lit by the latent's activation "
-                 "at its image tokens (bright where it fires, dimmed where it does not). Top text: the tokens before each top-activating text token, shaded by "
-                 "the latent's activation (the top token outlined).</p>")
+            sec.html = (f"<p>Cross-modal: the latent that best fires both on images showing the concept and on its "
+                        f"word (max of min(AUROC image, AUROC text)); {len(conc.get('cross_modal', []))} concepts "
+                        f"have one with both &ge; {conc.get('threshold', cfg.concept_auroc):g}.</p>"
+                        + table(["concept", "latent", "AUROC image", "AUROC word token", "word tokens",
+                                 "image share"], crow))
+        sections.append(sec)
     chosen = choose_latents(rec["image_share"], rec["freq_all"], conc, cfg.n_features, cfg.features, cfg.share_threshold)
-    parts.append("<p>" + " ".join(f"<a href='#latent{j}'>{j}</a>" for j, _ in chosen) + "</p>")
     by_id = {e["example"]: e for e in store.examples}
     latents = [j for j, _ in chosen]
     needed = [e for j in latents for e, _ in _unique_images(top.images(j), by_id, cfg.top_images)]
     needed += [e for j in latents for e, _, _ in top.texts(j)]
     acts = encode_examples(sae, store, site, needed, latents) if latents else {}
-    for col, (j, why) in enumerate(chosen):
-        parts.append(_latent_section(j, why, rec, top, tokens, folder, cfg, by_id, acts, col))
-    parts.append("</body></html>")
-    (folder / "features.html").write_text("\n".join(parts), encoding="utf-8")
+    body = ["<p>" + " ".join(f"<a href='#latent{j}'>{j}</a>" for j, _ in chosen) + "</p>"]
+    body += [_latent_section(j, why, rec, top, tokens, figdir, fig_rel, cfg, by_id, acts, col)
+             for col, (j, why) in enumerate(chosen)]
+    sections.append(Section(
+        "Latents", "Top images: each original image lit by the latent's activation at its image tokens (bright "
+        "where it fires, dimmed where it does not). Top text: the tokens before each top-activating text token, "
+        "shaded by the latent's activation (the top token outlined).", html="\n".join(body)))
+    write_page(folder / "features.html", f"SAE at {site}", json.dumps(to_jsonable(rec["sae_cfg"])), sections,
+               nav=[("../index.html", "all SAEs")], toc=False)
 
 
 def _write_index(tmp: Path, results: list[dict], curve: list[dict], cfg: SAEAnalyzeConfig) -> None:
+    """OUT/index.html: what the analysis found, one row per SAE (linked to its feature page), the figures."""
+    from sightline.report.html import Link, Section, figure_images, write_page
+
     rows = []
     for r in results:
         m, s, lr = r["metrics"], r["sharing"], r.get("loss_recovered") or {}
         cov = ((r["concepts"].get("probing") or {}).get("coverage"))
-        rows.append([f"<a href='{html.escape(r['name'])}/features.html'>{html.escape(r['site'])}</a>",
+        rows.append([Link(f"{r['name']}/features.html", r["site"]),
                      m["image"]["fvu"], m["text"]["fvu"], m["image"]["l0"], m["text"]["l0"], m["all"]["n_dead"],
                      lr.get("loss_recovered"), s["image_only"], s["text_only"], s["shared"], cov,
                      len(r["concepts"].get("cross_modal", []))])
     header = ["SAE", "FVU image", "FVU text", "L0 image", "L0 text", "dead", "loss recovered", "image-only",
               "text-only", "shared", "probe coverage", "cross-modal concepts"]
-    h = "".join(f"<th>{html.escape(c)}</th>" for c in header)
-    b = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, str) and c.startswith('<a') else _fmt(c, 3)}</td>"
-                                 for c in row) + "</tr>" for row in rows)
-    page = [f"<!doctype html><html><head><meta charset='utf-8'><title>SAE analysis</title><style>{PAGE_CSS}</style>",
-            "</head><body><h1>SAE analysis</h1>",
-            f"<p class='sub'>store {html.escape(str(cfg.store))}; shared: a latent's image share of per-token "
-            f"activation mass in ({cfg.share_threshold:g}, {1 - cfg.share_threshold:g})</p>",
-            f"<table><tr>{h}</tr>{b}</table>"]
     if curve:
-        page.append("<h2>Shared latents by layer</h2><p><img src='shared_by_layer.png' alt='shared fraction by layer'></p>")
-    page.append("</body></html>")
-    (tmp / "index.html").write_text("\n".join(page), encoding="utf-8")
+        lo, hi = curve[0], curve[-1]
+        found = (f"Shared latents (image share of activation mass in ({cfg.share_threshold:g}, "
+                 f"{1 - cfg.share_threshold:g})) go from {fmt(lo['shared'], 3)} of live latents at layer {lo['layer']} "
+                 f"to {fmt(hi['shared'], 3)} at layer {hi['layer']}.")
+    else:
+        r = results[0]
+        found = (f"At {r['site']}, {fmt(r['sharing']['shared'], 3)} of live latents are shared between image and "
+                 f"text, {fmt(r['sharing']['image_only'], 3)} image-only, {fmt(r['sharing']['text_only'], 3)} "
+                 "text-only.")
+    found = f"{len(results)} SAE(s) over store {cfg.store}. " + found
+    head = Section("What this run found", found, tables=[("per SAE (each links to its feature page)", header, rows)],
+                   images=[("figures/shared_by_layer.png", "shared fraction of live latents by layer")] if curve else [])
+    write_page(tmp / "index.html", "SAE analysis", f"store {cfg.store}", [
+        head, Section("Figures", images=figure_images(tmp)),
+        Section("Files", links=[("results.json", "results.json"), ("config.json", "config.json")])])
 
 
 # ------------------------------------------------------------------------------------------- job
@@ -482,8 +456,9 @@ def _loss_items(cfg: SAEAnalyzeConfig, store) -> tuple[list, str | None]:
     return items[: cfg.n_loss], None
 
 
-def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokenizer=None) -> dict[str, Any]:
-    """Analyse loaded SAEs over an open store (see the module docstring); writes cfg.out atomically."""
+def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokenizer=None) -> RunResult:
+    """Analyse loaded SAEs over an open store (see the module docstring); writes the run folder cfg.out
+    (docs/outputs.md), whole or not at all."""
     from safetensors.torch import save_file
 
     from sightline.report.sae import plot_shared_by_layer
@@ -496,9 +471,7 @@ def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokeniz
         if bad:
             raise UserError(f"latent {bad[0]} is out of range for the SAE at {site} (0..{sae.W_dec.shape[0] - 1}); "
                             "pass latents that exist")
-    out = Path(cfg.out).expanduser()
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise UserError(f"output {out} exists and is not empty; pass --overwrite or choose another --out")
+    out = check_output(Path(cfg.out).expanduser(), cfg.overwrite, UserError)
     t0 = time.time()
     names, concepts = example_concepts(store, cfg.concepts)
     if tokenizer is None:
@@ -511,23 +484,21 @@ def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokeniz
         model = cfg.model or ((store.manifest.get("config") or {}).get("model"))
         if not model:
             raise UserError(f"store {store.path} does not name its model; pass --model for loss recovered (or --no-loss)")
-        dev = _device(cfg.device)
-        dtype = cfg.model_dtype if cfg.model_dtype != "auto" else ("bfloat16" if dev.startswith("cuda") else "float32")
+        dev, dtype = resolve_placement(cfg.device, cfg.model_dtype)
         adapter = load_model(model, dtype=dtype, device=dev)
         if tokens is None:
             tokens = StoreTokens(store, adapter.tokenizer)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     results: list[dict[str, Any]] = []
     taken: set[str] = set()
-    try:
+    with RunFolder(out, overwrite=cfg.overwrite) as tmp:
+        write_json(tmp / "config.json", to_dict(cfg))
         for sae, site in zip(saes, sites):
             name = _name_of(site, taken)
             folder = tmp / name
             folder.mkdir()
+            figdir = tmp / "figures" / name
+            figdir.mkdir()
             p = run_pass(sae, store, site, cfg, names, concepts, tokens)
             share = p.modality.image_share()
             freq = p.recon.frequencies()
@@ -556,52 +527,47 @@ def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokeniz
                        "mean_image": torch.as_tensor(mean["image"], dtype=torch.float32),
                        "mean_text": torch.as_tensor(mean["text"], dtype=torch.float32)},
                       str(folder / "latents.safetensors"))
-            _write_sae_page(folder, name, sae, store, site, rec, p.top, tokens, cfg)
+            _write_sae_page(folder, figdir, sae, store, site, rec, p.top, tokens, cfg)
             results.append(rec)
         curve = shared_by_layer([{"site": r["site"], "sharing": r["sharing"]} for r in results
                                  if r.get("layer") is not None and r["sharing"]["n_alive"]])
         if curve:
-            plot_shared_by_layer(curve, tmp / "shared_by_layer.png")
-        _write_json(tmp / "config.json", cfg.to_dict())
-        _write_json(tmp / "metrics.json", {"store": str(store.path), "saes": {
-            r["name"]: {"site": r["site"], "layer": r["layer"], "sae": r["sae_cfg"], "reconstruction": r["metrics"],
-                        "loss_recovered": r.get("loss_recovered"), "loss_note": r.get("loss_note"),
-                        "definitions": "see sightline.sae.metrics"} for r in results}})
-        _write_json(tmp / "modality.json", {
-            "share_threshold": cfg.share_threshold,
-            "reading": "image share = mean activation per image token / (that + mean per text token); image-only >= "
-                       "1 - t, text-only <= t, shared between; dead latents left out (see sightline.sae.modality)",
+            plot_shared_by_layer(curve, tmp / "figures" / "shared_by_layer.png")
+        summary = to_jsonable({
+            "out": str(out),
+            "html": str(out / "index.html"),
+            "seconds": round(time.time() - t0, 2),
             "shared_by_layer": curve,
-            "saes": {r["name"]: {"site": r["site"], "layer": r["layer"], "sharing": r["sharing"],
-                                 "concepts": r["concepts"]} for r in results}})
+            "saes": [{
+                "name": r["name"], "site": r["site"], "layer": r["layer"],
+                "fvu_image": r["metrics"]["image"]["fvu"], "fvu_text": r["metrics"]["text"]["fvu"],
+                "l0_image": r["metrics"]["image"]["l0"], "l0_text": r["metrics"]["text"]["l0"],
+                "frac_dead": r["metrics"]["all"]["frac_dead"],
+                "loss_recovered": (r.get("loss_recovered") or {}).get("loss_recovered"),
+                "image_only": r["sharing"]["image_only"], "text_only": r["sharing"]["text_only"],
+                "shared": r["sharing"]["shared"],
+                "probe_coverage": (r["concepts"].get("probing") or {}).get("coverage"),
+                "cross_modal_concepts": [c["concept"] for c in r["concepts"].get("cross_modal", [])],
+            } for r in results],
+        })
+        write_json(tmp / "results.json", {
+            "summary": summary,
+            "metrics": {"store": str(store.path), "saes": {
+                r["name"]: {"site": r["site"], "layer": r["layer"], "sae": r["sae_cfg"],
+                            "reconstruction": r["metrics"], "loss_recovered": r.get("loss_recovered"),
+                            "loss_note": r.get("loss_note"), "definitions": "see sightline.sae.metrics"}
+                for r in results}},
+            "modality": {
+                "share_threshold": cfg.share_threshold,
+                "reading": "image share = mean activation per image token / (that + mean per text token); "
+                           "image-only >= 1 - t, text-only <= t, shared between; dead latents left out "
+                           "(see sightline.sae.modality)",
+                "shared_by_layer": curve,
+                "saes": {r["name"]: {"site": r["site"], "layer": r["layer"], "sharing": r["sharing"],
+                                     "concepts": r["concepts"]} for r in results}},
+        })
         _write_index(tmp, results, curve, cfg)
-        if out.exists():
-            old = out.with_name(f"{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _clean({
-        "out": str(out),
-        "html": str(out / "index.html"),
-        "seconds": round(time.time() - t0, 2),
-        "shared_by_layer": curve,
-        "saes": [{
-            "name": r["name"], "site": r["site"], "layer": r["layer"],
-            "fvu_image": r["metrics"]["image"]["fvu"], "fvu_text": r["metrics"]["text"]["fvu"],
-            "l0_image": r["metrics"]["image"]["l0"], "l0_text": r["metrics"]["text"]["l0"],
-            "frac_dead": r["metrics"]["all"]["frac_dead"],
-            "loss_recovered": (r.get("loss_recovered") or {}).get("loss_recovered"),
-            "image_only": r["sharing"]["image_only"], "text_only": r["sharing"]["text_only"],
-            "shared": r["sharing"]["shared"],
-            "probe_coverage": (r["concepts"].get("probing") or {}).get("coverage"),
-            "cross_modal_concepts": [c["concept"] for c in r["concepts"].get("cross_modal", [])],
-        } for r in results],
-    })
+    return RunResult(out, summary)
 
 
 def analyze_sae(config: SAEAnalyzeConfig) -> dict[str, Any]:
@@ -611,6 +577,6 @@ def analyze_sae(config: SAEAnalyzeConfig) -> dict[str, Any]:
 
     folders = find_sae_folders(config.saes)
     store = ActivationStore.open(config.store)
-    dev = _device(config.device)
+    dev = resolve_device(config.device)
     saes = [SAE.from_pretrained(str(f)).to(dev).eval() for f in folders]
     return analyze_saes(saes, store, config)

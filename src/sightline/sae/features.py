@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from sightline.errors import UserError
+from sightline.models.layout import IMAGE, IMAGE_NEWLINE, MODALITIES, SPECIAL, TEXT  # noqa: F401 (re-exported)
 
-TEXT, IMAGE, IMAGE_NEWLINE, SPECIAL = range(4)  # store modality codes (sightline.store.format.MODALITIES)
-IMAGE_CODES = (IMAGE, IMAGE_NEWLINE)
+IMAGE_CODES = (IMAGE, IMAGE_NEWLINE)  # codes into MODALITIES of the tokens an image occupies
 
 
 @dataclass
@@ -299,38 +299,14 @@ def example_latents(sae, store, example_id: int, latents: list[int], site: str |
     return {"acts": f[:, latents].cpu().numpy(), "index": ex["index"]}
 
 
-class GridLayout:
-    """The part of a TokenLayout that `tokens_to_pixels` uses (`grid(image, view)`), rebuilt from a store
-    example's `layout` JSON."""
-
-    def __init__(self, grids_json: list[dict]):
-        from sightline.models.layout import ViewGrid
-
-        self.grids = []
-        for g in grids_json:
-            self.grids.append(ViewGrid(
-                image=g["image"], view=g["view"], rows=g["rows"], cols=g["cols"],
-                image_size_hw=tuple(g["image_size_hw"]), origin_xy=tuple(g["origin_xy"]),
-                step_xy=tuple(g["step_xy"]), newline=g.get("newline", False),
-                interpolated=g.get("interpolated", False),
-                col_spans=np.asarray(g["col_spans"], np.float64) if g.get("col_spans") is not None else None,
-                row_spans=np.asarray(g["row_spans"], np.float64) if g.get("row_spans") is not None else None))
-
-    def grid(self, image: int = 0, view: int = 0):
-        for g in self.grids:
-            if g.image == image and g.view == view:
-                return g
-        raise KeyError(f"no grid for image {image} view {view}")
-
-
 def latent_heatmap(example: dict, acts_n: np.ndarray, index: np.ndarray, image: int = 0,
                    view: int | None = None) -> tuple[np.ndarray, int] | None:
     """Paint one latent's activations at an example's image tokens onto the original image: ([H, W], view).
 
     view None: the view holding the token of largest activation. None when the example has no such grid."""
-    from sightline.models.layout import tokens_to_pixels
+    from sightline.models.layout import StoredLayout, tokens_to_pixels
 
-    lay = GridLayout(example.get("layout") or [])
+    lay = StoredLayout(example.get("layout") or [])
     on = (index["image"] == image) & (index["modality"] == IMAGE) & (index["row"] >= 0) & (index["col"] >= 0)
     if not on.any():
         return None

@@ -21,6 +21,8 @@ thresholds are synchronised; rank 0 writes every file.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,66 +33,28 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from sightline.config import FlagGroup, from_dict, to_dict
 from sightline.errors import UserError
+from sightline.models.layout import MODALITIES, TEXT
+from sightline.report.files import RunFolder, RunResult, dumps, read_json, write_json
+from sightline.runtime import barrier, dist_info, resolve_device
+from sightline.sae.features import IMAGE_CODES
 from sightline.sae.models import ARCHITECTURES, SAE, SAEConfig
 
-MODALITY_CODES = {"image": ("image", "image_newline"), "text": ("text",)}
+# the token modalities (names in models.layout.MODALITIES) of each stream
+MODALITY_CODES = {"image": tuple(MODALITIES[c] for c in IMAGE_CODES), "text": (MODALITIES[TEXT],)}
 STREAM_TAGS = {"image": 0, "text": 1}
 CHECKPOINT = "checkpoint"
 LOG_FILE = "train_log.jsonl"
-SUMMARY_FILE = "summary.json"
 # fields that change speed, not results: a resume may change them
-RUNTIME_FIELDS = ("device", "threads", "prefetch")
-
-
-@dataclass(frozen=True)
-class SAETrainConfig:
-    """Everything an SAE training run depends on (saved as out/config.json)."""
-
-    store: str = ""  # ActivationStore directory
-    site: str = ""  # e.g. "resid.2"
-    out: str = "sae-run"
-    modality: str = "image"  # image | text | both
-    image_fraction: float = 0.0  # modality both: share of image tokens per batch; 0: the store's own share
-    batch_size: int = 4096  # tokens per step (the global batch under DDP)
-    total_tokens: int = 0  # tokens to train on; 0: `epochs` passes over the chosen tokens
-    epochs: float = 1.0
-    lr_warmup_frac: float = 0.0  # linear lr warm-up over this fraction of the steps
-    lr_decay_frac: float = 0.2  # linear decay to 0 over the last fraction of the steps (paper: 20%)
-    dead_tokens: int = 0  # a latent silent this many tokens is dead (AuxK, metrics); 0: min(10M, total / 10)
-    seed: int = 0
-    saes: tuple[SAEConfig, ...] = (SAEConfig(),)
-    checkpoint_every: int = 500  # steps
-    log_every: int = 20  # steps
-    shuffle_shards: int = 4  # shards shuffled together (store.iter_batches)
-    scale_tokens: int = 65536  # tokens used to estimate the input scale and the initial b_dec
-    device: str = "auto"  # auto: cuda (LOCAL_RANK's) if available, else cpu
-    threads: int = 0  # torch threads; 0: torch's default
-    prefetch: bool = True  # read batches on a background thread
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["saes"] = [s.to_dict() for s in self.saes]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SAETrainConfig:
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        if "saes" in d:
-            d["saes"] = tuple(s if isinstance(s, SAEConfig) else SAEConfig.from_dict(s) for s in d["saes"])
-        return cls(**d)
-
-    def content(self) -> dict[str, Any]:
-        """The fields that determine the result (a resume must match them)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+RUNTIME_FIELDS = ("device", "threads", "prefetch", "progress")
 
 
 def _values(v: Any, kind: type, what: str) -> tuple:
@@ -118,27 +82,107 @@ def sae_grid(arch: str = "topk", widths: Any = (0,), ks: Any = (32,), l1_coeffs:
     return tuple(SAEConfig(arch=arch, width=w, **{second[0]: v}, **common) for w in widths for v in second[1])
 
 
+def _add_grid_flags(parser) -> None:
+    """--arch --width --k --l1-coeff and the per-SAE knobs: one SAE per (width, k) or (width, l1_coeff)."""
+    g = parser.add_argument_group("SAEs trained together (one per width x k, or width x l1-coeff for relu)")
+    g.add_argument("--arch", dest="arch", default=argparse.SUPPRESS, help="topk, batchtopk or relu (default: topk)")
+    g.add_argument("--width", dest="width", default=argparse.SUPPRESS,
+                   help="latents, a comma list (0: --expansion x d; default 0)")
+    g.add_argument("--k", dest="k", default=argparse.SUPPRESS,
+                   help="active latents per token, a comma list (default 32)")
+    g.add_argument("--l1-coeff", dest="l1_coeff", default=argparse.SUPPRESS,
+                   help="relu: L1 strength, a comma list (default 5)")
+    g.add_argument("--expansion", dest="expansion", type=int, default=argparse.SUPPRESS,
+                   help="width = expansion x d when --width is 0 (default 8)")
+    g.add_argument("--lr", dest="lr", type=float, default=argparse.SUPPRESS,
+                   help="Adam lr (default: relu 5e-5, topk scaled by width)")
+    g.add_argument("--aux-k", dest="aux_k", type=int, default=argparse.SUPPRESS,
+                   help="AuxK: dead latents used to reconstruct the residual (0: d/2)")
+    g.add_argument("--aux-coeff", dest="aux_coeff", type=float, default=argparse.SUPPRESS,
+                   help="AuxK weight (default 1/32 for topk/batchtopk, off for relu)")
+    g.add_argument("--grad-clip", dest="grad_clip", type=float, default=argparse.SUPPRESS,
+                   help="clip each SAE's gradient norm (default: relu 1, else off)")
+
+
+def _build_grid(values: dict[str, Any]) -> tuple[SAEConfig, ...]:
+    grid = {k: values[k] for k in ("arch", "width", "k", "l1_coeff") if k in values}
+    common = {k: values[k] for k in ("expansion", "lr", "aux_k", "aux_coeff", "grad_clip") if k in values}
+    return sae_grid(grid.get("arch", "topk"), grid.get("width", (0,)), grid.get("k", (32,)),
+                    grid.get("l1_coeff", (5.0,)), **common)
+
+
+SAE_GRID_FLAGS = FlagGroup(_add_grid_flags, _build_grid,
+                           ("arch", "width", "k", "l1_coeff", "expansion", "lr", "aux_k", "aux_coeff", "grad_clip"))
+
+
+@dataclass(frozen=True)
+class SAETrainConfig:
+    """Everything an SAE training run depends on (saved as OUT/config.json)."""
+
+    store: str = field(default="", metadata={"positional": True})
+    """ActivationStore folder to train on."""
+    site: str = ""
+    """The site whose tokens the SAEs reconstruct, e.g. resid.2."""
+    out: str = "sae-run"
+    """Output folder (config.json, results.json, figures/, index.html, one SAELens folder per SAE)."""
+    modality: str = "image"
+    """Tokens trained on: image, text or both."""
+    image_fraction: float = 0.0
+    """modality both: share of image tokens in every batch; 0: the store's own share."""
+    batch_size: int = 4096
+    """Tokens per step (the global batch under torchrun)."""
+    total_tokens: int = 0
+    """Tokens to train on; 0: --epochs passes over the chosen tokens."""
+    epochs: float = 1.0
+    """Passes over the chosen tokens when --total-tokens is 0."""
+    lr_warmup_frac: float = 0.0
+    """Linear lr warm-up over this fraction of the steps."""
+    lr_decay_frac: float = 0.2
+    """Linear decay to 0 over the last fraction of the steps (paper: 20%)."""
+    dead_tokens: int = 0
+    """A latent silent this many tokens is dead (AuxK, metrics); 0: min(10M, total / 10)."""
+    seed: int = 0
+    """Seed of the token order and of every SAE's initialisation."""
+    saes: tuple[SAEConfig, ...] = field(default=(SAEConfig(),), metadata={"group": SAE_GRID_FLAGS})
+    """The SAEs trained together on the same batches (flags: --arch --width --k --l1-coeff ...)."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (an interrupted run resumes from the last)."""
+    log_every: int = 20
+    """Steps between lines of train_log.jsonl."""
+    shuffle_shards: int = 4
+    """Store shards shuffled together."""
+    scale_tokens: int = 65536
+    """Tokens used to estimate the input scale and the initial decoder bias."""
+    device: str = "auto"
+    """auto (the local rank's CUDA device if any, else cpu), cpu, cuda:0."""
+    threads: int = 0
+    """torch threads; 0: torch's default."""
+    prefetch: bool = True
+    """Read batches on a background thread."""
+    progress: bool = True
+    """Show a progress bar (rank 0 only)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of every field (sightline.config.to_dict)."""
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SAETrainConfig:
+        """The config `to_dict` (a run's config.json) describes."""
+        return from_dict(cls, d)
+
+    def content(self) -> dict[str, Any]:
+        """The fields that determine the result (a resume must match them)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+
 # ---------------------------------------------------------------------- distributed
-def _dist() -> tuple[int, int]:
-    """(rank, world_size); initialises torch.distributed under torchrun."""
-    from sightline.extract import _dist_info
-
-    return _dist_info()
-
-
 def _all_reduce(t: torch.Tensor, world: int, op: str = "sum") -> torch.Tensor:
     if world > 1:
         import torch.distributed as dist
 
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 # ---------------------------------------------------------------------- data
@@ -253,8 +297,6 @@ class Batches:
 
 def _count(store, part: str) -> int:
     """Tokens of a modality part ("image" or "text") in the store."""
-    from sightline.store import MODALITIES
-
     return int(np.isin(store.index["modality"], [MODALITIES.index(m) for m in MODALITY_CODES[part]]).sum())
 
 
@@ -307,7 +349,7 @@ def _save_checkpoint(path: Path, saes: list[SAE], opts: list[torch.optim.Optimiz
                 for k, v in opt.state.get(p, {}).items():
                     adam[f"{names[id(p)]}::{k}"] = torch.as_tensor(v).detach().cpu().clone()
         save_file(adam, str(tmp / f"adam_{i}.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    write_json(tmp / "state.json", state, indent=1)
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
@@ -386,57 +428,80 @@ def _estimate_scale(store, cfg: SAETrainConfig, d_in: int) -> tuple[float, torch
     return scale, torch.cat(keep)[:8192] * scale
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
-    return torch.device(device)
+class _Interrupted(Exception):
+    """The session ended early (`stop_after`): the partial folder stays, to be resumed."""
 
 
-def train_saes(config: SAETrainConfig, progress: bool = True, stop_after: int | None = None) -> list[Path]:
-    """Train every SAE of `config` in one pass; returns their folders (out/<name>, SAELens layout).
+def _finished_run(out: Path, cfg: SAETrainConfig, names: list[str]) -> RunResult | None:
+    """The finished run in `out` if it is this config's; None if `out` is empty or absent; else a UserError."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return None
+    if not (out / "config.json").is_file() or not (out / "results.json").is_file():
+        raise UserError(f"output {out} exists and is not an SAE run (or not a finished one); choose another --out")
+    _check_same_run(out, cfg)
+    if not all((out / n).is_dir() for n in names):
+        raise UserError(f"{out} holds an SAE run without all of its SAE folders; choose another --out or delete it")
+    return RunResult(out, read_json(out / "results.json")["summary"])
 
-    Resumes from out/checkpoint when out/config.json holds the same config; returns at once if the
-    run already finished. `stop_after` ends the session after that many steps in total (as an
-    interruption would), leaving the run to be resumed from its last checkpoint."""
-    from tqdm.auto import tqdm
 
+def _check_same_run(folder: Path, cfg: SAETrainConfig) -> None:
+    """UserError unless folder/config.json is a config with the same content as `cfg` (a resume may change
+    only RUNTIME_FIELDS)."""
+    try:
+        saved = SAETrainConfig.from_dict(read_json(folder / "config.json"))
+    except (ValueError, TypeError, UserError) as e:
+        raise UserError(f"{folder / 'config.json'} is not a readable SAE run config ({e}); "
+                        "choose another --out") from None
+    if saved.content() != cfg.content():
+        raise UserError(f"{folder} holds an SAE run with another config; choose another --out or delete it")
+
+
+def train_saes(config: SAETrainConfig, progress: bool = True, stop_after: int | None = None) -> RunResult | None:
+    """Train every SAE of `config` in one pass into the run folder `config.out` (docs/outputs.md): one
+    SAELens folder per SAE (OUT/<name>), config.json, results.json, figures/, index.html, train_log.jsonl.
+
+    Work happens in OUT.partial, which an interruption leaves behind: the next call with the same config
+    resumes from its checkpoint exactly. A finished run with the same config returns at once.
+    `stop_after` ends the session after that many steps in total (as an interruption would) and returns
+    None. The summary's `paths` lists the SAE folders."""
     from sightline.store import ActivationStore
 
     cfg = config
+    progress = progress and cfg.progress
     store = ActivationStore.open(cfg.store)
     d_in, names = _check(cfg, store)
     n_avail = _n_tokens(store, cfg)
     if n_avail == 0:
         raise UserError(f"store {store.path} has no {cfg.modality} tokens; extract with --positions all or image")
     _stream_sizes(cfg, store)  # a batch without one of the modalities fails here
-    device = _resolve_device(cfg.device)
-    rank, world = _dist()
+    device = torch.device(resolve_device(cfg.device))
+    rank, world = dist_info()
     out = Path(cfg.out)
-    paths = [out / n for n in names]
-    saved_cfg = out / "config.json"
-    if saved_cfg.exists():
-        try:
-            saved = SAETrainConfig.from_dict(json.loads(saved_cfg.read_text()))
-        except (ValueError, TypeError) as e:
-            raise UserError(f"{saved_cfg} is not a readable SAE run config ({e}); choose another --out") from None
-        if saved.content() != cfg.content():
-            raise UserError(f"{out} holds an SAE run with another config; choose another --out or delete it")
-        if (out / SUMMARY_FILE).exists() and all(p.exists() for p in paths):
-            return paths
-    elif out.exists() and any(out.iterdir()) and rank == 0:
-        raise UserError(f"output {out} exists and is not an SAE run; choose another --out")
-    _barrier(world)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if not saved_cfg.exists():
-            tmp = saved_cfg.with_name("config.json.tmp")
-            tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
-            tmp.rename(saved_cfg)
-    _barrier(world)
+    done = _finished_run(out, cfg, names)
+    if done is not None:
+        return done
+    work = out.with_name(out.name + ".partial")
+    if (work / "config.json").exists():
+        _check_same_run(work, cfg)
+    barrier(world)
+    try:
+        with (RunFolder(out, keep_partial=True) if rank == 0 else contextlib.nullcontext(work)) as work:
+            if rank == 0 and not (work / "config.json").exists():
+                write_json(work / "config.json", to_dict(cfg))
+            barrier(world)
+            summary = _train(cfg, store, d_in, names, n_avail, device, rank, world, work, out, progress, stop_after)
+            if summary is None:
+                raise _Interrupted
+    except _Interrupted:
+        return None
+    barrier(world)
+    return RunResult(out, summary)
+
+
+def _train(cfg: SAETrainConfig, store, d_in: int, names: list[str], n_avail: int, device: torch.device, rank: int,
+           world: int, work: Path, out: Path, progress: bool, stop_after: int | None) -> dict[str, Any] | None:
+    """The training loop, in the partial folder `work`; the run's summary, or None when stopped early."""
+    from tqdm.auto import tqdm
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -444,7 +509,7 @@ def train_saes(config: SAETrainConfig, progress: bool = True, stop_after: int | 
     n_steps = max(1, total_tokens // cfg.batch_size)
     dead_tokens = cfg.dead_tokens or min(10_000_000, max(cfg.batch_size, n_steps * cfg.batch_size // 10))
 
-    ckpt = out / CHECKPOINT
+    ckpt = work / CHECKPOINT
     state: dict[str, Any] | None = None
     if (ckpt / "state.json").exists():
         state = json.loads((ckpt / "state.json").read_text())
@@ -470,7 +535,7 @@ def train_saes(config: SAETrainConfig, progress: bool = True, stop_after: int | 
     if state is not None:
         state = _load_checkpoint(ckpt, saes, opts, since_fired)
         start, log_lines, starts = int(state["step"]), int(state["log_lines"]), [tuple(p) for p in state["streams"]]
-    log_path = out / LOG_FILE
+    log_path = work / LOG_FILE
     if rank == 0:
         lines = log_path.read_text().splitlines(keepends=True)[:log_lines] if log_path.exists() else []
         tmp = log_path.with_name(LOG_FILE + ".tmp")
@@ -547,7 +612,7 @@ def train_saes(config: SAETrainConfig, progress: bool = True, stop_after: int | 
                                  for n, v, df in zip(names, vals, dead_frac)}}
                 if rank == 0:
                     with open(log_path, "a") as f:
-                        f.write(json.dumps(last) + "\n")
+                        f.write(dumps(last, indent=None) + "\n")
                     log_lines += 1
                     bar.set_postfix_str(" ".join(
                         f"{n[:14]}:fvu={v[0]:.3f},l0={v[1]:.1f},dead={df:.1%}" for n, v, df in
@@ -561,35 +626,60 @@ def train_saes(config: SAETrainConfig, progress: bool = True, stop_after: int | 
                                      {"step": step, "input_scale": scale, "streams": [list(p) for p in positions],
                                       "log_lines": log_lines, "window": window.tolist(), "window_steps": acc_steps,
                                       "config": cfg.to_dict()})
-                _barrier(world)
+                barrier(world)
             if stop_after is not None and step >= stop_after and step < n_steps:
-                return []
+                return None
     finally:
         bar.close()
         it.close()
 
     elapsed = time.perf_counter() - t_start
+    paths = [out / n for n in names]
+    summary = {
+        "store": str(cfg.store), "site": cfg.site, "modality": cfg.modality, "steps": n_steps,
+        "tokens": n_steps * cfg.batch_size, "batch_size": cfg.batch_size, "world_size": world,
+        "input_scale": scale, "dead_tokens": dead_tokens,
+        "seconds_this_session": round(elapsed, 2),
+        "tokens_per_s_this_session": round((n_steps - start) * cfg.batch_size / max(elapsed, 1e-9), 1),
+        "load_frac": round(batches.load_seconds / max(elapsed, 1e-9), 4),
+        "wait_frac": round(batches.wait_seconds / max(elapsed, 1e-9), 4),
+        "paths": [str(p) for p in paths],
+        "saes": [{"name": n, "path": str(p), **{k: getattr(s.cfg, k) for k in ("arch", "width", "k", "l1_coeff")},
+                  **last.get("saes", {}).get(n, {})} for n, p, s in zip(names, paths, saes)],
+    }
     if rank == 0:
-        for sae, p in zip(saes, paths):
-            sae.save_pretrained(p)
-        summary = {
-            "store": str(cfg.store), "site": cfg.site, "modality": cfg.modality, "steps": n_steps,
-            "tokens": n_steps * cfg.batch_size, "batch_size": cfg.batch_size, "world_size": world,
-            "input_scale": scale, "dead_tokens": dead_tokens,
-            "seconds_this_session": round(elapsed, 2),
-            "tokens_per_s_this_session": round((n_steps - start) * cfg.batch_size / max(elapsed, 1e-9), 1),
-            "load_frac": round(batches.load_seconds / max(elapsed, 1e-9), 4),
-            "wait_frac": round(batches.wait_seconds / max(elapsed, 1e-9), 4),
-            "saes": [{"name": n, "path": str(p), **{k: getattr(s.cfg, k) for k in ("arch", "width", "k", "l1_coeff")},
-                      **last.get("saes", {}).get(n, {})} for n, p, s in zip(names, paths, saes)],
-        }
-        tmp = out / (SUMMARY_FILE + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.rename(out / SUMMARY_FILE)
+        from sightline.report.sae import plot_training_curves
+
+        for sae, n in zip(saes, names):
+            sae.save_pretrained(work / n)
+        log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        plot_training_curves(log, work / "figures" / "training.png",
+                             title=f"SAEs at {cfg.site} ({cfg.modality} tokens)")
+        write_json(work / "results.json", {"summary": summary, "last_log": last})
+        _write_page(work, cfg, summary)
         if ckpt.exists():
             shutil.rmtree(ckpt)
-    _barrier(world)
-    return paths
+    return summary
+
+
+def _write_page(folder: Path, cfg: SAETrainConfig, summary: dict[str, Any]) -> None:
+    """index.html of an SAE training run: what was trained and how well it reconstructs, the figures."""
+    from sightline.report.html import Link, Section, figure_images, write_page
+
+    rows = [(Link(f"{s['name']}/cfg.json", s["name"]), s["arch"], s["width"], s.get("k"), s.get("fvu"), s.get("l0"),
+             s.get("dead_frac")) for s in summary["saes"]]
+    best = min(summary["saes"], key=lambda s: s.get("fvu") if s.get("fvu") is not None else math.inf)
+    found = (f"{len(rows)} SAE(s) trained on {summary['tokens']:,} {cfg.modality} tokens of {cfg.site} "
+             f"({summary['steps']} steps of {summary['batch_size']}). Over the last log window the best reconstructs "
+             f"with FVU {best.get('fvu')} at L0 {best.get('l0')} ({best['name']}).")
+    write_page(folder / "index.html", f"SAE training at {cfg.site}", f"store {cfg.store}", [
+        Section("What this run found", found,
+                tables=[("last log window", ["SAE", "arch", "width", "k", "FVU", "L0", "dead share"], rows)],
+                images=[("figures/training.png", "FVU, L0 and dead latents against step")]),
+        Section("Figures", images=figure_images(folder)),
+        Section("Files", links=[("results.json", "results.json"), ("config.json", "config.json"),
+                                (LOG_FILE, LOG_FILE)]),
+    ])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -599,7 +689,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise SystemExit("usage: python -m sightline.sae.train CONFIG.json")
-    cfg = SAETrainConfig.from_dict(json.loads(Path(args[0]).read_text()))
+    cfg = SAETrainConfig.from_dict(read_json(args[0]))
     try:
         train_saes(cfg, progress=os.environ.get("SIGHTLINE_PROGRESS", "1") != "0")
     finally:

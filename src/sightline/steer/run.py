@@ -10,8 +10,9 @@ of the free answer and the damage (see `sightline.steer.measure`). It writes int
     generations.jsonl    every free and damage answer, one JSON line each (clean ones have site null)
     figures/steer_resid.L.png    efficacy and damage against k at that layer
     figures/steer_overview.png   flip rate and efficacy against k, one line per layer
+    index.html           what the run found, and the figures
 
-The folder is written under a temporary name and renamed when complete: never half-written.
+The folder is written under OUT.partial and renamed when complete: never half-written (docs/outputs.md).
 
 Prompts (each may contain {src} and {tgt}, the two class words):
 - efficacy_prompt: the paper's forced choice, `Reply either "{src}" or "{tgt}" in lowercase
@@ -32,16 +33,17 @@ damage asks the world's questions about the other attributes (steering shape: "W
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sightline.config import from_dict, to_dict
 from sightline.errors import UserError
+from sightline.report.files import RunFolder, RunResult, check_output, dumps, write_json
 
 PAPER_SCALES: tuple[float, ...] = tuple(round(float(k), 4) for k in np.linspace(0, 30, 20))
 PAPER_EFFICACY_PROMPT = ('Reply either "{src}" or "{tgt}" in lowercase depending on what is shown in the image. '
@@ -50,74 +52,6 @@ PAPER_OPEN_PROMPT = "What is shown in this image?"
 PAPER_CAPTION_PROMPT = "Describe this image in detail."
 WORLD_CAPTION_PROMPT = "Describe the image."
 EFFICACY_METRICS = ("prob", "share")
-# the other attributes asked about for damage when steering the folder attribute of a synthetic dataset
-WORLD_DAMAGE = {"shape": ("colour",), "colour": ("shape",), "size": ("shape", "colour")}
-
-
-@dataclass(frozen=True)
-class SteerConfig:
-    """Everything a steering run depends on (saved as config.json). Prompts left None take the
-    paper's defaults, or the synthetic world's questions on a synthetic dataset (module docstring)."""
-
-    model: str
-    directions: str  # directions .safetensors, a folder holding one, or an ActivationStore folder
-    data: str  # image folder with class subfolders (or a .jsonl manifest with "label")
-    out: str = "steer"
-    pairs: tuple[str, ...] = ()  # "src:tgt" class names; () = each class to the next one (sorted, wrapping)
-    layers: str = "auto"  # resid layers: auto = every layer the directions hold; all, 0,4,8, 4-12
-    scales: tuple[float, ...] = PAPER_SCALES  # k; the paper's linspace(0, 30, 20) with unit vectors
-    normalize: str = "unit"  # unit (paper), resid (k=1 = mean image-token residual norm), none
-    positions: str = "image"  # image, text, all, last: where k*v is added in the prompt
-    mode: str = "prefill"  # prefill (paper: edit the prefill, decode from the edited cache) or every_step
-    images_per_class: int = 20  # source images steered per pair (the first ones in dataset order)
-    efficacy_prompt: str | None = None
-    efficacy_metric: str | None = None  # prob (paper) or share; None: prob, or share on synthetic data
-    open_prompt: str | None = None
-    caption_prompt: str | None = None
-    damage_qtypes: tuple[str, ...] = ()  # synthetic data: question types asked for damage; () = the other attributes
-    class_words: str | None = None  # JSON file {class folder: word used in prompts}; default: folder name, _ -> space
-    label: str = "label"  # store field (dotted path) holding the class, when directions come from a store
-    data_label: str = "label"  # dataset field (dotted path into jsonl fields) holding each image's class
-    max_new_tokens: int = 24
-    batch_size: int = 16
-    model_dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
-    device: str = "auto"
-    device_map: str | None = None
-    revision: str | None = None
-    trust_remote_code: bool = False
-    overwrite: bool = False
-    progress: bool = True
-
-    def to_dict(self) -> dict:
-        """JSON-able dict of every field."""
-        d = asdict(self)
-        for k in ("pairs", "scales", "damage_qtypes"):
-            d[k] = list(d[k])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SteerConfig:
-        """The config a to_dict (or a saved config.json) describes; unknown keys are ignored."""
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        for k in ("pairs", "damage_qtypes"):
-            if k in d:
-                d[k] = tuple(d[k])
-        if "scales" in d:
-            d["scales"] = tuple(float(v) for v in d["scales"])
-        return cls(**d)
-
-
-@dataclass
-class Item:
-    """One steered image and what is asked about it."""
-
-    image: Any
-    path: str
-    label: str
-    open_prompt: str | None = None  # per-image open question (synthetic data), else the config's
-    questions: list[tuple[str, str]] = field(default_factory=list)  # (question, answer) for damage
-    caption: str | None = None
 
 
 def parse_scales(spec: str | None) -> tuple[float, ...]:
@@ -141,8 +75,107 @@ def parse_pairs(spec: str | None) -> tuple[str, ...]:
     return tuple(p.strip() for p in str(spec or "").split(",") if p.strip())
 
 
-def headline(result: dict) -> dict:
-    """The few numbers of a run worth a summary line: the best (layer, k) and the clean baseline."""
+@dataclass(frozen=True)
+class SteerConfig:
+    """Everything a steering run depends on (saved as OUT/config.json). Prompts left None take the
+    paper's defaults, or the synthetic world's questions on a synthetic dataset (module docstring)."""
+
+    model: str
+    """Model folder or Hugging Face id (the directions must come from this model)."""
+    directions: str
+    """Directions .safetensors, a folder holding one (a probe run), or an ActivationStore folder."""
+    data: str
+    """Image folder with class subfolders, or a .jsonl manifest whose examples carry a class."""
+    out: str = "steer"
+    """Output folder (config.json, results.json, figures/, index.html, generations.jsonl)."""
+    pairs: tuple[str, ...] = field(default=(), metadata={"parse": parse_pairs})
+    """source:target class pairs, comma-separated; empty: each class to the next (sorted, wrapping)."""
+    layers: str = "auto"
+    """resid layers to steer: auto (every layer the directions hold), all, 0,4,8 or 4-12."""
+    scales: tuple[float, ...] = field(default=PAPER_SCALES, metadata={"parse": parse_scales})
+    """Values of k: a list 0,2,4 or start:stop:count (default 0:30:20, the paper's, with unit vectors)."""
+    normalize: str = "unit"
+    """Vector scale: unit (paper), resid (k=1 = the mean image-token residual norm) or none."""
+    positions: str = "image"
+    """Where k*v is added in the prompt: image, text, all or last."""
+    mode: str = "prefill"
+    """prefill (paper: edit the prefill, decode from the edited cache) or every_step."""
+    images_per_class: int = 20
+    """Source images steered per pair (the first ones in dataset order)."""
+    efficacy_prompt: str | None = None
+    """Forced-choice prompt with {src} and {tgt}; None: the paper's (or the world's question)."""
+    efficacy_metric: str | None = None
+    """prob (paper) or share; None: prob, or share on synthetic data."""
+    open_prompt: str | None = None
+    """Free-answer question; None: 'What is shown in this image?' (or the world's question)."""
+    caption_prompt: str | None = None
+    """Prompt whose caption NLL measures damage; None: the paper's (or the world's)."""
+    damage_qtypes: tuple[str, ...] = ()
+    """Synthetic data: question types asked for damage; empty: the world's rule (the other attributes)."""
+    class_words: str | None = None
+    """JSON file {class folder: word used in prompts}; default: the folder name with _ as space."""
+    label: str = "label"
+    """Store field (dotted path) holding the class, when the directions come from a store."""
+    data_label: str = "label"
+    """Dataset field (dotted path into the JSONL fields) holding each image's class."""
+    max_new_tokens: int = 24
+    """Tokens generated per answer at most."""
+    batch_size: int = 16
+    """Prompts per forward."""
+    model_dtype: str = "auto"
+    """auto (bfloat16 on GPU, float32 on CPU), float32, float16 or bfloat16."""
+    device: str = "auto"
+    """auto (CUDA if available), cpu, cuda:0."""
+    device_map: str | None = None
+    """accelerate device map (e.g. auto) for a model larger than one GPU; overrides --device."""
+    revision: str | None = None
+    """Model revision on the Hub."""
+    trust_remote_code: bool = False
+    """Allow the model's own code from the Hub."""
+    overwrite: bool = False
+    """Replace an existing output folder."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def to_dict(self) -> dict:
+        """JSON-able dict of every field (sightline.config.to_dict)."""
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SteerConfig:
+        """The config a to_dict (or a saved config.json) describes."""
+        return from_dict(cls, d)
+
+
+@dataclass
+class Item:
+    """One steered image and what is asked about it."""
+
+    image: Any
+    path: str
+    label: str
+    open_prompt: str | None = None  # per-image open question (synthetic data), else the config's
+    questions: list[tuple[str, str]] = field(default_factory=list)  # (question, answer) for damage
+    caption: str | None = None
+
+
+HEADLINE_KEYS = ("pairs", "sites", "scales", "images_per_pair", "best_site", "best_scale", "flip_rate", "efficacy",
+                 "damage_accuracy", "caption_nll_increase", "clean_flip_rate", "clean_efficacy",
+                 "clean_damage_accuracy", "efficacy_metric", "normalize", "seconds")
+
+
+def headline(result) -> dict:
+    """The few numbers of a run worth a summary line (the best (layer, k) and the clean baseline), from a
+    run's RunResult, its results.json, or its summary."""
+    s = getattr(result, "summary", None)
+    if s is None:
+        s = result.get("summary", result)
+    if "best_site" not in s:  # a results dict from before the summary carried the headline
+        s = _headline_of(result)
+    return {k: s.get(k) for k in HEADLINE_KEYS}
+
+
+def _headline_of(result: dict) -> dict:
     s = result["summary"]
     best = s.get("best") or {}
     return {
@@ -166,24 +199,6 @@ def headline(result: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def _synthetic_world(dataset):
-    """(World, world.json dict) when the dataset was exported by sightline.data.synthetic, else (None, None)."""
-    root = Path(dataset.root)
-    folder = root.parent if root.suffix == ".jsonl" else root
-    wj = folder / "world.json"
-    if not wj.is_file():
-        return None, None
-    try:
-        info = json.loads(wj.read_text())
-    except ValueError:
-        return None, None
-    if info.get("generator") != "sightline.data.synthetic":
-        return None, None
-    from sightline.data.synthetic import World, WorldConfig
-
-    return World(int(info["seed"]), WorldConfig.from_dict(info["config"])), info
-
-
 def _label_of(ex, spec: str) -> str | None:
     from sightline.steer.vectors import lookup
 
@@ -283,12 +298,6 @@ def _class_words(cfg: SteerConfig, classes: list[str]) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ output
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _mean(x) -> float | None:
     x = np.asarray(x, dtype=np.float64)
     x = x[np.isfinite(x)]
@@ -309,18 +318,22 @@ class _Data:
     damage_qtypes: tuple[str, ...]
 
 
-def _open_data(cfg: SteerConfig) -> _Data:
+def _open_data(cfg: SteerConfig, damage_rule: Mapping[str, Sequence[str]] | None = None) -> _Data:
     from sightline.data import open_dataset
+    from sightline.data.synthetic import world_facts
 
     dataset = open_dataset(cfg.data)
-    world, winfo = _synthetic_world(dataset)
+    facts = world_facts(dataset.root)
+    world, winfo = (facts.world, facts.info) if facts is not None else (None, None)
+    rule = {k: tuple(v) for k, v in (damage_rule if damage_rule is not None
+                                     else facts.damage_rule if facts is not None else {}).items()}
     labels = [_label_of(ex, cfg.data_label) for ex in dataset]
     if all(v is None for v in labels):
         raise UserError(f"no image of {cfg.data} has a class {cfg.data_label!r}: use an image folder with class "
                         "subfolders, or name the field with --data-label (e.g. facts.objects.0.shape)")
     last = cfg.data_label.rsplit(".", 1)[-1]
-    attribute = (winfo or {}).get("attribute") or (last if last in WORLD_DAMAGE else "shape")
-    if world is not None and attribute not in WORLD_DAMAGE:
+    attribute = (winfo or {}).get("attribute") or (last if last in rule else "shape")
+    if world is not None and attribute not in rule:
         raise UserError(f"synthetic dataset {cfg.data} is foldered by {attribute!r}; steering needs shape, colour "
                         "or size folders (export_imagefolder(..., attribute='shape'))")
     by_class: dict[str, list[int]] = {}
@@ -329,7 +342,7 @@ def _open_data(cfg: SteerConfig) -> _Data:
         if labels[i] is not None and ex.path not in seen:
             seen.add(ex.path)
             by_class.setdefault(labels[i], []).append(i)
-    damage = tuple(cfg.damage_qtypes) or (WORLD_DAMAGE[attribute] if world is not None else ())
+    damage = tuple(cfg.damage_qtypes) or (rule[attribute] if world is not None else ())
     return _Data(dataset, world, attribute, labels, sorted(by_class), by_class, damage)
 
 
@@ -368,20 +381,21 @@ def _held_out_warning(cfg: SteerConfig, data: _Data) -> list[str]:
     return []
 
 
-def run_steering(cfg: SteerConfig) -> dict:
-    """Run the sweep and write `cfg.out` (see the module docstring); returns results.json's content."""
+def run_steering(cfg: SteerConfig, damage_rule: Mapping[str, Sequence[str]] | None = None) -> RunResult:
+    """Run the sweep and write `cfg.out` (see the module docstring and docs/outputs.md).
+
+    `damage_rule` maps the steered attribute of a synthetic dataset to the question types that measure
+    damage; None: the world's own rule (`sightline.data.synthetic.DAMAGE_QTYPES`)."""
     import torch
 
-    from sightline.extract import _resolve_device
     from sightline.models import load_model
+    from sightline.runtime import resolve_placement
     from sightline.steer.vectors import mean_image_norms, normalize, steering_vector
 
     _check(cfg)
-    out = Path(cfg.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
-        raise UserError(f"output {out} exists and is not empty; choose another --out or pass --overwrite")
+    out = check_output(cfg.out, cfg.overwrite, UserError)
     t0 = time.perf_counter()
-    data = _open_data(cfg)
+    data = _open_data(cfg, damage_rule)
     pairs = _pairs(cfg, data.classes)
     words = _class_words(cfg, data.classes)
     synthetic = data.world is not None
@@ -392,10 +406,7 @@ def run_steering(cfg: SteerConfig) -> dict:
         "caption": cfg.caption_prompt or (WORLD_CAPTION_PROMPT if synthetic else PAPER_CAPTION_PROMPT),
     }
 
-    device = _resolve_device(cfg.device) if cfg.device_map is None else None
-    model_dtype = cfg.model_dtype
-    if model_dtype == "auto":
-        model_dtype = "bfloat16" if (device or "").startswith("cuda") or cfg.device_map else "float32"
+    device, model_dtype = resolve_placement(cfg.device, cfg.model_dtype, cfg.device_map)
     adapter = load_model(cfg.model, dtype=model_dtype, device=device, device_map=cfg.device_map,
                          revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     sites, directions = _sites_and_directions(cfg, adapter)
@@ -419,14 +430,11 @@ def run_steering(cfg: SteerConfig) -> dict:
             raw = steering_vector(directions, site, src, tgt)
             vectors[src, tgt, site] = raw, normalize(raw, cfg.normalize, None if ref_norms is None else ref_norms[site])
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "figures").mkdir(parents=True)
-    try:
+    with RunFolder(out, overwrite=cfg.overwrite) as tmp:
+        write_json(tmp / "config.json", to_dict(cfg))
         with torch.no_grad():
             result = _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, efficacy_metric, tmp)
         result.update({
-            "config": cfg.to_dict(),
             "model": adapter.describe(),
             "data": {"root": str(data.dataset.root), "kind": data.dataset.kind, "classes": data.classes,
                      "synthetic_attribute": data.attribute if synthetic else None},
@@ -437,19 +445,42 @@ def run_steering(cfg: SteerConfig) -> dict:
             "warnings": _held_out_warning(cfg, data) + result.get("warnings", []),
             "seconds": round(time.perf_counter() - t0, 2),
         })
+        result["summary"].update(_headline_of(result))
         from sightline.report.steer import plot_layer, plot_overview
 
         for site in sites:
             plot_layer(result, site, tmp / "figures" / f"steer_{site}.png")
         plot_overview(result, tmp / "figures" / "steer_overview.png")
-        _write_json(tmp / "config.json", cfg.to_dict())
-        _write_json(tmp / "results.json", result)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return result
+        result = {"summary": result.pop("summary"), **result}
+        write_json(tmp / "results.json", result)
+        _write_page(tmp, cfg, result)
+    return RunResult(out, result["summary"])
+
+
+def _write_page(folder: Path, cfg: SteerConfig, result: dict) -> None:
+    """index.html of a steering run: what it found, the overview, every figure."""
+    from sightline.report.html import Section, figure_images, write_page
+
+    h = headline(result)
+    if h["best_site"] is not None:
+        found = (f"The best edit, {h['best_site']} at k = {h['best_scale']:g}, flips the free answer to the target "
+                 f"in {h['flip_rate']:.0%} of images (clean: {h['clean_flip_rate'] or 0:.0%}); efficacy "
+                 f"({h['efficacy_metric']}) {h['efficacy'] if h['efficacy'] is not None else float('nan'):.3g}, "
+                 f"unrelated-question accuracy {h['damage_accuracy']} (clean {h['clean_damage_accuracy']}).")
+    else:
+        found = "No (layer, k) kept the unrelated-question accuracy within the damage bound."
+    sections = [
+        Section("What this run found",
+                f"Steered {len(h['pairs'])} pair(s) ({', '.join(h['pairs'])}) at {', '.join(h['sites'])} over "
+                f"{len(h['scales'])} values of k, {cfg.normalize} vectors, {cfg.mode} edits. " + found,
+                figures={k: h[k] for k in ("best_site", "best_scale", "flip_rate", "efficacy", "damage_accuracy",
+                                           "caption_nll_increase", "clean_flip_rate", "clean_damage_accuracy")},
+                images=[("figures/steer_overview.png", "flip rate, efficacy and damage against k, per layer")]),
+        Section("Figures", images=figure_images(folder)),
+        Section("Files", links=[("results.json", "results.json"), ("config.json", "config.json"),
+                                ("generations.jsonl", "generations.jsonl")]),
+    ]
+    write_page(folder / "index.html", "Steering", f"{cfg.model} · {cfg.data}", sections)
 
 
 def _fmt(template: str | None, src: str, tgt: str) -> str | None:
@@ -460,8 +491,13 @@ def _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, effica
     from tqdm.auto import tqdm
 
     from sightline.steer.generate import steered_generate
-    from sightline.steer.measure import (answer_logprobs, caption_nll, efficacy_from_logprobs, first_answer_token,
-                                         mentions)
+    from sightline.steer.measure import (
+        answer_logprobs,
+        caption_nll,
+        efficacy_from_logprobs,
+        first_answer_token,
+        mentions,
+    )
     kw = dict(positions=cfg.positions, mode=cfg.mode, batch_size=cfg.batch_size)
     scales = [float(k) for k in cfg.scales]
     n_k = len(scales)
@@ -474,7 +510,7 @@ def _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, effica
     with open(gen_path, "w", encoding="utf-8") as gen_file:
 
         def log(**rec):
-            gen_file.write(json.dumps(rec) + "\n")
+            gen_file.write(dumps(rec, indent=None) + "\n")
 
         for src, tgt in pairs:
             items = items_of[src]

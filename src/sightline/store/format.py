@@ -24,12 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+# The index columns and modality codes are the TokenLayout's (models/layout.py, their one definition);
+# importing it loads neither transformers nor an adapter.
+from sightline.models.layout import INDEX_COLUMNS, MODALITIES  # noqa: F401 (re-exported)
 
-# Kept identical to sightline.models.layout (checked by a test); repeated here so that opening a
-# store does not import the model adapters (and transformers).
-MODALITIES = ("text", "image", "image_newline", "special")
-INDEX_COLUMNS = ("example", "position", "modality", "image", "view", "row", "col")
+FORMAT_VERSION = 1
 INDEX_DTYPE = np.dtype([(c, np.int32) for c in INDEX_COLUMNS])
 
 MANIFEST = "manifest.json"

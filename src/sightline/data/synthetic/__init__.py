@@ -60,16 +60,16 @@ from sightline.data.synthetic.vocab import (
     SIZES,
     STYLES,
 )
-from sightline.data.synthetic.world import World
+from sightline.data.synthetic.world import DAMAGE_QTYPES, World, WorldFacts, world_facts
 
 __all__ = [
-    "ANSWERS", "BACKGROUNDS", "BACKGROUND_RGB", "COLOURS", "COLOUR_RGB", "FOLDER_ATTRIBUTES", "LOCATIONS",
+    "ANSWERS", "BACKGROUNDS", "BACKGROUND_RGB", "COLOURS", "DAMAGE_QTYPES", "COLOUR_RGB", "FOLDER_ATTRIBUTES", "LOCATIONS",
     "MARGIN_FRACTION", "NUMBERS", "PAIR_MODES", "POSITIONS", "QTYPES", "RELATIONS", "SHAPES",
     "SIZES", "SIZE_FRACTIONS", "STYLES", "UNIT_SHAPES",
     "Background", "Clip", "Correspondence", "Keypoint", "ObjectSpec", "Question", "RefExp", "Scene",
-    "SceneObject", "ScenePair", "UnitShape", "World", "WorldConfig",
+    "SceneObject", "ScenePair", "UnitShape", "World", "WorldConfig", "WorldFacts",
     "caption", "compose_scene", "davis_palette", "derive_seed", "export_coco", "export_davis",
     "export_imagefolder", "export_jsonl", "export_pairs", "make_background", "mask_to_rle",
     "parse_refexp", "questions", "referring_expressions", "render_clip", "render_pair", "render_scene",
-    "resolve", "sample_objects",
+    "resolve", "sample_objects", "world_facts",
 ]

@@ -19,7 +19,7 @@ from sightline.data.synthetic.layout import WorldConfig, rng_for
 from sightline.data.synthetic.motion import PAIR_MODES
 from sightline.data.synthetic.render import Scene
 from sightline.data.synthetic.vocab import NUMBERS, QTYPES, SHAPES
-from sightline.data.synthetic.world import World
+from sightline.data.synthetic.world import GENERATOR, World
 from sightline.errors import UserError
 
 __all__ = [
@@ -66,7 +66,7 @@ def _progress(items: Iterable[int], total: int, show: bool, desc: str) -> Iterab
 
 
 def _world_json(world: World, **more: Any) -> dict[str, Any]:
-    return {"generator": "sightline.data.synthetic", "seed": world.seed, "config": world.config.to_dict(), **more}
+    return {"generator": GENERATOR, "seed": world.seed, "config": world.config.to_dict(), **more}
 
 
 def export_imagefolder(root: str | os.PathLike, seed: int, n: int, config: WorldConfig | None = None,

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sightline.data.synthetic.language import Question, questions
@@ -10,7 +14,12 @@ from sightline.data.synthetic.layout import WorldConfig, check_seed, configure, 
 from sightline.data.synthetic.motion import Clip, ScenePair, render_clip, render_pair
 from sightline.data.synthetic.render import Scene, render_scene
 
-__all__ = ["World"]
+__all__ = ["DAMAGE_QTYPES", "GENERATOR", "World", "WorldFacts", "world_facts"]
+
+GENERATOR = "sightline.data.synthetic"  # the `generator` of every world.json this package writes
+# Steering the folder attribute of a synthetic dataset: the other attributes whose questions measure damage
+# (a shape edit must leave the colour answer alone, and so on).
+DAMAGE_QTYPES: dict[str, tuple[str, ...]] = {"shape": ("colour",), "colour": ("shape",), "size": ("shape", "colour")}
 
 
 class World:
@@ -49,3 +58,39 @@ class World:
     def clip(self, i: int, **kwargs: Any) -> Clip:
         """Clip `i` (kwargs go to `render_clip`: n_frames=, max_speed=, ...)."""
         return render_clip(self.seed_of("clip", i), self.config, **kwargs)
+
+
+@dataclass(frozen=True)
+class WorldFacts:
+    """What a dataset exported from the synthetic world says about itself (its world.json)."""
+
+    world: World  # re-draws any scene of the dataset exactly
+    info: dict[str, Any]  # world.json as written: generator, seed, config, layout, attribute, ...
+    folder: Path  # the dataset folder holding world.json
+
+    @property
+    def attribute(self) -> str | None:
+        """The attribute an image-folder export is foldered by (shape, colour, size), else None."""
+        return self.info.get("attribute")
+
+    @property
+    def damage_rule(self) -> dict[str, tuple[str, ...]]:
+        """Steering attribute -> the question types that measure damage (DAMAGE_QTYPES)."""
+        return dict(DAMAGE_QTYPES)
+
+
+def world_facts(path: str | os.PathLike) -> WorldFacts | None:
+    """The synthetic world behind a dataset (its folder, a .jsonl manifest in it, or a file beside
+    world.json), or None when it was not exported by sightline.data.synthetic."""
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    wj = folder / "world.json"
+    if not wj.is_file():
+        return None
+    try:
+        info = json.loads(wj.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    if not isinstance(info, dict) or info.get("generator") != GENERATOR:
+        return None
+    return WorldFacts(World(int(info["seed"]), WorldConfig.from_dict(info["config"])), info, folder)
