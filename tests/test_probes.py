@@ -452,3 +452,52 @@ def test_probe_run_folder_follows_the_output_convention(hand_store, tmp_path, mo
     with pytest.raises(RuntimeError, match="figure failed"):
         run_probes(ProbeConfig(**{**cfg.to_dict(), "out": str(tmp_path / "broken")}))
     assert not (tmp_path / "broken").exists() and not (tmp_path / "broken.partial").exists()
+
+
+def _incomplete_copy(path: Path, dst: Path, planned: int) -> Path:
+    """A copy of a store whose manifest planned `planned` examples (more than were written): an interrupted
+    extraction as the reader sees it."""
+    import shutil
+
+    from sightline.store import format as fmt
+
+    shutil.copytree(path, dst)
+    m = json.loads((dst / fmt.MANIFEST).read_text())
+    m["n_examples"] = planned
+    (dst / fmt.MANIFEST).write_text(json.dumps(m))
+    return dst
+
+
+def test_probe_refuses_an_incomplete_store_unless_allowed(hand_store, tmp_path):
+    path = _incomplete_copy(hand_store[0], tmp_path / "partial", planned=200)
+    base = dict(store=str(path), label="label", sites="resid", layers="1", l2_grid=(1e-2,), control=False,
+                progress=False, device="cpu")
+    with pytest.raises(UserError, match=r"store .*partial is incomplete: 120 of 200 examples.*--resume"):
+        run_probes(ProbeConfig(**base, out=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+    res = run_probes(ProbeConfig(**base, out=str(tmp_path / "run"), allow_incomplete=True))
+    saved = res.results["summary"]
+    assert saved["incomplete"] is True
+    assert saved["store_counts"] == {"n_planned": 200, "n_written": 120, "n_skipped": 0, "n_missing": 80}
+    assert len(saved["warnings"]) == 1 and "incomplete" in saved["warnings"][0]
+    assert "Warning" in res.html.read_text()
+    # a complete store: no warning, incomplete false
+    ok = run_probes(ProbeConfig(**{**base, "store": str(hand_store[0])}, out=str(tmp_path / "ok")))
+    assert ok["incomplete"] is False and ok["warnings"] == []
+
+
+def test_top5_only_with_more_than_five_classes(hand_store, tmp_path):
+    """3 classes: top-5 is 1 by construction, so it is null in results.json and absent from the page;
+    the best top-1 comes with its chance level."""
+    res = run_probes(ProbeConfig(store=str(hand_store[0]), label="label", sites="resid", layers="1", l2_grid=(1e-2,),
+                                 control=False, out=str(tmp_path / "run"), progress=False, device="cpu"))
+    assert res["best_top5"] is None and res["sites"]["resid.1"]["test_top5"] is None
+    assert res.results["metrics"]["sites"]["resid.1"]["test"]["top5"] is None
+    assert "top-5" not in res.html.read_text() and "best_top5" not in res.html.read_text()
+    assert res["best_top1_chance"] == pytest.approx(max(res["chance"].values()))
+    from sightline.probes.metrics import site_metrics
+
+    logits = torch.randn(40, 7)
+    y = np.arange(40) % 7
+    m = site_metrics(logits, y, [f"c{i}" for i in range(7)])
+    assert m["top5"] == pytest.approx(float(topk_accuracy(logits, torch.from_numpy(y), 5)))

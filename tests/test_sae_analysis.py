@@ -442,3 +442,59 @@ def test_organism_sae_probing_and_sharing_curve(tmp_path_factory):
     modality = json.loads((root / "analysis" / "results.json").read_text())["modality"]
     assert modality["saes"][PROBE_LAYER]["concepts"]["probing"]["n_labels"] == 16
     assert report[PROBE_LAYER]["probe_coverage"] >= 0.8
+
+
+def test_two_saes_at_one_site_get_distinct_labels(tiny, tmp_path):
+    """Two SAEs at resid.1: each its own label (site + arch/width/k) in results.json, folders, figure legend
+    and page headings; one SAE per site keeps the site as its label."""
+    store = tiny["store"]
+    saes = [make_sae(store, "resid.1", width=48, seed=3), make_sae(store, "resid.1", width=32, seed=4),
+            make_sae(store, "resid.2", seed=5)]
+    cfg = SAEAnalyzeConfig(saes=(), store=str(store.path), out=str(tmp_path / "an"), loss=False, n_features=2,
+                           top_images=2, top_texts=2, batch_size=50, progress=False)
+    res = analyze_saes(saes, store, cfg)
+    out = tmp_path / "an"
+    names = [s["name"] for s in res["saes"]]
+    assert names == ["resid.1-topk-w48-k4", "resid.1-topk-w32-k4", "resid.2"]
+    assert set(res.results["metrics"]["saes"]) == set(names)
+    for n in names:
+        assert (out / n / "features.html").is_file() and (out / "figures" / n / "modality_hist.png").is_file()
+    assert "SAE resid.1-topk-w32-k4 (at resid.1)" in (out / "resid.1-topk-w32-k4" / "features.html").read_text()
+    index = (out / "index.html").read_text()
+    assert ">resid.1-topk-w48-k4" in index and ">resid.1-topk-w32-k4" in index
+    curve = res["shared_by_layer"]
+    assert [(c["layer"], c["series"]) for c in curve] == [(1, "topk-w32-k4"), (1, "topk-w48-k4"), (2, "")]
+    assert (out / "figures" / "shared_by_layer.png").stat().st_size > 1000
+    from sightline.sae.analyze import sae_labels
+
+    a, b = make_sae(store, "resid.1", seed=1), make_sae(store, "resid.1", seed=2)  # identical settings: a counter
+    assert sae_labels([a, b], ["resid.1", "resid.1"]) == ["resid.1-topk-w48-k4-1", "resid.1-topk-w48-k4-2"]
+
+
+def test_untrained_and_too_short_saes_are_flagged(tiny, tmp_path):
+    from sightline.sae.analyze import analyze_sae, quality_flags
+    from sightline.sae.train import SAETrainConfig, train_saes
+
+    good = {"image": {"n_tokens": 10, "fvu": 0.2}, "text": {"n_tokens": 10, "fvu": 0.3}, "all": {"frac_dead": 0.1}}
+    assert quality_flags({"metrics": good}, "both", None, 0.9, 0.5) == []
+    bad = {**good, "text": {"n_tokens": 10, "fvu": 1.4}, "all": {"frac_dead": 0.52}}
+    assert quality_flags({"metrics": bad}, "image", None, 0.9, 0.5) == ["52% of latents dead (> 50%)"]
+    assert quality_flags({"metrics": bad}, "both", None, 0.9, 0.5) == ["text FVU 1.40 >= 0.9",
+                                                                         "52% of latents dead (> 50%)"]
+    assert "too short (1 steps" in quality_flags({"metrics": good}, "both", {"too_short": True, "steps": 1,
+                                                                             "tokens": 4096}, 0.9, 0.5)[0]
+    # a one-step training run, analysed: its training record and its measurements flag it
+    store = tiny["store"]
+    run = train_saes(SAETrainConfig(store=str(store.path), site="resid.1", out=str(tmp_path / "sae"),
+                                    modality="both", batch_size=4096, epochs=1, threads=1, progress=False,
+                                    saes=(SAEConfig(arch="topk", width=64, k=4),)), progress=False)
+    assert run["too_short"] and run["steps"] == 1
+    res = analyze_sae(SAEAnalyzeConfig(saes=(str(tmp_path / "sae"),), store=str(store.path), out=str(tmp_path / "an"),
+                                       loss=False, n_features=2, top_images=1, top_texts=1, progress=False))
+    (s,) = res["saes"]
+    assert s["flagged"] and s["flags"][0].startswith("its training run was too short (1 steps")
+    assert len(res["warnings"]) == 1 and "looks untrained" in res["warnings"][0]
+    q = res.results["metrics"]["saes"][s["name"]]["quality"]
+    assert q["training"]["steps"] == 1 and q["flagged"]
+    assert "looks untrained" in (tmp_path / "an" / "index.html").read_text()
+    assert "looks untrained" in (tmp_path / "an" / s["name"] / "features.html").read_text()

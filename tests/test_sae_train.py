@@ -346,3 +346,54 @@ def test_training_run_folder_follows_the_output_convention(sparse_store, tmp_pat
     with pytest.raises(RuntimeError, match="figure failed"):
         train_saes(dataclasses.replace(cfg, out=str(tmp_path / "broken")), progress=False)
     assert not (tmp_path / "broken").exists() and (tmp_path / "broken.partial" / "config.json").exists()
+
+
+def test_schedule_from_the_data():
+    """The README's command on a 32-image store (2,304 tokens, 1,024 latents): auto epochs and batch give
+    200 steps of 256 over 51,200 tokens; the old fixed batch of 4096 for one pass is one step, flagged."""
+    from sightline.sae.train import plan_schedule
+
+    auto = SAETrainConfig(store="s", site="resid.2", modality="both")
+    s = plan_schedule(auto, n_avail=2304, max_width=1024)
+    assert (s.batch_size, s.steps, s.total_tokens) == (256, 200, 51_200) and not s.too_short and not s.warnings
+    big = plan_schedule(auto, n_avail=10_000_000, max_width=32_768)  # a large store: one pass, batch 4096
+    assert (big.batch_size, big.steps, big.epochs) == (4096, 10_000_000 // 4096, pytest.approx(1.0, abs=1e-3))
+    old = plan_schedule(dataclasses.replace(auto, batch_size=4096, epochs=1.0), n_avail=2304, max_width=1024)
+    assert old.steps == 1 and old.too_short and len(old.warnings) == 2
+    assert "1 optimiser step" in old.warnings[0] and "4,096 tokens seen for 1,024 latents" in old.warnings[1]
+    tiny = plan_schedule(auto, n_avail=100, max_width=1024)  # capped at 100 passes: still too short, and flagged
+    assert tiny.total_tokens == 10_000 and tiny.too_short and any("memorise" in w for w in tiny.warnings)
+
+
+def test_too_short_run_is_flagged_in_results_page_and_cli(sparse_store, tmp_path, capsys):
+    from sightline.cli import main
+
+    rc = main(["sae", "train", str(sparse_store), "--site", "resid.1", "--out", str(tmp_path / "run"), "--width", "64",
+               "--k", "4", "--batch-size", "4096", "--epochs", "1", "--threads", "1", "--no-progress"])
+    assert rc == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sightline: warning: ")]
+    assert len(err) == 1 and "too short: 1 optimiser step" in err[0]
+    summary = json.loads((tmp_path / "run" / "results.json").read_text())["summary"]
+    assert summary["too_short"] is True and summary["steps"] == 1 and summary["warnings"] == [err[0][20:]]
+    assert "too short" in (tmp_path / "run" / "index.html").read_text()
+    # the defaults on the same store: enough steps, no warning
+    res = train_saes(SAETrainConfig(store=str(sparse_store), site="resid.1", out=str(tmp_path / "auto"), threads=1,
+                                    saes=(SAEConfig(width=64, k=4),)), progress=False)
+    assert res["steps"] >= 200 and res["too_short"] is False and res["warnings"] == []
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["batch_size"] == 0  # auto, as asked
+
+
+def test_incomplete_store_is_refused_unless_allowed(tmp_path):
+    from sightline.store import format as fmt
+
+    path = write_store(tmp_path / "store", n_examples=12)
+    m = json.loads((path / fmt.MANIFEST).read_text())
+    m["n_examples"] = 20  # 8 examples never written: an interrupted extraction
+    (path / fmt.MANIFEST).write_text(json.dumps(m))
+    cfg = base_config(path, tmp_path / "run", total_tokens=256 * 2, saes=(SAEConfig(width=64, k=4),))
+    with pytest.raises(UserError, match=r"is incomplete: 12 of 20 examples.*extract .*--resume"):
+        train_saes(cfg, progress=False)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
+    res = train_saes(dataclasses.replace(cfg, allow_incomplete=True), progress=False)
+    assert res["incomplete"] is True and res["store_counts"]["n_missing"] == 8
+    assert any("incomplete" in w for w in res["warnings"])

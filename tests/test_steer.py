@@ -359,3 +359,87 @@ def test_organism_steering_sweep_over_every_layer(tmp_path):
     scales = tuple(round(float(k), 3) for k in np.linspace(0, 30, 16))
     best = _check_organism_validation(_organism_run(tmp_path, "all", scales))
     assert best["site"] == "resid.0"
+
+
+def test_best_point_weighs_damage():
+    """The best (layer, k) is the highest flip rate among points whose damage is acceptable: a point that flips
+    everything at caption NLL +3.4 nats/token, or that costs 0.3 of the damage accuracy, does not qualify."""
+    from sightline.steer.run import summarize
+
+    def pair(flip, eff, dmg, nll):
+        return {"clean": {"efficacy": 0.1, "flip_rate": 0.0, "source_rate": 1.0, "damage_accuracy": 1.0,
+                          "caption_nll": 0.1},
+                "layers": {"resid.0": {"efficacy": eff, "efficacy_prob": eff, "efficacy_share": eff, "flip_rate": flip,
+                                       "source_rate": [1 - f for f in flip], "damage_accuracy": dmg,
+                                       "caption_nll_increase": nll}}}
+
+    scales = [0.0, 2.0, 4.0, 8.0]
+    p = pair([0.0, 0.6, 1.0, 1.0], [0.1, 0.5, 0.9, 0.99], [1.0, 0.95, 1.0, 0.7], [0.0, 0.2, 3.4, 0.3])
+    s = summarize([p], ["resid.0"], scales)
+    assert s["best"]["scale"] == 2.0 and s["best"]["flip_rate"] == 0.6 and "1 of 3 steered points" in s["best_note"]
+    none = summarize([p], ["resid.0"], scales, max_caption_nll_increase=0.1)
+    assert none["best"] is None and "no steered (layer, k) keeps the damage acceptable" in none["best_note"]
+    # nothing flips: the highest efficacy wins, never the clean k = 0
+    q = pair([0.0, 0.0, 0.0, 0.0], [0.1, 0.2, 0.4, 0.3], [None] * 4, [0.0, 0.1, 0.2, 0.3])
+    assert summarize([q], ["resid.0"], scales)["best"]["scale"] == 4.0
+
+
+def test_plain_folder_on_a_random_model_warns_that_flips_measure_nothing(tmp_path, tiny_checkpoint):
+    """A random model answers the paper's open prompt with no class word: the run says so, and with bounds no
+    point meets, the summary says that no (layer, k) qualifies."""
+    from safetensors.torch import save_file
+
+    from sightline.data.synthetic import WorldConfig, export_imagefolder
+
+    model = tiny_checkpoint("llava")
+    data = export_imagefolder(tmp_path / "data", seed=2, n=6, config=WorldConfig(image_size=56, n_objects=1,
+                                                                                shapes=("circle", "star")))
+    (data / "world.json").unlink()  # a plain image folder
+    from sightline.models import load_model
+
+    d = load_model(model).hidden_size
+    g = torch.Generator().manual_seed(0)
+    save_file({"resid.1/circle": torch.randn(d, generator=g), "resid.1/star": torch.randn(d, generator=g)},
+              str(tmp_path / "d.safetensors"))
+    res = run_steering(SteerConfig(model=model, directions=str(tmp_path / "d.safetensors"), data=str(data),
+                                   out=str(tmp_path / "out"), pairs=("circle:star",), scales=(0.0, 4.0),
+                                   images_per_class=2, max_new_tokens=3, max_caption_nll_increase=-1.0,
+                                   progress=False))
+    assert res.results["prompts"]["open"] == "What is shown in this image?"  # not the world's: not its model
+    assert res.results["prompts"]["world_language"] is None
+    assert any("names 'circle' or 'star'" in w and "measures nothing" in w for w in res["warnings"])
+    assert res["best_site"] is None and "no steered (layer, k)" in res["best_note"]
+    assert "measures nothing" in res.html.read_text()
+
+
+def test_organism_on_a_plain_folder_is_asked_the_worlds_question(tmp_path):
+    """The shipped organism steered on a plain folder of synthetic images (no world.json): the defaults become
+    the world's question ("What shape is shown?", efficacy as the share of the two words), which it answers
+    with the shape, so no warning, and k = 6 swaps it; the best point keeps the caption NLL within its bound."""
+    from sightline.data.synthetic import WorldConfig, export_imagefolder
+    from sightline.extract import ExtractConfig, extract
+    from sightline.organism import checkpoint_path
+
+    ckpt = str(checkpoint_path())
+    world = WorldConfig(n_objects=1, shapes=("circle", "star"))
+    train = export_imagefolder(tmp_path / "train", seed=11, n=40, config=world)
+    plain = export_imagefolder(tmp_path / "plain", seed=12, n=24, config=world)
+    (plain / "world.json").unlink()
+    store = extract(ExtractConfig(model=ckpt, data=str(train), out=str(tmp_path / "store"), sites="resid",
+                                  layers="0", dtype="float32", batch_size=40, progress=False))
+    res = run_steering(SteerConfig(model=ckpt, directions=str(store), data=str(plain), out=str(tmp_path / "out"),
+                                   pairs=("circle:star",), layers="0", scales=(0.0, 6.0), images_per_class=6,
+                                   batch_size=32, max_new_tokens=6, progress=False))
+    r = res.results
+    assert r["prompts"]["world_language"] == "the model is the shipped organism"
+    assert r["efficacy_metric"] == "share" and r["prompts"]["caption"] == "Describe the image."
+    opens = [json.loads(x) for x in (tmp_path / "out" / "generations.jsonl").read_text().splitlines()]
+    assert {g["prompt"] for g in opens if g["kind"] == "open"} == {"What shape is shown?"}
+    assert r["pairs"][0]["clean"]["source_rate"] >= 0.8  # it names the circle
+    assert not any("measures nothing" in w for w in res["warnings"])
+    assert res["chance"]["efficacy"] == 0.5
+    # the organism's own captions name the shape, so a swap alone raises their NLL (~1.5 nats/token at k = 6
+    # here): the best point respects the bound, whatever it costs the flip rate
+    assert res["best_site"] is None or res["caption_nll_increase"] <= 1.0
+    big = r["pairs"][0]["layers"]["resid.0"]
+    assert big["flip_rate"][-1] >= 0.5 and big["efficacy"][-1] > 0.5 > big["efficacy"][0]  # k = 6 does swap

@@ -171,6 +171,18 @@ def _split(argv: list[str]) -> tuple[str | None, list[str], str]:
     return None, argv, ""
 
 
+def _print_warnings(result: Any) -> None:
+    """The run's summary `warnings` (also in its results.json), one line each on stderr, from one process."""
+    summary = getattr(result, "summary", None)
+    if not isinstance(summary, dict) or not summary.get("warnings"):
+        return
+    from sightline.runtime import is_main_process
+
+    if is_main_process():
+        for w in summary["warnings"]:
+            print(f"{PROG}: warning: {w}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `sightline ARGS`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -203,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         text = COMMANDS[name].show(cfg, result)
         if text is not None:
             print(text)
+        _print_warnings(result)
         return 0
     except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

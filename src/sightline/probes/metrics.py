@@ -36,7 +36,8 @@ def chance_levels(y_train: np.ndarray, y_test: np.ndarray, n_classes: int) -> di
 
 
 def site_metrics(logits_nk: torch.Tensor, y: np.ndarray, classes: list[str]) -> dict:
-    """top1, top5, balanced accuracy and per-class accuracy of one probe's logits on one split."""
+    """top1, top5, balanced accuracy and per-class accuracy of one probe's logits on one split; top5 is None
+    with 5 classes or fewer (it would be 1 by construction)."""
     y_t = torch.as_tensor(np.asarray(y), dtype=torch.long)
     logits_nk = logits_nk.detach().float().cpu()
     pred = logits_nk.argmax(-1).numpy()
@@ -44,7 +45,7 @@ def site_metrics(logits_nk: torch.Tensor, y: np.ndarray, classes: list[str]) -> 
     return {
         "n": int(len(y_t)),
         "top1": float(topk_accuracy(logits_nk, y_t, 1)) if len(y_t) else float("nan"),
-        "top5": float(topk_accuracy(logits_nk, y_t, 5)) if len(y_t) else float("nan"),
+        "top5": (float(topk_accuracy(logits_nk, y_t, 5)) if len(y_t) else float("nan")) if len(classes) > 5 else None,
         "balanced": float(np.nanmean(pc)) if np.isfinite(pc).any() else float("nan"),
         "per_class": {c: (None if np.isnan(a) else float(a)) for c, a in zip(classes, pc)},
     }

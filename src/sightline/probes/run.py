@@ -61,6 +61,9 @@ class ProbeConfig:
     """Keep at most this many examples per class (seeded); None: all."""
     min_cover: float = 0.5
     """mask.* labels: a token's label must cover this share of its pixel box."""
+    allow_incomplete: bool = False
+    """Probe an incomplete store (an interrupted extraction) instead of refusing; the run warns and records
+    `incomplete` and the store's counts in results.json."""
     device: str = "auto"
     """Where the probes are fitted: auto (CUDA if available), cpu, cuda:0."""
     overwrite: bool = False
@@ -156,10 +159,12 @@ def run_probes(config: ProbeConfig) -> RunResult:
     from sightline.probes.linear import one_thread_if_small, resolve_device, save_probes, stratified_split
     from sightline.probes.metrics import chance_levels
     from sightline.store import ActivationStore
+    from sightline.store.completeness import require_complete
 
     t_start = time.perf_counter()
     _check(config)
     store = ActivationStore.open(config.store)
+    store_state, warnings = require_complete(store, config.allow_incomplete)
     sites = select_sites(store, config.sites, config.layers)
     out = check_output(Path(config.out).expanduser(), config.overwrite, UserError)  # written only at the end
 
@@ -283,12 +288,16 @@ def run_probes(config: ProbeConfig) -> RunResult:
         "chance": chance,
         "best_site": best,
         "best_top1": best_m["test"]["top1"],
+        "best_top1_chance": max((v for v in chance.values() if v == v), default=None),
         "best_top5": best_m["test"]["top5"],
         "best_control_top1": best_m.get("control", {}).get("test_top1"),
         "best_selectivity": best_m.get("selectivity"),
         "sites": card["sites"],
         "files": [str(out / f) for f in FILES],
         "seconds": round(seconds, 3),
+        "incomplete": store_state["incomplete"],
+        "store_counts": {k: store_state[k] for k in ("n_planned", "n_written", "n_skipped", "n_missing")},
+        "warnings": warnings,
     }
     from sightline.report.probes import plot_accuracy_vs_layer
 
@@ -309,6 +318,8 @@ def run_probes(config: ProbeConfig) -> RunResult:
 
 def _write_page(folder: Path, config: ProbeConfig, summary: dict, card: dict) -> None:
     """index.html of a probe run: what it found, accuracy per site, the figures."""
+    import html
+
     from sightline.report.html import Section, figure_images, write_page
 
     sel = summary["best_selectivity"]
@@ -317,15 +328,18 @@ def _write_page(folder: Path, config: ProbeConfig, summary: dict, card: dict) ->
              + (f", control task {summary['best_control_top1']:.3f} (selectivity {sel:.3f})" if sel is not None else "")
              + f". Features: {card['features']}; {summary['n_rows']} rows split by image "
                f"({summary['split_sizes']['train']} train, {summary['split_sizes']['test']} test).")
-    rows = [(s, m["test_top1"], m["test_top5"], m["control_test_top1"], m["selectivity"], m["l2"])
-            for s, m in summary["sites"].items()]
-    write_page(folder / "index.html", f"Linear probes: {config.label}", f"store {config.store}", [
-        Section("What this run found", found,
-                figures={k: summary[k] for k in ("best_site", "best_top1", "best_top5", "best_control_top1",
-                                                 "best_selectivity")},
+    top5 = summary["best_top5"] is not None  # only with more than 5 classes
+    rows = [(s, m["test_top1"], *([m["test_top5"]] if top5 else []), m["control_test_top1"], m["selectivity"],
+             m["l2"]) for s, m in summary["sites"].items()]
+    header = ["site", "top-1", *(["top-5"] if top5 else []), "control top-1", "selectivity", "L2"]
+    keys = ("best_site", "best_top1", "best_top1_chance", *(("best_top5",) if top5 else ()), "best_control_top1",
+            "best_selectivity")
+    warn = ([Section("Warnings", html="".join(f"<p><b>Warning:</b> {html.escape(w)}</p>" for w in summary["warnings"]))]
+            if summary["warnings"] else [])
+    write_page(folder / "index.html", f"Linear probes: {config.label}", f"store {config.store}", warn + [
+        Section("What this run found", found, figures={k: summary[k] for k in keys},
                 images=[("figures/accuracy_vs_layer.png", "held-out accuracy against layer")]),
-        Section("Accuracy per site", tables=[("held-out split", ["site", "top-1", "top-5", "control top-1",
-                                                                 "selectivity", "L2"], rows)]),
+        Section("Accuracy per site", tables=[("held-out split", header, rows)]),
         Section("Figures", images=figure_images(folder)),
         Section("Files", links=[("results.json", "results.json"), ("config.json", "config.json"),
                                 ("probes.safetensors", "probes.safetensors"),

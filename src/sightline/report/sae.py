@@ -30,10 +30,18 @@ def plot_shared_by_layer(curve: Sequence[dict[str, Any]], path: str | os.PathLik
     """Fractions of shared, image-only and text-only latents against layer (the Line of Sight headline)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 3.4))
-    xs = [c["layer"] for c in curve]
-    for key, colour, style in (("shared", "#7b2cbf", "-o"), ("image_only", "#e07a1f", "--s"),
-                               ("text_only", "#2a7ab0", "--^")):
-        ax.plot(xs, [c[key] for c in curve], style, color=colour, label=key.replace("_", "-"), lw=2 if key == "shared" else 1.2)
+    xs = sorted({c["layer"] for c in curve})
+    series = list(dict.fromkeys(c.get("series", "") for c in curve))  # several SAEs per site: one line each
+    markers = "osD^vP*Xh"
+    for i, name in enumerate(series):
+        pts = [c for c in curve if c.get("series", "") == name]
+        # a small x offset per series keeps overlapping lines visible
+        dx = 0.0 if len(series) == 1 else (i - (len(series) - 1) / 2) * 0.08
+        for key, colour, ls in (("shared", "#7b2cbf", "-"), ("image_only", "#e07a1f", "--"),
+                                ("text_only", "#2a7ab0", ":")):
+            label = key.replace("_", "-") + (f" ({name})" if len(series) > 1 else "")
+            ax.plot([c["layer"] + dx for c in pts], [c[key] for c in pts], ls, marker=markers[i % len(markers)],
+                    color=colour, label=label, lw=2 if key == "shared" else 1.2, ms=5, alpha=0.9)
     ax.set_xlabel("layer (resid.L)")
     ax.set_ylabel("fraction of live latents")
     ax.set_ylim(-0.02, 1.02)

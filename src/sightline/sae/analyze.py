@@ -90,6 +90,11 @@ class SAEAnalyzeConfig:
     """Concepts scored: auto, facts, label or none (see sightline.sae.modality)."""
     concept_auroc: float = CONCEPT_AUROC
     """AUROC a latent needs to count for a concept."""
+    max_fvu: float = 0.9
+    """An SAE whose FVU on the tokens it was trained on is >= this is flagged as untrained (a warning; its
+    latents and sharing say little)."""
+    max_dead_frac: float = 0.5
+    """An SAE with more than this share of dead latents (never active on the store) is flagged as untrained."""
     max_probe_images: int = 4096
     """Images used for concept probing at most."""
     n_features: int = 24
@@ -146,6 +151,67 @@ def _sae_cfg(sae) -> dict:
     if hasattr(cfg, "to_dict"):
         return cfg.to_dict()
     return asdict(cfg) if is_dataclass(cfg) else dict(vars(cfg))
+
+
+def sae_labels(saes: list, sites: list[str]) -> list[str]:
+    """A distinct label per SAE: its site, or, where several SAEs share a site, the site plus the SAE's name
+    (its `sae train` folder name, e.g. resid.2-topk-w1024-k32) or architecture, width and k; a counter last."""
+    out = []
+    for sae, site in zip(saes, sites):
+        if sites.count(site) == 1:
+            out.append(site)
+            continue
+        c = _sae_cfg(sae)
+        width = c.get("width") or getattr(sae, "W_dec", torch.empty(0, 0)).shape[0]
+        second = f"l1_{c['l1_coeff']:g}" if c.get("arch") == "relu" and c.get("l1_coeff") is not None else (
+            f"k{c['k']}" if c.get("k") else "")
+        tag = c.get("name") or "-".join(str(t) for t in (c.get("arch") or "sae", f"w{width}", second) if t)
+        out.append(f"{site}-{tag}")
+    counts = {label: out.count(label) for label in out}
+    seen: dict[str, int] = {}
+    for i, label in enumerate(out):
+        if counts[label] > 1:
+            seen[label] = seen.get(label, 0) + 1
+            out[i] = f"{label}-{seen[label]}"
+    return out
+
+
+def training_record(folder: str | Path) -> dict | None:
+    """What the `sae train` run that wrote an SAE folder says about it ({steps, tokens, batch_size, too_short,
+    warnings}), from the run's results.json beside the folder; None when there is none."""
+    folder = Path(folder)
+    path = folder.parent / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text()).get("summary") or {}
+    except (ValueError, AttributeError):
+        return None
+    if not any(s.get("name") == folder.name for s in summary.get("saes", [])):
+        return None
+    steps, batch = summary.get("steps"), summary.get("batch_size")
+    return {"run": str(folder.parent), "steps": steps, "tokens": summary.get("tokens"), "batch_size": batch,
+            "too_short": summary.get("too_short", bool(steps is not None and steps < 200)),
+            "warnings": [w for w in summary.get("warnings", []) if w.startswith(("too short", "only "))]}
+
+
+def quality_flags(rec: dict, modality: str | None, training: dict | None, max_fvu: float,
+                  max_dead_frac: float) -> list[str]:
+    """Why an SAE looks untrained or too briefly trained to analyse: its training run said so, its FVU on the
+    tokens it was trained on is >= max_fvu, or more than max_dead_frac of its latents are dead. [] when fine."""
+    why = []
+    if training is not None and training.get("too_short"):
+        why.append(f"its training run was too short ({training.get('steps')} steps, {training.get('tokens')} tokens)")
+    m = rec["metrics"]
+    groups = {"image": ("image",), "text": ("text",)}.get(modality or "", ("image", "text"))
+    fvus = [(g, m[g]["fvu"]) for g in groups if m[g]["n_tokens"] and m[g]["fvu"] == m[g]["fvu"]]
+    worst = max(fvus, key=lambda t: t[1], default=None)
+    if worst is not None and worst[1] >= max_fvu:
+        why.append(f"{worst[0]} FVU {worst[1]:.2f} >= {max_fvu:g}")
+    dead = m["all"]["frac_dead"]
+    if dead == dead and dead > max_dead_frac:
+        why.append(f"{dead:.0%} of latents dead (> {max_dead_frac:.0%})")
+    return why
 
 
 def _name_of(site: str, taken: set[str]) -> str:
@@ -407,7 +473,11 @@ def _write_sae_page(folder: Path, figdir: Path, sae, store, site: str, rec: dict
         "Latents", "Top images: each original image lit by the latent's activation at its image tokens (bright "
         "where it fires, dimmed where it does not). Top text: the tokens before each top-activating text token, "
         "shaded by the latent's activation (the top token outlined).", html="\n".join(body)))
-    write_page(folder / "features.html", f"SAE at {site}", json.dumps(to_jsonable(rec["sae_cfg"])), sections,
+    if rec["quality"]["flagged"]:
+        sections.insert(0, Section("Warning", "This SAE looks untrained: " + "; ".join(rec["quality"]["reasons"])
+                                   + ". Its latents and modality split say little."))
+    title = f"SAE at {site}" if rec["name"] == site else f"SAE {rec['name']} (at {site})"
+    write_page(folder / "features.html", title, json.dumps(to_jsonable(rec["sae_cfg"])), sections,
                nav=[("../index.html", "all SAEs")], toc=False)
 
 
@@ -419,7 +489,7 @@ def _write_index(tmp: Path, results: list[dict], curve: list[dict], cfg: SAEAnal
     for r in results:
         m, s, lr = r["metrics"], r["sharing"], r.get("loss_recovered") or {}
         cov = ((r["concepts"].get("probing") or {}).get("coverage"))
-        rows.append([Link(f"{r['name']}/features.html", r["site"]),
+        rows.append([Link(f"{r['name']}/features.html", r["name"] + (" (untrained?)" if r["quality"]["flagged"] else "")),
                      m["image"]["fvu"], m["text"]["fvu"], m["image"]["l0"], m["text"]["l0"], m["all"]["n_dead"],
                      lr.get("loss_recovered"), s["image_only"], s["text_only"], s["shared"], cov,
                      len(r["concepts"].get("cross_modal", []))])
@@ -436,10 +506,14 @@ def _write_index(tmp: Path, results: list[dict], curve: list[dict], cfg: SAEAnal
                  f"text, {fmt(r['sharing']['image_only'], 3)} image-only, {fmt(r['sharing']['text_only'], 3)} "
                  "text-only.")
     found = f"{len(results)} SAE(s) over store {cfg.store}. " + found
+    flagged = [r for r in results if r["quality"]["flagged"]]
+    warn = [Section("Warnings", html="".join(
+        f"<p><b>Warning:</b> SAE {html.escape(r['name'])} looks untrained: "
+        f"{html.escape('; '.join(r['quality']['reasons']))}.</p>" for r in flagged))] if flagged else []
     head = Section("What this run found", found, tables=[("per SAE (each links to its feature page)", header, rows)],
                    images=[("figures/shared_by_layer.png", "shared fraction of live latents by layer")] if curve else [])
     write_page(tmp / "index.html", "SAE analysis", f"store {cfg.store}", [
-        head, Section("Figures", images=figure_images(tmp)),
+        *warn, head, Section("Figures", images=figure_images(tmp)),
         Section("Files", links=[("results.json", "results.json"), ("config.json", "config.json")])])
 
 
@@ -456,9 +530,11 @@ def _loss_items(cfg: SAEAnalyzeConfig, store) -> tuple[list, str | None]:
     return items[: cfg.n_loss], None
 
 
-def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokenizer=None) -> RunResult:
+def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokenizer=None,
+                 training: list[dict | None] | None = None) -> RunResult:
     """Analyse loaded SAEs over an open store (see the module docstring); writes the run folder cfg.out
-    (docs/outputs.md), whole or not at all."""
+    (docs/outputs.md), whole or not at all. `training`: per SAE what its training run said (`training_record`),
+    or None; an SAE too briefly trained, or measured as untrained, is flagged (`quality_flags`)."""
     from safetensors.torch import save_file
 
     from sightline.report.sae import plot_shared_by_layer
@@ -491,10 +567,13 @@ def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokeniz
 
     results: list[dict[str, Any]] = []
     taken: set[str] = set()
+    labels = sae_labels(saes, sites)
+    training = list(training) if training is not None else [None] * len(saes)
+    warnings: list[str] = []
     with RunFolder(out, overwrite=cfg.overwrite) as tmp:
         write_json(tmp / "config.json", to_dict(cfg))
-        for sae, site in zip(saes, sites):
-            name = _name_of(site, taken)
+        for sae, site, label, trained in zip(saes, sites, labels, training):
+            name = _name_of(label, taken)
             folder = tmp / name
             folder.mkdir()
             figdir = tmp / "figures" / name
@@ -516,6 +595,12 @@ def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokeniz
                 rec["layer"] = Site.parse(site).layer
             except (UserError, ValueError):
                 rec["layer"] = None
+            rec["series"] = name[len(site) + 1:] if name.startswith(site + "-") else ""
+            flags = quality_flags(rec, rec["sae_cfg"].get("modality"), trained, cfg.max_fvu, cfg.max_dead_frac)
+            rec["quality"] = {"flagged": bool(flags), "reasons": flags, "training": trained}
+            if flags:
+                warnings.append(f"SAE {name} looks untrained: {'; '.join(flags)}; its latents and modality split "
+                                "say little (train longer: see `sae train --min-steps`)")
             if items:
                 rec["loss_recovered"] = loss_recovered(adapter, sae, items, site, cfg.loss_batch_size, cfg.progress)
             else:
@@ -529,8 +614,8 @@ def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokeniz
                       str(folder / "latents.safetensors"))
             _write_sae_page(folder, figdir, sae, store, site, rec, p.top, tokens, cfg)
             results.append(rec)
-        curve = shared_by_layer([{"site": r["site"], "sharing": r["sharing"]} for r in results
-                                 if r.get("layer") is not None and r["sharing"]["n_alive"]])
+        curve = shared_by_layer([{"site": r["site"], "sharing": r["sharing"], "name": r["name"], "series": r["series"]}
+                                 for r in results if r.get("layer") is not None and r["sharing"]["n_alive"]])
         if curve:
             plot_shared_by_layer(curve, tmp / "figures" / "shared_by_layer.png")
         summary = to_jsonable({
@@ -548,13 +633,16 @@ def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokeniz
                 "shared": r["sharing"]["shared"],
                 "probe_coverage": (r["concepts"].get("probing") or {}).get("coverage"),
                 "cross_modal_concepts": [c["concept"] for c in r["concepts"].get("cross_modal", [])],
+                "flagged": r["quality"]["flagged"], "flags": r["quality"]["reasons"],
             } for r in results],
+            "warnings": warnings,
         })
         write_json(tmp / "results.json", {
             "summary": summary,
             "metrics": {"store": str(store.path), "saes": {
                 r["name"]: {"site": r["site"], "layer": r["layer"], "sae": r["sae_cfg"],
                             "reconstruction": r["metrics"], "loss_recovered": r.get("loss_recovered"),
+                            "quality": r["quality"],
                             "loss_note": r.get("loss_note"), "definitions": "see sightline.sae.metrics"}
                 for r in results}},
             "modality": {
@@ -579,4 +667,4 @@ def analyze_sae(config: SAEAnalyzeConfig) -> dict[str, Any]:
     store = ActivationStore.open(config.store)
     dev = resolve_device(config.device)
     saes = [SAE.from_pretrained(str(f)).to(dev).eval() for f in folders]
-    return analyze_saes(saes, store, config)
+    return analyze_saes(saes, store, config, training=[training_record(f) for f in folders])

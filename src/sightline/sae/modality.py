@@ -90,7 +90,8 @@ def sharing(image_share: np.ndarray, threshold: float = SHARE_THRESHOLD) -> dict
 
 def shared_by_layer(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The headline curve: [{site, layer, shared, image_only, text_only, n_alive}] sorted by layer, from
-    entries {site, sharing} (one SAE per site)."""
+    entries {site, sharing}; entries that also carry `name` and `series` (which of several SAEs per site, e.g.
+    topk-w1024-k32; "" for one SAE per site) keep them, so each series is drawn as its own line."""
     from sightline.capture.sites import Site
 
     curve = []
@@ -98,8 +99,9 @@ def shared_by_layer(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         layer = Site.parse(e["site"]).layer
         s = e["sharing"]
         curve.append({"site": e["site"], "layer": layer, "shared": s["shared"], "image_only": s["image_only"],
-                      "text_only": s["text_only"], "n_alive": s["n_alive"]})
-    return sorted(curve, key=lambda c: (c["layer"] if c["layer"] is not None else -1, c["site"]))
+                      "text_only": s["text_only"], "n_alive": s["n_alive"],
+                      **{k: e[k] for k in ("name", "series") if k in e}})
+    return sorted(curve, key=lambda c: (c["layer"] if c["layer"] is not None else -1, c["site"], c.get("series", "")))
 
 
 # ---------------------------------------------------------------------------------------- concepts

@@ -53,6 +53,9 @@ MODALITY_CODES = {"image": tuple(MODALITIES[c] for c in IMAGE_CODES), "text": (M
 STREAM_TAGS = {"image": 0, "text": 1}
 CHECKPOINT = "checkpoint"
 LOG_FILE = "train_log.jsonl"
+AUTO_MAX_BATCH = 4096  # the auto batch starts here ...
+AUTO_MIN_BATCH = 256  # ... and is halved down to this at most
+AUTO_MAX_EPOCHS = 100.0  # auto epochs repeat a small store at most this many times
 # fields that change speed, not results: a resume may change them
 RUNTIME_FIELDS = ("device", "threads", "prefetch", "progress")
 
@@ -129,12 +132,23 @@ class SAETrainConfig:
     """Tokens trained on: image, text or both."""
     image_fraction: float = 0.0
     """modality both: share of image tokens in every batch; 0: the store's own share."""
-    batch_size: int = 4096
-    """Tokens per step (the global batch under torchrun)."""
+    batch_size: int = 0
+    """Tokens per step (the global batch under torchrun); 0: auto, 4096 halved (not below 256) until the run
+    makes at least --min-steps steps."""
     total_tokens: int = 0
     """Tokens to train on; 0: --epochs passes over the chosen tokens."""
-    epochs: float = 1.0
-    """Passes over the chosen tokens when --total-tokens is 0."""
+    epochs: float = 0.0
+    """Passes over the chosen tokens when --total-tokens is 0; 0: auto, one pass, or more (at most 100) when one
+    pass is too little: enough for --min-steps steps of the batch (256 when auto) and for --min-tokens-per-latent
+    tokens per latent of the widest SAE."""
+    min_steps: int = 200
+    """Fewest optimiser steps that make a run meaningful: auto batch/epochs aim for it, and a run with fewer is
+    flagged too short (a warning, `too_short` in results.json)."""
+    min_tokens_per_latent: float = 10.0
+    """Tokens a run should see per latent of its widest SAE: auto epochs aim for it; fewer is flagged too short."""
+    allow_incomplete: bool = False
+    """Train on an incomplete store (an interrupted extraction) instead of refusing; the run warns and records
+    `incomplete` and the store's counts in results.json."""
     lr_warmup_frac: float = 0.0
     """Linear lr warm-up over this fraction of the steps."""
     lr_decay_frac: float = 0.2
@@ -378,10 +392,12 @@ def _check(cfg: SAETrainConfig, store) -> tuple[int, list[str]]:
         raise UserError(f"--modality must be image, text or both, not {cfg.modality!r}")
     if cfg.modality == "both" and not 0 <= cfg.image_fraction < 1:
         raise UserError(f"--image-fraction must be in [0, 1) (0: the store's own share), got {cfg.image_fraction}")
-    if cfg.batch_size < 2:
-        raise UserError("--batch-size must be at least 2")
-    if cfg.total_tokens < 0 or cfg.epochs <= 0:
-        raise UserError("--total-tokens must be >= 0 and --epochs > 0")
+    if cfg.batch_size != 0 and cfg.batch_size < 2:
+        raise UserError("--batch-size must be at least 2 (or 0: auto)")
+    if cfg.total_tokens < 0 or cfg.epochs < 0:
+        raise UserError("--total-tokens and --epochs must be >= 0 (0: auto)")
+    if cfg.min_steps < 1 or cfg.min_tokens_per_latent < 0:
+        raise UserError("--min-steps must be at least 1 and --min-tokens-per-latent >= 0")
     if not cfg.saes:
         raise UserError("no SAEs to train: give at least one variant")
     if not cfg.site:
@@ -401,6 +417,53 @@ def _check(cfg: SAETrainConfig, store) -> tuple[int, list[str]]:
     for s in cfg.saes:
         s.resolved(d_in)  # k > width etc. fail here
     return d_in, names
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long a run trains, as resolved from its config and its store (the rule in the field docstrings)."""
+
+    batch_size: int
+    total_tokens: int  # asked for; the run trains steps * batch_size of them
+    steps: int
+    epochs: float  # passes over the distinct tokens that steps * batch_size makes
+    too_short: bool  # fewer steps than min_steps or fewer tokens than min_tokens_per_latent x width
+    warnings: tuple[str, ...]  # why it is too short, or otherwise doubtful
+
+
+def plan_schedule(cfg: SAETrainConfig, n_avail: int, max_width: int) -> Schedule:
+    """Batch size, tokens and steps of a run over `n_avail` distinct tokens whose widest SAE has `max_width`
+    latents; auto values (0) follow the rule in SAETrainConfig's docstrings, given ones are kept, and the
+    warnings say when the result is still too short (< min_steps steps or < min_tokens_per_latent x width)."""
+    need_tokens = int(math.ceil(cfg.min_tokens_per_latent * max_width))
+    if cfg.total_tokens:
+        total = cfg.total_tokens
+    elif cfg.epochs > 0:
+        total = int(cfg.epochs * n_avail)
+    else:
+        floor = cfg.batch_size or AUTO_MIN_BATCH
+        want = max(n_avail, cfg.min_steps * floor, need_tokens)
+        total = int(min(want, AUTO_MAX_EPOCHS * n_avail))
+    batch = cfg.batch_size
+    if not batch:
+        batch = AUTO_MAX_BATCH
+        while batch > AUTO_MIN_BATCH and total // batch < cfg.min_steps:
+            batch //= 2
+    steps = max(1, total // batch)
+    seen = steps * batch
+    warnings = []
+    too_short = steps < cfg.min_steps or seen < need_tokens
+    if steps < cfg.min_steps:
+        warnings.append(f"too short: {steps} optimiser step(s) of {batch} tokens (fewer than --min-steps "
+                        f"{cfg.min_steps}); the SAEs are barely trained: extract more images, or lower --batch-size")
+    if seen < need_tokens:
+        warnings.append(f"too short: {seen:,} tokens seen for {max_width:,} latents (fewer than "
+                        f"{cfg.min_tokens_per_latent:g} per latent); extract more images, raise --epochs, or train "
+                        "narrower SAEs")
+    if n_avail < max_width:
+        warnings.append(f"only {n_avail:,} distinct tokens for {max_width:,} latents: the dictionary can memorise "
+                        "them; extract more images")
+    return Schedule(batch, total, steps, round(seen / max(n_avail, 1), 4), too_short, tuple(warnings))
 
 
 def _n_tokens(store, cfg: SAETrainConfig) -> int:
@@ -466,14 +529,20 @@ def train_saes(config: SAETrainConfig, progress: bool = True, stop_after: int | 
     None. The summary's `paths` lists the SAE folders."""
     from sightline.store import ActivationStore
 
+    from sightline.store.completeness import require_complete
+
     cfg = config
     progress = progress and cfg.progress
     store = ActivationStore.open(cfg.store)
     d_in, names = _check(cfg, store)
+    store_state, store_warnings = require_complete(store, cfg.allow_incomplete)
     n_avail = _n_tokens(store, cfg)
     if n_avail == 0:
         raise UserError(f"store {store.path} has no {cfg.modality} tokens; extract with --positions all or image")
-    _stream_sizes(cfg, store)  # a batch without one of the modalities fails here
+    sched = plan_schedule(cfg, n_avail, max(s.resolved(d_in).width for s in cfg.saes))
+    # the run trains with the resolved batch and token count; config.json keeps what was asked (auto: 0)
+    run_cfg = dataclasses.replace(cfg, batch_size=sched.batch_size, total_tokens=sched.total_tokens)
+    _stream_sizes(run_cfg, store)  # a batch without one of the modalities fails here
     device = torch.device(resolve_device(cfg.device))
     rank, world = dist_info()
     out = Path(cfg.out)
@@ -489,7 +558,9 @@ def train_saes(config: SAETrainConfig, progress: bool = True, stop_after: int | 
             if rank == 0 and not (work / "config.json").exists():
                 write_json(work / "config.json", to_dict(cfg))
             barrier(world)
-            summary = _train(cfg, store, d_in, names, n_avail, device, rank, world, work, out, progress, stop_after)
+            notes = {"schedule": sched, "warnings": [*store_warnings, *sched.warnings], "store_state": store_state}
+            summary = _train(run_cfg, store, d_in, names, n_avail, device, rank, world, work, out, progress,
+                             stop_after, notes)
             if summary is None:
                 raise _Interrupted
     except _Interrupted:
@@ -499,14 +570,16 @@ def train_saes(config: SAETrainConfig, progress: bool = True, stop_after: int | 
 
 
 def _train(cfg: SAETrainConfig, store, d_in: int, names: list[str], n_avail: int, device: torch.device, rank: int,
-           world: int, work: Path, out: Path, progress: bool, stop_after: int | None) -> dict[str, Any] | None:
-    """The training loop, in the partial folder `work`; the run's summary, or None when stopped early."""
+           world: int, work: Path, out: Path, progress: bool, stop_after: int | None,
+           notes: dict[str, Any]) -> dict[str, Any] | None:
+    """The training loop, in the partial folder `work` (cfg: batch_size and total_tokens resolved); the run's
+    summary, or None when stopped early. `notes`: the schedule, warnings and store state for the summary."""
     from tqdm.auto import tqdm
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    total_tokens = cfg.total_tokens or int(cfg.epochs * n_avail)
-    n_steps = max(1, total_tokens // cfg.batch_size)
+    sched: Schedule = notes["schedule"]
+    n_steps = sched.steps
     dead_tokens = cfg.dead_tokens or min(10_000_000, max(cfg.batch_size, n_steps * cfg.batch_size // 10))
 
     ckpt = work / CHECKPOINT
@@ -644,6 +717,12 @@ def _train(cfg: SAETrainConfig, store, d_in: int, names: list[str], n_avail: int
         "load_frac": round(batches.load_seconds / max(elapsed, 1e-9), 4),
         "wait_frac": round(batches.wait_seconds / max(elapsed, 1e-9), 4),
         "paths": [str(p) for p in paths],
+        "distinct_tokens": n_avail, "epochs": sched.epochs,
+        "min_steps": cfg.min_steps, "min_tokens_per_latent": cfg.min_tokens_per_latent,
+        "too_short": sched.too_short,
+        "incomplete": notes["store_state"]["incomplete"],
+        "store_counts": {k: notes["store_state"][k] for k in ("n_planned", "n_written", "n_skipped", "n_missing")},
+        "warnings": list(notes["warnings"]),
         "saes": [{"name": n, "path": str(p), **{k: getattr(s.cfg, k) for k in ("arch", "width", "k", "l1_coeff")},
                   **last.get("saes", {}).get(n, {})} for n, p, s in zip(names, paths, saes)],
     }
@@ -664,6 +743,8 @@ def _train(cfg: SAETrainConfig, store, d_in: int, names: list[str], n_avail: int
 
 def _write_page(folder: Path, cfg: SAETrainConfig, summary: dict[str, Any]) -> None:
     """index.html of an SAE training run: what was trained and how well it reconstructs, the figures."""
+    import html
+
     from sightline.report.html import Link, Section, figure_images, write_page
 
     rows = [(Link(f"{s['name']}/cfg.json", s["name"]), s["arch"], s["width"], s.get("k"), s.get("fvu"), s.get("l0"),
@@ -671,8 +752,11 @@ def _write_page(folder: Path, cfg: SAETrainConfig, summary: dict[str, Any]) -> N
     best = min(summary["saes"], key=lambda s: s.get("fvu") if s.get("fvu") is not None else math.inf)
     found = (f"{len(rows)} SAE(s) trained on {summary['tokens']:,} {cfg.modality} tokens of {cfg.site} "
              f"({summary['steps']} steps of {summary['batch_size']}). Over the last log window the best reconstructs "
-             f"with FVU {best.get('fvu')} at L0 {best.get('l0')} ({best['name']}).")
-    write_page(folder / "index.html", f"SAE training at {cfg.site}", f"store {cfg.store}", [
+             f"with FVU {best.get('fvu')} at L0 {best.get('l0')} ({best['name']})."
+             + (" The run is too short to mean much (see the warnings)." if summary["too_short"] else ""))
+    warn = ([Section("Warnings", html="".join(f"<p><b>Warning:</b> {html.escape(w)}</p>" for w in summary["warnings"]))]
+            if summary["warnings"] else [])
+    write_page(folder / "index.html", f"SAE training at {cfg.site}", f"store {cfg.store}", warn + [
         Section("What this run found", found,
                 tables=[("last log window", ["SAE", "arch", "width", "k", "FVU", "L0", "dead share"], rows)],
                 images=[("figures/training.png", "FVU, L0 and dead latents against step")]),

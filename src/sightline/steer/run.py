@@ -28,6 +28,16 @@ attribute ("What shape is shown?"; efficacy metric `share`, the target's share o
 the two class words' first tokens, since the organism was never taught the forced-choice prompt),
 damage asks the world's questions about the other attributes (steering shape: "What colour is the
 <shape>?"), and the caption is the world's ("Describe the image." -> "a small red star").
+The world's question forms are also used on a plain image folder whose classes are the world's shapes,
+colours or sizes when the model is the shipped organism or the directions come from a store of the
+synthetic world (the paper's prompts are out of the organism's language: it answers them "zero"):
+"What shape is shown?", or "What colour is the <shape>?" with the shape the clean model names; the
+caption is the clean model's own answer to "Describe the image.", and there are no damage questions.
+
+The best (layer, k): among the steered points (k != 0) whose damage is acceptable (damage accuracy at
+most `max_damage_drop` below the clean one, caption NLL at most `max_caption_nll_increase` nats/token
+above it), the highest flip rate (the highest efficacy when nothing flips), ties to the smaller k; None,
+with the reason in `best_note`, when no point qualifies.
 """
 
 from __future__ import annotations
@@ -112,6 +122,12 @@ class SteerConfig:
     """Prompt whose caption NLL measures damage; None: the paper's (or the world's)."""
     damage_qtypes: tuple[str, ...] = ()
     """Synthetic data: question types asked for damage; empty: the world's rule (the other attributes)."""
+    max_damage_drop: float = 0.1
+    """The best (layer, k) may lower the damage questions' accuracy by at most this much (absolute, from the
+    clean accuracy)."""
+    max_caption_nll_increase: float = 1.0
+    """The best (layer, k) may raise the caption NLL by at most this many nats per token. (The clean caption names
+    the source class, so even a clean swap raises it: about 0.55 on the organism's 4-word captions.)"""
     class_words: str | None = None
     """JSON file {class folder: word used in prompts}; default: the folder name with _ as space."""
     label: str = "label"
@@ -161,7 +177,8 @@ class Item:
 
 HEADLINE_KEYS = ("pairs", "sites", "scales", "images_per_pair", "best_site", "best_scale", "flip_rate", "efficacy",
                  "damage_accuracy", "caption_nll_increase", "clean_flip_rate", "clean_efficacy",
-                 "clean_damage_accuracy", "efficacy_metric", "normalize", "seconds")
+                 "clean_damage_accuracy", "efficacy_metric", "normalize", "seconds", "best_note", "chance",
+                 "warnings")
 
 
 def headline(result) -> dict:
@@ -195,6 +212,11 @@ def _headline_of(result: dict) -> dict:
         "efficacy_metric": result.get("efficacy_metric"),
         "normalize": result.get("normalize"),
         "seconds": result.get("seconds"),
+        "best_note": s.get("best_note"),
+        # efficacy "share" is the target's share of two words: 0.5 is a coin; flips have the clean rate instead
+        "chance": {"efficacy": 0.5 if result.get("efficacy_metric") == "share" else None,
+                   "flip_rate": s["clean"]["flip_rate"]},
+        "warnings": list(result.get("warnings") or []),
     }
 
 
@@ -367,6 +389,58 @@ def _sites_and_directions(cfg: SteerConfig, adapter) -> tuple[list[str], dict]:
     return [f"resid.{L}" for L in layers], directions
 
 
+def _world_language(cfg: SteerConfig, data: _Data) -> str | None:
+    """Why a dataset without world.json should still be asked the world's questions, or None: its classes are
+    the world's shapes, colours or sizes, and the model is the shipped organism or the directions come from a
+    store of the synthetic world. Sets data.attribute."""
+    from sightline.data.synthetic import COLOURS, SHAPES, SIZES, world_facts
+
+    if data.world is not None:
+        return None
+    attribute = next((a for a, vocab in (("shape", SHAPES), ("colour", COLOURS), ("size", SIZES))
+                      if set(data.classes) <= set(vocab)), None)
+    if attribute is None:
+        return None
+    why = None
+    try:
+        from sightline.organism import checkpoint_path
+
+        if Path(cfg.model).expanduser().resolve() == checkpoint_path().resolve():
+            why = "the model is the shipped organism"
+    except (UserError, OSError):
+        pass
+    if why is None and (Path(cfg.directions) / "manifest.json").is_file():
+        from sightline.store import ActivationStore
+
+        try:
+            root = (ActivationStore.open(cfg.directions).manifest.get("dataset") or {}).get("root")
+        except UserError:
+            root = None
+        if root and world_facts(root) is not None:
+            why = "the directions come from a store of the synthetic world"
+    if why is not None:
+        data.attribute = attribute
+    return why
+
+
+def _world_questions(adapter, items: list[Item], attribute: str, cfg: SteerConfig) -> None:
+    """Each image's open question in the world's own form: "What shape is shown?", or "What colour is the
+    <shape>?" with the shape the clean model names (a plain folder does not say it)."""
+    from sightline.data.synthetic import SHAPES
+    from sightline.steer.generate import steered_generate
+
+    ask = "What shape is shown?"
+    if attribute == "shape":
+        for it in items:
+            it.open_prompt = it.open_prompt or ask
+        return
+    shapes = steered_generate(adapter, [it.image for it in items], [ask] * len(items),
+                              max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    for it, said in zip(items, shapes):
+        shape = next((w for w in SHAPES if said.strip().lower().startswith(w)), "object")
+        it.open_prompt = it.open_prompt or f"What {attribute} is the {shape}?"
+
+
 def _held_out_warning(cfg: SteerConfig, data: _Data) -> list[str]:
     if not Path(cfg.directions).is_dir():
         return []
@@ -398,7 +472,8 @@ def run_steering(cfg: SteerConfig, damage_rule: Mapping[str, Sequence[str]] | No
     data = _open_data(cfg, damage_rule)
     pairs = _pairs(cfg, data.classes)
     words = _class_words(cfg, data.classes)
-    synthetic = data.world is not None
+    world_reason = _world_language(cfg, data)  # a plain folder of the world's images, for a model that speaks it
+    synthetic = data.world is not None or world_reason is not None
     efficacy_metric = cfg.efficacy_metric or ("share" if synthetic else "prob")
     prompts = {  # None: each image's own world question
         "efficacy": cfg.efficacy_prompt or (None if synthetic else PAPER_EFFICACY_PROMPT),
@@ -418,6 +493,8 @@ def run_steering(cfg: SteerConfig, damage_rule: Mapping[str, Sequence[str]] | No
             if not ids:
                 raise UserError(f"class {src!r} has no images in {cfg.data}")
             items_of[src] = _items(data.dataset, ids, data.labels, data.world, data.attribute, data.damage_qtypes)
+            if world_reason is not None and prompts["open"] is None:
+                _world_questions(adapter, items_of[src], data.attribute, cfg)
     ref_norms = None
     if cfg.normalize == "resid":
         every = [it for its in items_of.values() for it in its]
@@ -438,7 +515,7 @@ def run_steering(cfg: SteerConfig, damage_rule: Mapping[str, Sequence[str]] | No
             "model": adapter.describe(),
             "data": {"root": str(data.dataset.root), "kind": data.dataset.kind, "classes": data.classes,
                      "synthetic_attribute": data.attribute if synthetic else None},
-            "prompts": {**prompts, "damage_qtypes": list(data.damage_qtypes)},
+            "prompts": {**prompts, "damage_qtypes": list(data.damage_qtypes), "world_language": world_reason},
             "efficacy_metric": efficacy_metric,
             "normalize": cfg.normalize,
             "ref_norms": ref_norms,
@@ -468,8 +545,12 @@ def _write_page(folder: Path, cfg: SteerConfig, result: dict) -> None:
                  f"({h['efficacy_metric']}) {h['efficacy'] if h['efficacy'] is not None else float('nan'):.3g}, "
                  f"unrelated-question accuracy {h['damage_accuracy']} (clean {h['clean_damage_accuracy']}).")
     else:
-        found = "No (layer, k) kept the unrelated-question accuracy within the damage bound."
-    sections = [
+        found = (h.get("best_note") or "No (layer, k) kept the damage within its bounds").capitalize() + "."
+    import html
+
+    sections = [Section("Warnings", html="".join(f"<p><b>Warning:</b> {html.escape(w)}</p>" for w in h["warnings"]))]
+    sections = sections if h["warnings"] else []
+    sections += [
         Section("What this run found",
                 f"Steered {len(h['pairs'])} pair(s) ({', '.join(h['pairs'])}) at {', '.join(h['sites'])} over "
                 f"{len(h['scales'])} values of k, {cfg.normalize} vectors, {cfg.mode} edits. " + found,
@@ -567,6 +648,11 @@ def _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, effica
             # clean reference for this pair
             e0 = efficacy()
             ans0, _, _ = free()
+            if not any(mentions(a, ws) or mentions(a, wt) for a in ans0):
+                warnings.append(f"{src}->{tgt}: no clean answer to the open question ({open_prompts[0]!r}) names "
+                                f"{ws!r} or {wt!r} (it answers e.g. {ans0[0]!r}), so the flip rate measures nothing; "
+                                "pass --open-prompt (and --efficacy-prompt) with a question the model answers with "
+                                "a class word")
             for i, a in enumerate(ans0):
                 log(source=src, target=tgt, site=None, scale=None, path=items[i].path, kind="open",
                     prompt=open_prompts[i], answer=a, flipped=bool(_flip(a, ws, wt)))
@@ -629,7 +715,8 @@ def _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, effica
                 bar.update(1)
             out_pairs.append(pair_out)
     bar.close()
-    return {"pairs": out_pairs, "summary": summarize(out_pairs, sites, scales), "warnings": warnings}
+    return {"pairs": out_pairs, "summary": summarize(out_pairs, sites, scales, cfg.max_damage_drop,
+                                                     cfg.max_caption_nll_increase), "warnings": warnings}
 
 
 def _flip(answer: str, src: str, tgt: str) -> float:
@@ -644,10 +731,13 @@ def _kept(answer: str, src: str, tgt: str) -> float:
     return float(mentions(answer, src) and not mentions(answer, tgt))
 
 
-def summarize(pairs: list[dict], sites: list[str], scales: list[float], damage_keep: float = 0.9) -> dict:
-    """Means over pairs per (layer, k), and the best (layer, k): the highest mean flip rate among the
-    points whose damage accuracy keeps at least `damage_keep` of its clean value (all points when
-    there are no damage questions); ties go to the smaller k."""
+def summarize(pairs: list[dict], sites: list[str], scales: list[float], max_damage_drop: float = 0.1,
+              max_caption_nll_increase: float = 1.0) -> dict:
+    """Means over pairs per (layer, k), and the best (layer, k) among the steered points (k != 0) whose damage
+    is acceptable: damage accuracy at most `max_damage_drop` below the clean one (where there are damage
+    questions) and caption NLL at most `max_caption_nll_increase` nats/token above it. Best: the highest
+    mean flip rate, or the highest efficacy when nothing flips; ties go to the smaller k. None when no
+    point qualifies (`best_note` says why)."""
     keys = ("efficacy", "efficacy_prob", "efficacy_share", "flip_rate", "source_rate", "damage_accuracy",
             "caption_nll_increase")
     per_layer = {}
@@ -657,18 +747,35 @@ def summarize(pairs: list[dict], sites: list[str], scales: list[float], damage_k
             cols = [[p["layers"][site][key][j] for p in pairs] for j in range(len(scales))]
             per_layer[site][key] = [_mean([c for c in col if c is not None]) for col in cols]
     clean_dmg = _mean([p["clean"]["damage_accuracy"] for p in pairs if p["clean"]["damage_accuracy"] is not None])
-    best = None
+    ok, n_steered, why_not = [], 0, {"damage accuracy": 0, "caption NLL": 0}
     for site in sites:
         s = per_layer[site]
         for j, k in enumerate(scales):
-            flip, dmg = s["flip_rate"][j], s["damage_accuracy"][j]
-            if flip is None:
+            if k == 0:
                 continue
-            if clean_dmg is not None and dmg is not None and dmg < damage_keep * clean_dmg:
+            n_steered += 1
+            dmg, nll = s["damage_accuracy"][j], s["caption_nll_increase"][j]
+            if clean_dmg is not None and dmg is not None and dmg < clean_dmg - max_damage_drop - 1e-9:
+                why_not["damage accuracy"] += 1
                 continue
-            if best is None or flip > best["flip_rate"] or (flip == best["flip_rate"] and abs(k) < abs(best["scale"])):
-                best = {"site": site, "scale": k, "flip_rate": flip, "damage_accuracy": dmg,
-                        "efficacy": s["efficacy"][j], "caption_nll_increase": s["caption_nll_increase"][j]}
+            if nll is not None and nll > max_caption_nll_increase:
+                why_not["caption NLL"] += 1
+                continue
+            ok.append({"site": site, "scale": k, "flip_rate": s["flip_rate"][j], "damage_accuracy": dmg,
+                       "efficacy": s["efficacy"][j], "caption_nll_increase": nll})
+    flips = any((b["flip_rate"] or 0) > 0 for b in ok)
+    key = "flip_rate" if flips else "efficacy"
+    best = max(ok, key=lambda b: (b[key] if b[key] is not None else -1.0, -abs(b["scale"])), default=None)
+    if best is not None:
+        note = (f"highest {key.replace('_', ' ')} among {len(ok)} of {n_steered} steered points whose damage is "
+                f"acceptable (damage accuracy drop <= {max_damage_drop:g}, caption NLL increase <= "
+                f"{max_caption_nll_increase:g} nats/token)")
+    else:
+        note = (f"no steered (layer, k) keeps the damage acceptable: {why_not['damage accuracy']} lower the damage "
+                f"accuracy by more than {max_damage_drop:g}, {why_not['caption NLL']} raise the caption NLL by more "
+                f"than {max_caption_nll_increase:g} nats/token" if n_steered else "no steered (layer, k): every k is 0")
     clean = {key: _mean([p["clean"][key] for p in pairs if p["clean"][key] is not None])
              for key in ("efficacy", "flip_rate", "source_rate", "damage_accuracy", "caption_nll")}
-    return {"per_layer": per_layer, "clean": clean, "best": best, "damage_keep": damage_keep}
+    return {"per_layer": per_layer, "clean": clean, "best": best, "best_note": note,
+            "damage_bounds": {"max_damage_drop": max_damage_drop,
+                              "max_caption_nll_increase": max_caption_nll_increase}}
