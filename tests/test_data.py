@@ -317,10 +317,11 @@ def test_jsonl_order_paths_prompts_labels_meta(tmp_path):
     absolute = tiny(tmp_path / "elsewhere" / "abs.png")
     (tmp_path / "data").mkdir()
     manifest = write_jsonl(tmp_path / "data" / "set.jsonl", [
-        json.dumps({"image": "imgs/z.png", "prompt": "What is this?", "label": "zebra", "source": "web", "n": 3}),
+        json.dumps({"image": "imgs/z.png", "prompt": "What is this?", "label": "zebra", "source": "web", "n": 3,
+                    "prefix": "Look closely."}),
         "",
         "   ",
-        json.dumps({"image": str(absolute)}),
+        json.dumps({"image": str(absolute), "prefix": ""}),
         json.dumps({"image": "imgs/a.png", "label": "ant", "prompt": None, "boxes": [[1, 2, 3, 4]]}),
     ])
     dataset = open_dataset(manifest)
@@ -329,12 +330,14 @@ def test_jsonl_order_paths_prompts_labels_meta(tmp_path):
         str(tmp_path / "data" / "imgs" / "z.png"), str(absolute), str(tmp_path / "data" / "imgs" / "a.png"),
     ]
     assert [e.prompt for e in dataset] == ["What is this?", None, None]
+    # a missing or null prefix (None: the run's --prefix) stays distinct from an explicit empty one
+    assert [e.prefix for e in dataset] == ["Look closely.", "", None]
     assert [e.label for e in dataset] == ["zebra", None, "ant"]
     assert [e.meta for e in dataset] == [{"source": "web", "n": 3}, {}, {"boxes": [[1, 2, 3, 4]]}]
     assert dataset.classes == ["ant", "zebra"]
     first = dataset[0].to_json()
     assert first == {"id": 0, "path": str(tmp_path / "data" / "imgs" / "z.png"), "label": "zebra",
-                     "prompt": "What is this?", "meta": {"source": "web", "n": 3}}
+                     "prompt": "What is this?", "prefix": "Look closely.", "meta": {"source": "web", "n": 3}}
     assert json.loads(json.dumps(first)) == first
 
 
@@ -359,6 +362,7 @@ def test_folder_listing_does_not_open_images(tmp_path):
     ('["image", "a.png"]', "line 3"),
     ('{"prompt": "no image"}', '"image"'),
     ('{"image": "a.png", "label": 7}', "string or null"),
+    ('{"image": "a.png", "prefix": ["a"]}', '"prefix" must be a string or null'),
 ])
 def test_jsonl_bad_line_names_file_and_line(tmp_path, bad_line, expected):
     manifest = write_jsonl(tmp_path / "m.jsonl", [json.dumps({"image": "a.png"}), "", bad_line])

@@ -53,17 +53,29 @@ def test_summary_holds_every_documented_key(demo):
 
 
 def test_headline_figures_on_the_organism(demo):
+    # Bounds set from `sightline demo` run with DemoConfig seeds 3, 7, 11 and 13 (the seed draws the held-out
+    # scenes, the steering images and the evaluation) on the AMD EPYC 2-core machine; measured [min, max] over
+    # those seeds beside each bound, with a margin for other CPUs (ENVIRONMENT.md).
     _, s = demo
     acc = s["organism"]["accuracy"]
-    assert acc["single_shape"] >= 0.9 and acc["single_colour"] >= 0.95
-    p = s["probes"]
-    assert p["best_top1"] >= 0.85 and p["best_control_top1"] <= 0.3  # shape of one object, 8 classes
+    assert acc["single_shape"] >= 0.95  # measured [0.983, 0.983] (60 scenes: one miss = 0.017)
+    assert acc["single_colour"] >= 0.95  # measured [1.0, 1.0]
+    p = s["probes"]  # shape of one object, 8 classes (chance 0.125)
+    assert p["best_top1"] >= 0.85  # measured [0.923, 0.969]
+    assert p["best_control_top1"] <= 0.25  # measured [0.047, 0.159]
     st = s["steer"]
-    assert st["clean_flip_rate"] == 0.0 and st["flip_rate"] >= 0.8 and st["damage_accuracy"] >= 0.9
+    assert st["clean_flip_rate"] == 0.0  # measured 0.0 on every seed
+    assert st["flip_rate"] >= 0.8  # measured [0.85, 1.0] (seed 7: 0.85; kept at 0.8)
+    assert st["damage_accuracy"] >= 0.9  # measured [0.921, 1.0] (seed 13: 0.921; kept at 0.9)
     curve = s["sae"]["shared_by_layer"]
     assert [c["layer"] for c in curve] == list(range(s["organism"]["n_layers"] + 1))
-    assert curve[0]["shared"] < curve[-1]["shared"]  # image-only early, more shared deeper
-    assert all(e["fvu_image"] < 0.15 and e["frac_dead"] < 0.25 for e in s["sae"]["saes"])
+    # image-only early, more shared deeper: first layer measured [0.121, 0.164], last [0.441, 0.481],
+    # gap [0.296, 0.360]
+    assert curve[0]["shared"] + 0.1 < curve[-1]["shared"]
+    saes = s["sae"]["saes"]
+    assert all(e["fvu_image"] < 0.03 for e in saes), [e["fvu_image"] for e in saes]  # measured max 0.0116
+    # dead latents per layer resid.0..4, measured max over seeds 0.031 (resid.0 the worst: [0.020, 0.031])
+    assert all(e["frac_dead"] < 0.10 for e in saes), [e["frac_dead"] for e in saes]
 
 
 class _Refs(HTMLParser):

@@ -223,3 +223,59 @@ def test_inspect_prints_layout(tiny_checkpoint, tmp_path):
     assert views == {0, 1}
     r = cli("inspect", "--model", tiny_checkpoint("llava"), "--image", img)
     assert r.returncode == 0 and "grid" in r.stdout and "image at" in r.stdout
+
+
+def _store_tensors(out: Path) -> tuple[ActivationStore, list[dict]]:
+    s = ActivationStore.open(out)
+    return s, [s.example(e["example"]) for e in s.examples]
+
+
+def test_per_example_prefix_equals_separate_runs(tiny_checkpoint, tmp_path):
+    """One extraction over a JSONL with per-example prefixes writes, per example, exactly the tensors of a
+    separate run with that prefix as --prefix; a missing prefix takes --prefix, an empty one means none."""
+    model = tiny_checkpoint("llava")
+    images = [tmp_path / f"{k}.png" for k in range(2)]
+    for k, path in enumerate(images):
+        gradient_image(56 + 8 * k, 64, seed=k).save(path)
+    own = {"red": "A red square.", "none": ""}  # "": explicitly no prefix, although --prefix is given
+    rows = []
+    for path in images:  # the same image repeated with different prefixes: one prefix study, one run
+        rows += [{"image": path.name}, {"image": path.name, "prefix": own["red"]},
+                 {"image": path.name, "prefix": own["none"]}, {"image": path.name, "prefix": None}]
+    study = tmp_path / "study.jsonl"
+    study.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("\n".join(json.dumps({"image": p.name}) for p in images) + "\n")
+    common = ["--model", model, "--sites", "resid,values", "--positions", "all", "--prompt", "What is it?",
+              "--batch-size", "1", "--no-progress"]  # batch size 1: no padding, so equal means bit for bit
+
+    def run(data: Path, name: str, *extra: str) -> tuple[ActivationStore, list[dict]]:
+        assert main(["extract", "--data", str(data), "--out", str(tmp_path / name), *common, *extra]) == 0
+        return _store_tensors(tmp_path / name)
+
+    s, got = run(study, "study", "--prefix", "Count them.")
+    _, ref_global = run(plain, "global", "--prefix", "Count them.")
+    _, ref_red = run(plain, "red", "--prefix", own["red"])
+    _, ref_none = run(plain, "none")
+    s_empty, ref_empty = run(plain, "empty", "--prefix", "")
+    expected_prefix = ["Count them.", own["red"], "", "Count them."]
+    for k in range(len(images)):
+        refs = [ref_global[k], ref_red[k], ref_none[k], ref_global[k]]
+        for j, ref in enumerate(refs):
+            i = 4 * k + j
+            meta = s.examples[i]
+            assert meta["prompt"] == "What is it?" and meta["prefix"] == expected_prefix[j], meta
+            assert set(got[i]) == set(ref)
+            for site in s.sites:
+                assert torch.equal(got[i][site], ref[site]), (i, site)
+            assert np.array_equal(got[i]["index"]["position"], ref["index"]["position"])
+        # an empty --prefix is no prefix, bit for bit, and both differ from a real prefix
+        for site in s.sites:
+            assert torch.equal(ref_empty[k][site], ref_none[k][site]), site
+        assert not torch.equal(ref_red[k]["values.1"], ref_none[k]["values.1"])
+    texts = [e["text"] for e in s.examples]
+    assert texts[2] == texts[0].replace("Count them.", "") != texts[0]  # the "" row renders as no prefix
+    assert s_empty.examples[0]["text"] == ActivationStore.open(tmp_path / "none").examples[0]["text"]
+    assert "A red square." in texts[1] and texts[1].index("A red square.") < texts[1].index("What is it?")
+    assert [e["prefix"] for e in s_empty.examples] == ["", ""]
+    assert [e["prefix"] for e in ActivationStore.open(tmp_path / "none").examples] == [None, None]

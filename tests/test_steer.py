@@ -4,6 +4,7 @@ files, and on the organism a shape edit flips the answer while colour answers su
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
@@ -114,16 +115,18 @@ def _reference_decode(ad, image, prompt, v, k, L, n, every_step):
     inputs = batch.inputs
     pos = batch.layouts[0].image_positions
     cache = DynamicCache(config=ad.model.config)
+    # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns); 5.23 has only the old
+    cache_kw = "cache" if "cache" in inspect.signature(ad.model.forward).parameters else "past_key_values"
     att = inputs["attention_mask"]
     toks = []
     with torch.no_grad():
         with apply_edits(ad, [Edit(f"resid.{L}", [pos], add_vector(v, k))]):
-            out = ad.model(**inputs, past_key_values=cache, use_cache=True, return_dict=True)
+            out = ad.model(**inputs, **{cache_kw: cache}, use_cache=True, return_dict=True)
         for _ in range(n):
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             toks.append(int(nxt))
             att = torch.cat([att, torch.ones_like(nxt)], 1)
-            kw = dict(input_ids=nxt, attention_mask=att, past_key_values=cache, use_cache=True,
+            kw = dict(input_ids=nxt, attention_mask=att, **{cache_kw: cache}, use_cache=True,
                       cache_position=torch.tensor([att.shape[1] - 1]), return_dict=True)
             edits = [Edit(f"resid.{L}", None, add_vector(v, k), prefill_only=False)] if every_step else []
             with apply_edits(ad, edits):

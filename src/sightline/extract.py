@@ -13,10 +13,14 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sightline import __version__
 from sightline.errors import BadImageError, UserError
 from sightline.runtime import barrier, dist_info, resolve_placement
+
+if TYPE_CHECKING:
+    from sightline.data.datasets import Example
 
 POSITIONS = ("image", "text", "all")
 STORE_DTYPES = ("float16", "bfloat16", "float32")
@@ -35,7 +39,8 @@ class ExtractConfig:
     prompt: str | None = None
     """text after the image for examples without their own prompt (default: the image alone)"""
     prefix: str | None = None
-    """text placed before the image in the user turn, for examples without their own"""
+    """text placed before the image in the user turn, for examples without their own (a JSONL `prefix` column;
+    an empty string there means no prefix)"""
     raw_prompt: bool = False
     """feed the prompt as is, not through the model's chat template"""
     sites: str = "resid"
@@ -110,8 +115,10 @@ def extract(cfg: ExtractConfig) -> Path:
     shapes = {s: site_shape(s, adapter) for s in sites}
     texts = {}
     for ex in dataset:  # render every prompt up front: a template problem fails before any work
-        p = ex.prompt if ex.prompt is not None else cfg.prompt
-        texts.setdefault(p, adapter.render_prompt(p, prefix=cfg.prefix, raw=cfg.raw_prompt))
+        key = text_of(ex, cfg)
+        if key not in texts:
+            # an empty prefix is no prefix: the same text, hence the same tensors
+            texts[key] = adapter.render_prompt(key[0], prefix=key[1] or None, raw=cfg.raw_prompt)
 
     manifest = {
         "sightline_version": __version__,
@@ -137,6 +144,19 @@ def extract(cfg: ExtractConfig) -> Path:
     return out
 
 
+def text_of(example: Example, cfg: ExtractConfig) -> tuple[str | None, str | None]:
+    """The (prompt, prefix) an example is rendered with: its own where it has one (not None), else the run's."""
+    prompt = example.prompt if example.prompt is not None else cfg.prompt
+    prefix = example.prefix if example.prefix is not None else cfg.prefix
+    return prompt, prefix
+
+
+def _example_meta(example: Example, cfg: ExtractConfig) -> dict:
+    """The store's per-example metadata: the dataset's facts, with the prompt and prefix actually used."""
+    prompt, prefix = text_of(example, cfg)
+    return {**example.to_json(), "prompt": prompt, "prefix": prefix}
+
+
 def _run(cfg, dataset, adapter, capture, writer, texts, rank, world) -> None:
     from tqdm.auto import tqdm
 
@@ -159,7 +179,7 @@ def _run(cfg, dataset, adapter, capture, writer, texts, rank, world) -> None:
                 if not cfg.skip_bad:
                     raise
                 bad.append((i, e.reason))
-        prompts = [texts[dataset[i].prompt if dataset[i].prompt is not None else cfg.prompt] for i in good]
+        prompts = [texts[text_of(dataset[i], cfg)] for i in good]
         batch = adapter.prepare(images, prompts) if good else None
         return good, bad, batch
 
@@ -173,7 +193,7 @@ def _run(cfg, dataset, adapter, capture, writer, texts, rank, world) -> None:
                 future = pool.submit(load, todo[k + 1])
             for i, reason in bad:
                 if i not in writer.done:
-                    writer.skip(i, dataset[i].to_json(), reason)
+                    writer.skip(i, _example_meta(dataset[i], cfg), reason)
                     bar.update(1)
             if batch is None:
                 continue
@@ -183,7 +203,7 @@ def _run(cfg, dataset, adapter, capture, writer, texts, rank, world) -> None:
                 if i in writer.done:
                     continue  # recomputed only so that the batch is the same as in the first run
                 lay = batch.layouts[j]
-                meta = dataset[i].to_json()
+                meta = _example_meta(dataset[i], cfg)
                 meta.update(
                     text=batch.texts[j],
                     image_size_hw=list(batch.image_sizes_hw[j][0]),

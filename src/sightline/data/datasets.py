@@ -25,14 +25,17 @@ class Example:
     id: int  # position in the dataset's stable order
     path: str  # absolute path of the image
     label: str | None = None
-    prompt: str | None = None
+    prompt: str | None = None  # None: the run's --prompt
+    # Text placed before the image in the user turn. None: the run's --prefix; "" explicitly none
+    # (rendered exactly as no prefix).
+    prefix: str | None = None
     # Extra jsonl fields, JSON-able. Left out of the hash so an Example can key a dict or a set.
     meta: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-able dict with id, path, label, prompt and meta."""
+        """A JSON-able dict with id, path, label, prompt, prefix and meta."""
         return {"id": self.id, "path": self.path, "label": self.label, "prompt": self.prompt,
-                "meta": dict(self.meta)}
+                "prefix": self.prefix, "meta": dict(self.meta)}
 
 
 class ImageDataset(Sequence[Example]):
@@ -47,6 +50,7 @@ class ImageDataset(Sequence[Example]):
         prompts: list[str | None] | None = None,
         metas: list[dict[str, Any]] | None = None,
         classes: list[str] | None = None,
+        prefixes: list[str | None] | None = None,
     ):
         # Stored column by column and turned into Examples on access, so that an ImageNet-sized
         # listing costs a list of strings, not a million dataclasses.
@@ -56,12 +60,14 @@ class ImageDataset(Sequence[Example]):
         self._paths = paths
         self._labels = labels if labels is not None else [None] * n
         self._prompts = prompts if prompts is not None else [None] * n
+        self._prefixes = prefixes if prefixes is not None else [None] * n
         self._metas = metas
         self.classes: list[str] = (
             classes if classes is not None else sorted({x for x in self._labels if x is not None})
         )
-        if not len(self._labels) == len(self._prompts) == n or (metas is not None and len(metas) != n):
-            raise ValueError("paths, labels, prompts and metas must have one entry per example")
+        if (not len(self._labels) == len(self._prompts) == len(self._prefixes) == n
+                or (metas is not None and len(metas) != n)):
+            raise ValueError("paths, labels, prompts, prefixes and metas must have one entry per example")
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -81,7 +87,7 @@ class ImageDataset(Sequence[Example]):
             raise IndexError(f"example {i} out of range for a dataset of {n}")
         meta = dict(self._metas[index]) if self._metas is not None else {}
         return Example(id=index, path=self._paths[index], label=self._labels[index],
-                       prompt=self._prompts[index], meta=meta)
+                       prompt=self._prompts[index], prefix=self._prefixes[index], meta=meta)
 
     def __iter__(self) -> Iterator[Example]:
         for index in range(len(self)):
@@ -131,7 +137,7 @@ def open_dataset(path: str | os.PathLike, kind: str = "auto", limit: int | None 
             dataset.kind, dataset.root, dataset._paths[:limit], dataset._labels[:limit],
             dataset._prompts[:limit], None if dataset._metas is None else dataset._metas[:limit],
             # Classes come from the whole listing so that label indices do not depend on `limit`.
-            classes=dataset.classes,
+            classes=dataset.classes, prefixes=dataset._prefixes[:limit],
         )
     return dataset
 
@@ -211,7 +217,7 @@ def _open_jsonl(manifest: str) -> ImageDataset:
     if not os.path.isfile(manifest):
         raise UserError(f"data path {manifest} is not a file, but dataset kind 'jsonl' needs a .jsonl file")
     base = os.path.dirname(manifest)
-    paths, labels, prompts, metas = [], [], [], []
+    paths, labels, prompts, prefixes, metas = [], [], [], [], []
     try:
         with open(manifest, encoding="utf-8-sig") as lines:  # -sig: tolerate a leading BOM
             for line_no, line in enumerate(lines, start=1):
@@ -221,15 +227,16 @@ def _open_jsonl(manifest: str) -> ImageDataset:
                 paths.append(os.path.normpath(os.path.join(base, os.path.expanduser(record.pop("image")))))
                 labels.append(record.pop("label", None))
                 prompts.append(record.pop("prompt", None))
+                prefixes.append(record.pop("prefix", None))
                 metas.append(record)
     except UnicodeDecodeError as err:
         raise UserError(f"{manifest} is not UTF-8 text ({err.reason} at byte {err.start}): "
                         "save it as UTF-8") from None
-    return ImageDataset("jsonl", manifest, paths, labels, prompts, metas)
+    return ImageDataset("jsonl", manifest, paths, labels, prompts, metas, prefixes=prefixes)
 
 
 def _parse_line(manifest: str, line_no: int, line: str) -> dict[str, Any]:
-    """One manifest line as a dict with a string "image" and string-or-null "label"/"prompt"."""
+    """One manifest line as a dict with a string "image" and string-or-null "label"/"prompt"/"prefix"."""
     where = f"{manifest} line {line_no}"
     try:
         record = json.loads(line)
@@ -243,7 +250,7 @@ def _parse_line(manifest: str, line_no: int, line: str) -> dict[str, Any]:
                         f'e.g. {{"image": "cat.jpg"}}')
     if not isinstance(image, str) or not image.strip():
         raise UserError(f'{where}: "image" must be a non-empty path string, got {image!r}')
-    for key in ("label", "prompt"):
+    for key in ("label", "prompt", "prefix"):
         value = record.get(key)
         if value is not None and not isinstance(value, str):
             raise UserError(f'{where}: "{key}" must be a string or null, got {value!r} '
