@@ -95,11 +95,35 @@ def caption_nll(adapter, images, prompts: Sequence[str], captions: Sequence[str]
                 vector: torch.Tensor | None = None, scales: float | Sequence[float] = 0.0, positions="image",
                 mode: str = "prefill", batch_size: int = 16) -> np.ndarray:
     """Mean NLL (nats) per caption token of each (image, prompt, caption[, k]) row, teacher-forced."""
+    return caption_nlls(adapter, images, prompts, captions, site, vector, scales, positions, mode, batch_size)[0]
+
+
+def word_token_ids(adapter, words: Sequence[str]) -> set[int]:
+    """Token ids that spell any of `words` (with and without a leading space, any case), to leave out of a caption."""
+    tok = adapter.tokenizer
+    ids: set[int] = set()
+    for w in words:
+        for form in {w, w.lower(), w.capitalize()}:
+            for text in (form, " " + form):
+                ids.update(tok(text, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def caption_nlls(adapter, images, prompts: Sequence[str], captions: Sequence[str], site: str | None = None,
+                 vector: torch.Tensor | None = None, scales: float | Sequence[float] = 0.0, positions="image",
+                 mode: str = "prefill", batch_size: int = 16,
+                 exclude_ids: set[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mean NLL per caption token, the same over the tokens not in `exclude_ids`) of each row, teacher-forced.
+
+    Leaving out the class words' tokens measures collateral damage: a steered caption that names
+    the target instead of the source pays for that word in the first figure, not in the second."""
     from sightline.capture.edit import apply_edits
 
     n = len(images)
     scales_n = np.broadcast_to(np.asarray(scales, dtype=np.float64), (n,))
     out = np.full(n, np.nan)
+    other = np.full(n, np.nan)
+    excl = torch.as_tensor(sorted(exclude_ids or ()), dtype=torch.long)
     for k in range(0, n, batch_size):
         idx = range(k, min(k + batch_size, n))
         texts = [adapter.render_prompt(prompts[i]) + captions[i] for i in idx]
@@ -133,8 +157,12 @@ def caption_nll(adapter, images, prompts: Sequence[str], captions: Sequence[str]
             # token at column c is predicted at column c-1; caption columns are S-nc .. S-1
             pred = logp[j, keep - nc - 1: keep - 1]
             tgt = ids[j, S - nc:].to(pred.device)
-            out[k + j] = float(-pred.gather(1, tgt[:, None]).mean())
-    return out
+            nll_t = -pred.gather(1, tgt[:, None])[:, 0]
+            out[k + j] = float(nll_t.mean())
+            keep_t = ~torch.isin(tgt, excl.to(tgt.device))
+            if bool(keep_t.any()):
+                other[k + j] = float(nll_t[keep_t].mean())
+    return out, other
 
 
 def _prompt_only(layouts, n_cap: Sequence[int], which: str) -> list[np.ndarray]:

@@ -35,8 +35,8 @@ synthetic world (the paper's prompts are out of the organism's language: it answ
 caption is the clean model's own answer to "Describe the image.", and there are no damage questions.
 
 The best (layer, k): among the steered points (k != 0) whose damage is acceptable (damage accuracy at
-most `max_damage_drop` below the clean one, caption NLL at most `max_caption_nll_increase` nats/token
-above it), the highest flip rate (the highest efficacy when nothing flips), ties to the smaller k; None,
+most `max_damage_drop` below the clean one, caption NLL over the words other than the class words at most
+`max_caption_nll_increase` nats/token above it), the highest flip rate (the highest efficacy when nothing flips), ties to the smaller k; None,
 with the reason in `best_note`, when no point qualifies.
 """
 
@@ -126,8 +126,9 @@ class SteerConfig:
     """The best (layer, k) may lower the damage questions' accuracy by at most this much (absolute, from the
     clean accuracy)."""
     max_caption_nll_increase: float = 1.0
-    """The best (layer, k) may raise the caption NLL by at most this many nats per token. (The clean caption names
-    the source class, so even a clean swap raises it: about 0.55 on the organism's 4-word captions.)"""
+    """The best (layer, k) may raise the caption NLL by at most this many nats per token, counted over the caption's
+    tokens other than the class words (`caption_nll_increase_other`: renaming the object is the intended effect,
+    not damage; the full caption's increase is reported beside it as `caption_nll_increase`)."""
     class_words: str | None = None
     """JSON file {class folder: word used in prompts}; default: the folder name with _ as space."""
     label: str = "label"
@@ -574,12 +575,14 @@ def _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, effica
     from sightline.steer.generate import steered_generate
     from sightline.steer.measure import (
         answer_logprobs,
-        caption_nll,
+        caption_nlls,
         efficacy_from_logprobs,
         first_answer_token,
         mentions,
+        word_token_ids,
     )
     kw = dict(positions=cfg.positions, mode=cfg.mode, batch_size=cfg.batch_size)
+    class_ids = word_token_ids(adapter, sorted(set(words.values())))  # left out of the collateral caption NLL
     scales = [float(k) for k in cfg.scales]
     n_k = len(scales)
     warnings: list[str] = []
@@ -615,12 +618,14 @@ def _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, effica
                                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size) if dq else []
                 clean_of[src] = {
                     "captions": captions,
-                    "caption_nll": caption_nll(adapter, images, [cap_prompt] * n, captions, batch_size=cfg.batch_size),
+                    "caption_nll": caption_nlls(adapter, images, [cap_prompt] * n, captions, batch_size=cfg.batch_size,
+                                                exclude_ids=class_ids),
                     "damage_correct": np.array([mentions(g, a) for g, (_, _, a) in zip(dmg, dq)], dtype=float),
                     "damage_answers": dmg,
                 }
             clean = clean_of[src]
             captions = clean["captions"]
+
             tok_ids = [[first_answer_token(adapter, p, w) for w in (ws, wt)] for p in eff_prompts]
             same = [i for i, (a, b) in enumerate(tok_ids) if a == b]
             if same:
@@ -668,7 +673,7 @@ def _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, effica
                     "flip_rate": _mean([_flip(a, ws, wt) for a in ans0]),
                     "source_rate": _mean([_kept(a, ws, wt) for a in ans0]),
                     "damage_accuracy": _mean(clean["damage_correct"]) if dq else None,
-                    "caption_nll": _mean(clean["caption_nll"]),
+                    "caption_nll": _mean(clean["caption_nll"][0]),
                 },
                 "layers": {},
             }
@@ -696,9 +701,12 @@ def _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, effica
                     dmg_acc = [None] * n_k
                 c_img = np.repeat(np.arange(n), n_k)
                 c_k = np.tile(np.asarray(scales), n)
-                nll = caption_nll(adapter, [images[i] for i in c_img], [cap_prompt] * len(c_img),
-                                  [captions[i] for i in c_img], site, v, c_k, **kw).reshape(n, n_k)
-                inc = nll - clean["caption_nll"][:, None]
+                nll, nll_other = caption_nlls(adapter, [images[i] for i in c_img], [cap_prompt] * len(c_img),
+                                              [captions[i] for i in c_img], site, v, c_k, **kw,
+                                              exclude_ids=class_ids)
+                nll, nll_other = nll.reshape(n, n_k), nll_other.reshape(n, n_k)
+                inc = nll - clean["caption_nll"][0][:, None]
+                inc_other = nll_other - clean["caption_nll"][1][:, None]
                 pair_out["layers"][site] = {
                     "scales": scales,
                     "efficacy": [_mean(c) for c in eff[efficacy_metric].T],
@@ -709,6 +717,7 @@ def _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, effica
                     "damage_accuracy": dmg_acc,
                     "caption_nll": [_mean(c) for c in nll.T],
                     "caption_nll_increase": [_mean(c) for c in inc.T],
+                    "caption_nll_increase_other": [_mean(c) for c in inc_other.T],
                     "raw_norm": round(float(raw.norm()), 6),
                     "vector_norm": round(float(v.norm()), 6),
                 }
@@ -739,12 +748,12 @@ def summarize(pairs: list[dict], sites: list[str], scales: list[float], max_dama
     mean flip rate, or the highest efficacy when nothing flips; ties go to the smaller k. None when no
     point qualifies (`best_note` says why)."""
     keys = ("efficacy", "efficacy_prob", "efficacy_share", "flip_rate", "source_rate", "damage_accuracy",
-            "caption_nll_increase")
+            "caption_nll_increase", "caption_nll_increase_other")
     per_layer = {}
     for site in sites:
         per_layer[site] = {"scales": scales}
         for key in keys:
-            cols = [[p["layers"][site][key][j] for p in pairs] for j in range(len(scales))]
+            cols = [[p["layers"][site].get(key, [None] * len(scales))[j] for p in pairs] for j in range(len(scales))]
             per_layer[site][key] = [_mean([c for c in col if c is not None]) for col in cols]
     clean_dmg = _mean([p["clean"]["damage_accuracy"] for p in pairs if p["clean"]["damage_accuracy"] is not None])
     ok, n_steered, why_not = [], 0, {"damage accuracy": 0, "caption NLL": 0}
@@ -754,7 +763,12 @@ def summarize(pairs: list[dict], sites: list[str], scales: list[float], max_dama
             if k == 0:
                 continue
             n_steered += 1
-            dmg, nll = s["damage_accuracy"][j], s["caption_nll_increase"][j]
+            # collateral damage: the caption NLL over its tokens other than the class words (a clean swap
+            # renames the object, which the full caption NLL counts as damage)
+            dmg = s["damage_accuracy"][j]
+            nll = s["caption_nll_increase_other"][j]
+            if nll is None:
+                nll = s["caption_nll_increase"][j]
             if clean_dmg is not None and dmg is not None and dmg < clean_dmg - max_damage_drop - 1e-9:
                 why_not["damage accuracy"] += 1
                 continue
