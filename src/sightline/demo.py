@@ -452,7 +452,9 @@ def findings(summary: dict) -> list[str]:
         if c.get("uniform") is None:
             continue
         floor = max(c["uniform"], c.get("majority") or 0)
-        part = f"{t} {a:.2f} [{ci[t][0]:.2f}, {ci[t][1]:.2f}] vs chance {c['uniform']:.2f}"
+        part = f"{t} {a:.2f} [{ci[t][0]:.2f}, {ci[t][1]:.2f}] vs chance {c['uniform']:.3g}"
+        if (c.get("majority") or 0) > c["uniform"]:
+            part += f" (majority answer {c['majority']:.2f})"
         (above if ci[t][0] > floor else at).append(part)
     if above:
         out.append("The organism answers above chance on " + "; ".join(above) + " (accuracy [Wilson 95% interval], "
