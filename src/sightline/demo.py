@@ -9,7 +9,6 @@ a report: summary.json (stable keys, docs/report.md), figures and index.html.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -19,7 +18,14 @@ from pathlib import Path
 
 from sightline.errors import UserError
 from sightline.report.files import write_json
-from sightline.report.html import Section, Thumb, bullets, frac_count, write_page
+from sightline.report.html import (
+    Section,
+    Thumb,
+    bullets,
+    frac_count,
+    loss_recovered_text,
+    write_page,
+)
 from sightline.report.stats import accuracy_text, wilson_interval
 
 MARKER = ".sightline-demo"
@@ -388,17 +394,6 @@ def _sae_section(ctx: DemoContext) -> tuple[dict, Section]:
     return summary, sec
 
 
-def loss_recovered_text(value: float | None, note: str | None = None) -> str:
-    """Loss recovered as the page shows it: 3 decimals; above 1 clipped to 1.000 with the measured value and
-    why (the spliced reconstruction scored a lower answer loss than the model itself, within noise); unmeasured
-    as 'n/a (not measured: reason)', never 'None'."""
-    if value is None or math.isnan(value):
-        return f"n/a (not measured: {note or 'no answer tokens'})"
-    if value > 1:
-        return f"1.000 (measured {value:.4f}: the reconstruction's answer loss is slightly below the clean one)"
-    return f"{value:.3f}"
-
-
 def findings(summary: dict) -> list[str]:
     """The page's opening sentences, each computed from the summary of this run (no number is fixed here)."""
     out = []
@@ -443,7 +438,8 @@ def findings(summary: dict) -> list[str]:
         text = (f"SAE features shared between image and text tokens: {lo['shared']:.0%} of live latents at "
                 f"{lo['site']} ({lo['image_only']:.0%} image-only), {hi['shared']:.0%} at {hi['site']} "
                 f"({hi['image_only']:.0%} image-only); sharing {trend} with depth")
-        text += (f", peaking at {peak['site']} ({peak['shared']:.0%})." if peak not in (lo, hi) else ".")
+        text += (f", peaking at {peak['site']} ({peak['shared']:.0%})."
+                 if peak['shared'] > max(lo["shared"], hi["shared"]) + 0.01 else ".")
         out.append(text)
     acc, ci, chance = org.get("accuracy", {}), org.get("accuracy_ci95", {}), org.get("chance", {})
     above, at = [], []

@@ -97,6 +97,17 @@ def frac_count(frac: float | None, count: int | None, digits: int = 3) -> str:
     return f"{frac:.{digits}g}" + ("" if count is None else f" ({count})")
 
 
+def loss_recovered_text(value: float | None, note: str | None = None) -> str:
+    """Loss recovered as reports show it: 3 decimals; above 1 clipped to 1.000 with the measured value and why
+    (the spliced reconstruction scored a lower answer loss than the model itself, within noise); unmeasured as
+    'n/a (not measured: reason)', never 'None' or a dash."""
+    if value is None or math.isnan(value):
+        return f"n/a (not measured: {note or 'no answer tokens'})"
+    if value > 1:
+        return f"1.000 (measured {value:.4f}: the reconstruction's answer loss is slightly below the clean one)"
+    return f"{value:.3f}"
+
+
 def bullets(items: Sequence[str], cls: str = "findings") -> str:
     """A list of plain-text sentences as escaped HTML (a report's findings)."""
     return f"<ul class='{cls}'>" + "".join(f"<li>{html.escape(t)}</li>" for t in items) + "</ul>"

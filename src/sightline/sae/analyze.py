@@ -420,7 +420,7 @@ def _write_sae_page(folder: Path, figdir: Path, sae, store, site: str, rec: dict
 
 def _write_index(tmp: Path, results: list[dict], curve: list[dict], cfg: SAEAnalyzeConfig) -> None:
     """OUT/index.html: what the analysis found, one row per SAE (linked to its feature page), the figures."""
-    from sightline.report.html import Link, Section, figure_images, frac_count, write_page
+    from sightline.report.html import Link, Section, figure_images, frac_count, loss_recovered_text, write_page
 
     rows = []
     for r in results:
@@ -429,7 +429,8 @@ def _write_index(tmp: Path, results: list[dict], curve: list[dict], cfg: SAEAnal
         rows.append([Link(f"{r['name']}/features.html", r["site"]),
                      m["image"]["fvu"], m["text"]["fvu"], m["image"]["l0"], m["text"]["l0"],
                      frac_count(m["all"]["frac_dead"], m["all"]["n_dead"]),
-                     lr.get("loss_recovered"), s["image_only"], s["text_only"], s["shared"], cov,
+                     loss_recovered_text(lr.get("loss_recovered"), lr.get("note") or r.get("loss_note")),
+                     s["image_only"], s["text_only"], s["shared"], cov,
                      len(r["concepts"].get("cross_modal", []))])
     header = ["SAE", "FVU image", "FVU text", "L0 image", "L0 text", "dead (count)", "loss recovered", "image-only",
               "text-only", "shared", "probe coverage", "cross-modal concepts"]
