@@ -112,6 +112,96 @@ def test_page_shows_figures_and_example_generations(demo):
         assert {"config.json", "results.json", "figures", "index.html"} <= {p.name for p in (out / run).iterdir()}, run
 
 
+class _Text(HTMLParser):
+    """The page's visible text, and the text of its findings section (the list after id='findings')."""
+
+    def __init__(self):
+        super().__init__()
+        self.parts: list[str] = []
+        self.findings: list[str] = []
+        self._in_findings = False
+        self._skip = 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag in ("style", "title"):
+            self._skip += 1
+        if a.get("id") == "findings":
+            self._in_findings = True
+        elif tag == "h2":
+            self._in_findings = False
+
+    def handle_endtag(self, tag):
+        if tag in ("style", "title"):
+            self._skip -= 1
+
+    def handle_data(self, data):
+        if not self._skip:
+            self.parts.append(data)
+            if self._in_findings:
+                self.findings.append(data)
+
+
+def test_page_opens_with_findings_from_this_run(demo):
+    out, s = demo
+    page = (out / "index.html").read_text()
+    text = _Text()
+    text.feed(page)
+    findings = " ".join(text.findings)
+    assert page.index("id='findings'") < page.index("The model organism</h2>")  # at the top
+    assert s["findings"] and all(f in findings for f in s["findings"])
+    assert f"Steering works at {s['steer']['best_site']}" in findings
+    assert f"best probe layer is {s['probes']['best_site']}" in findings
+    assert f"{s['probes']['best_top1']:.2f}" in findings and f"{s['probes']['chance']['uniform']:.3f}" in findings
+    assert "shared between image and text" in findings
+    visible = " ".join(text.parts)
+    assert "None" not in visible and not re.search(r"\b1 of concepts\b", visible)
+    assert "figures in summary.json" not in visible and "Line of Sight's protocol" not in visible
+    for sub in sorted((out / "sae-analysis").rglob("*.html")):  # the SAE pages the demo links to
+        sub_text = _Text()
+        sub_text.feed(sub.read_text())
+        assert not re.search(r"\d of concepts", " ".join(sub_text.parts)), sub
+
+
+def test_accuracies_carry_chance_and_intervals(demo):
+    out, s = demo
+    org = s["organism"]
+    assert org["chance"]["single_shape"]["uniform"] == 0.125  # 8 shapes
+    assert org["chance"]["presence"]["uniform"] == 0.5 and org["chance"]["size"]["uniform"] == pytest.approx(1 / 3, abs=1e-3)
+    assert org["chance"]["caption"]["uniform"] is None
+    for t, a in org["accuracy"].items():
+        lo, hi = org["accuracy_ci95"][t]
+        assert lo <= a <= hi and hi - lo > 0.05  # 40-70 questions per type: intervals of several points
+    page = (out / "index.html").read_text()
+    assert "chance (uniform)" in page and "95% interval" in page
+    p = s["probes"]
+    lo, hi = p["best_top1_ci95"]
+    assert lo < p["best_top1"] < hi or p["best_top1"] == hi == 1.0
+    assert any("not distinguishable from chance" in f or "above chance" in f for f in s["findings"])
+
+
+def test_confusion_matrix_and_token_grid_figures(demo):
+    out, s = demo
+    page = (out / "index.html").read_text()
+    refs = _Refs()
+    refs.feed(page)
+    conf = s["probes"]["confusion"]
+    assert conf["site"] == s["probes"]["best_site"] and conf["classes"] == s["probes"]["classes"]
+    counts = conf["counts"]
+    assert sum(map(sum, counts)) == s["probes"]["split_sizes"]["test"]
+    diag = sum(counts[i][i] for i in range(len(counts)))
+    assert diag / sum(map(sum, counts)) == pytest.approx(s["probes"]["best_top1"], abs=1e-6)  # the same probe
+    grid = s["store"]["token_grid_figure"]
+    for fig in (conf["figure"], grid):
+        assert fig in refs.refs and (out / fig).stat().st_size > 5000
+    for ref in refs.refs:  # every figure the page references exists
+        if ref.endswith(".png"):
+            assert (out / ref).is_file(), ref
+    for e in s["sae"]["saes"]:  # dead: a fraction, its count beside it; loss recovered measured or explained
+        assert 0 <= e["frac_dead"] <= 1 and isinstance(e["n_dead"], int)
+        assert (e["loss_recovered"] is None) == (e["loss_recovered_note"] is not None)
+
+
 def test_refuses_a_folder_that_is_not_a_demo_and_writes_nothing(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")

@@ -18,7 +18,15 @@ from pathlib import Path
 
 from sightline.errors import UserError
 from sightline.report.files import write_json
-from sightline.report.html import Section, Thumb, write_page
+from sightline.report.html import (
+    Section,
+    Thumb,
+    bullets,
+    frac_count,
+    loss_recovered_text,
+    write_page,
+)
+from sightline.report.stats import accuracy_text, wilson_interval
 
 MARKER = ".sightline-demo"
 DEMO_QTYPES = ("shape", "colour", "size", "position", "presence", "count")
@@ -65,6 +73,32 @@ def _prepare_out(out: Path) -> None:
     (out / MARKER).write_text("written by sightline demo; safe to delete\n")
 
 
+def chance_levels(seed: int, n: int, image_size: int) -> dict[str, dict]:
+    """Per question type of `sightline.organism.evaluate` (same seed and n): `uniform`, the mean over its
+    questions of 1 / the number of answers the world allows for that question (8 shapes, 8 colours, 3
+    sizes, left/right or top/bottom, yes/no, zero to the most objects a scene holds), and `majority`, the
+    share of the most common true answer; caption (free text) has none."""
+    from sightline.data.synthetic import COLOURS, NUMBERS, SHAPES, SIZES, WorldConfig
+    from sightline.organism.evaluate import eval_items
+
+    counts = NUMBERS[: len(WorldConfig().count_probs) + 1]
+    families = (SHAPES, COLOURS, SIZES, ("left", "right"), ("top", "bottom"), ("yes", "no"), counts)
+    answers: dict[str, list[str]] = {}
+    for _, _, answer, qtype in eval_items(seed, n, image_size):
+        answers.setdefault(qtype, []).append(answer)
+    out = {}
+    for qtype, ans in answers.items():
+        fams = [next((f for f in families if a in f), None) for a in ans]
+        if qtype == "caption" or any(f is None for f in fams):
+            out[qtype] = {"uniform": None, "majority": None, "answers": None}
+            continue
+        top = max(set(ans), key=ans.count)
+        out[qtype] = {"uniform": round(sum(1 / len(f) for f in fams) / len(fams), 4),
+                      "majority": round(ans.count(top) / len(ans), 4),
+                      "answers": sorted({len(f) for f in fams})}
+    return out
+
+
 def _organism_section(ctx: DemoContext) -> tuple[dict, Section]:
     from sightline.organism.evaluate import evaluate
 
@@ -72,6 +106,9 @@ def _organism_section(ctx: DemoContext) -> tuple[dict, Section]:
     res = evaluate(ctx.adapter, seed=cfg.seed, n=cfg.eval_n, progress=cfg.progress)
     write_json(ctx.out / "organism_eval.json", res)
     ad = ctx.adapter
+    chance = chance_levels(cfg.seed, cfg.eval_n, ad.config.vision_config.image_size)
+    ci = {t: [round(v, 4) for v in wilson_interval(round(a * res["count"][t]), res["count"][t])]
+          for t, a in res["accuracy"].items()}
     summary = {
         "model": ctx.model_path,
         "n_layers": ad.n_layers,
@@ -80,18 +117,45 @@ def _organism_section(ctx: DemoContext) -> tuple[dict, Section]:
         "eval_seed": cfg.seed,
         "eval_n": cfg.eval_n,
         "accuracy": res["accuracy"],
+        "questions": res["count"],
+        "accuracy_ci95": ci,
+        "chance": {t: {k: v for k, v in chance.get(t, {}).items() if k != "answers"} for t in res["accuracy"]},
     }
-    rows = [(t, res["count"][t], res["accuracy"][t]) for t in res["accuracy"]]
+
+    def chance_text(t):
+        c = chance.get(t) or {}
+        if c.get("uniform") is None:
+            return "n/a (free-text answer)"
+        k = c["answers"]
+        return f"{c['uniform']:.3f} (1/{k[0]})" if len(k) == 1 else f"{c['uniform']:.3f} (mixed: 1/{', 1/'.join(map(str, k))})"
+
+    rows = [(t, res["count"][t], accuracy_text(a, res["count"][t]), chance_text(t),
+             (chance.get(t) or {}).get("majority"), _verdict(ci[t], (chance.get(t) or {}).get("uniform"),
+                                                             (chance.get(t) or {}).get("majority")))
+            for t, a in res["accuracy"].items()]
     ex = [(t, e["question"], e["answer"], e["generated"]) for t, es in res["examples"].items() for e in es[:1]]
     sec = Section(
         "The model organism",
         f"A {ad.n_layers}-layer LLaVA trained from scratch on the synthetic world, asked about fresh scenes "
-        f"(seed {cfg.seed}); an answer counts when the greedy generation equals the true answer.",
-        tables=[("accuracy per question type", ["question type", "questions", "accuracy"], rows),
+        f"(seed {cfg.seed}, {cfg.eval_n} scenes per set); an answer counts when the greedy generation equals the true "
+        "answer. Brackets: Wilson 95% interval. Chance: 1 / the number of answers the world allows for the question "
+        "(averaged over the questions where they differ); majority: the share of the most common true answer, what "
+        "always giving that answer would score.",
+        tables=[("accuracy per question type, with chance beside it",
+                 ["question type", "questions", "accuracy [95% interval]", "chance (uniform)", "majority answer",
+                  "verdict"], rows),
                 ("one example per type", ["type", "question", "answer", "generated"], ex)],
         links=[("organism_eval.json", "organism_eval.json")],
     )
     return summary, sec
+
+
+def _verdict(ci: list[float], uniform: float | None, majority: float | None) -> str:
+    """'above chance' when the whole 95% interval is above both chance levels, else 'at chance'."""
+    if uniform is None:
+        return "no chance level (free text)"
+    floor = max(uniform, majority or 0)
+    return "above chance" if ci[0] > floor else "not distinguishable from chance"
 
 
 def _store_section(ctx: DemoContext) -> tuple[dict, Section]:
@@ -102,13 +166,44 @@ def _store_section(ctx: DemoContext) -> tuple[dict, Section]:
     from sightline.models.layout import MODALITIES
 
     mods = {m: int((idx["modality"] == k).sum()) for k, m in enumerate(MODALITIES)}
+    grid_fig, grid = _token_grid_figure(ctx, s.examples[0])
     summary = {"path": str(ctx.store_path.relative_to(ctx.out)), "examples": len(s), "tokens": s.n_tokens,
-               "tokens_by_modality": mods, "sites": s.sites}
-    sec = Section("Activations", "Residual stream entering every block (and the last block's output), keys and "
-                  "values of every layer, over every token of each held-out example.",
+               "tokens_by_modality": mods, "sites": s.sites, "token_grid_figure": grid_fig}
+    text = ("Residual stream entering every block (and the last block's output), keys and values of every layer, "
+            "over every token of each held-out example.")
+    if grid:
+        text += (f" Each image becomes a {grid['rows']} x {grid['cols']} grid of image tokens (sequence positions "
+                 f"{grid['first_position']} to {grid['first_position'] + grid['rows'] * grid['cols'] - 1}), token "
+                 f"(row, col) covering a {grid['step_xy'][1]:g} x {grid['step_xy'][0]:g} px box of the "
+                 f"{grid['image_size_hw'][0]} x {grid['image_size_hw'][1]} px image: the figure draws the grid that "
+                 "the store keeps per example (TokenLayout, docs/store.md) over one held-out scene.")
+    sec = Section("Activations", text,
                   figures={"examples": len(s), "tokens": s.n_tokens, **{f"{m} tokens": n for m, n in mods.items()},
-                           "sites": len(s.sites)})
+                           "sites": len(s.sites)},
+                  images=[(grid_fig, (f"image tokens over the pixels of held-out scene 0: '{s.examples[0]['prompt']}' "
+                                      "(each box: row,col and #sequence position)"))] if grid_fig else [])
     return summary, sec
+
+
+def _token_grid_figure(ctx: DemoContext, example: dict) -> tuple[str | None, dict | None]:
+    """figures/token_grid.png: one stored example's image with its base-view token grid drawn over it."""
+    import numpy as np
+    from PIL import Image
+
+    from sightline.models.layout import ViewGrid
+    from sightline.report.layout import plot_token_grid
+
+    grids = example.get("layout") or []
+    if not grids or not example.get("path"):
+        return None, None
+    g = next((d for d in grids if d.get("view", 0) == 0), grids[0])
+    xs, ys = ViewGrid.from_json(g).spans()
+    img = np.asarray(Image.open(example["path"]).convert("RGB"))
+    rel = "figures/token_grid.png"
+    plot_token_grid(img, xs, ys, ctx.out / rel, first_position=g.get("first_position"), newline=g.get("newline", False),
+                    title=f"{g['rows']} x {g['cols']} image tokens over a {g['image_size_hw'][0]} x "
+                          f"{g['image_size_hw'][1]} px scene ({g['step_xy'][0]:g} px per token)")
+    return rel, g
 
 
 def _probe_section(ctx: DemoContext) -> tuple[dict, Section]:
@@ -119,20 +214,67 @@ def _probe_section(ctx: DemoContext) -> tuple[dict, Section]:
     keep = ("best_site", "best_top1", "best_top5", "best_control_top1", "best_selectivity", "chance", "classes",
             "split_sizes", "sites")
     summary = {k: res[k] for k in keep if k in res}
-    rows = [(site, m.get("test_top1"), m.get("test_top5"), m.get("control_test_top1"), m.get("selectivity"))
-            for site, m in res["sites"].items()]
+    n_test = summary["split_sizes"]["test"]
+    summary["best_top1_ci95"] = [round(v, 4) for v in wilson_interval(round(summary["best_top1"] * n_test), n_test)]
+    conf = _probe_confusion(ctx, summary["best_site"])
+    summary["confusion"] = conf
+    rows = [(site, accuracy_text(m.get("test_top1"), n_test, 3), m.get("test_top5"), m.get("control_test_top1"),
+             m.get("selectivity")) for site, m in res["sites"].items()]
+    uniform = summary["chance"]["uniform"]
+    images = [("probes/figures/accuracy_vs_layer.png", "held-out accuracy against layer, control task and chance")]
+    if conf:
+        images.append((conf["figure"], (f"confusion matrix of the best probe ({summary['best_site']}) on the "
+                                        f"{n_test} held-out images")))
     sec = Section(
         "Linear probes: which shape is in the image",
         "Multinomial logistic regression on the mean of the image tokens at every site, L2 chosen on a validation "
-        "split, scored on held-out images; the control task (labels reassigned at random per image, Hewitt & "
-        "Liang) shows how much a probe could memorise.",
-        figures={k: summary[k] for k in ("best_site", "best_top1", "best_top5", "best_control_top1", "best_selectivity")
-                 if k in summary},
-        tables=[("held-out accuracy per site", ["site", "top-1", "top-5", "control top-1", "selectivity"], rows)],
-        images=[("probes/figures/accuracy_vs_layer.png", "accuracy vs layer")],
+        f"split, scored on {n_test} held-out images (brackets: Wilson 95% interval); chance is 1/"
+        f"{len(summary['classes'])} = {uniform:.3f}. The control task (labels reassigned at random per image, "
+        "Hewitt & Liang 2019) shows how much a probe could memorise.",
+        figures={"best site": summary["best_site"],
+                 "best held-out top-1 [95% interval]": accuracy_text(summary["best_top1"], n_test, 3),
+                 "chance (1 / classes)": round(uniform, 4), "majority class": summary["chance"].get("majority"),
+                 "control task top-1 at the best site": summary.get("best_control_top1"),
+                 "selectivity (top-1 minus control)": summary.get("best_selectivity")},
+        tables=[("held-out accuracy per site", ["site", "top-1 [95% interval]", "top-5", "control top-1",
+                                                "selectivity"], rows)],
+        images=images,
         links=[("probes/index.html", "probe run page"), ("probes/results.json", "results.json")],
     )
     return summary, sec
+
+
+def _probe_confusion(ctx: DemoContext, site: str) -> dict | None:
+    """figures/probe_confusion.png and its counts: the probe run's probe at `site` on its own test split."""
+    import numpy as np
+
+    from sightline.probes.features import pool_features, resolve_labels
+    from sightline.probes.linear import load_probes
+    from sightline.report.files import read_json
+    from sightline.report.probes import plot_confusion
+    from sightline.store import ActivationStore
+
+    run = ctx.out / "probes"
+    results = read_json(run / "results.json")
+    test_ids = results.get("splits", {}).get("examples", {}).get("test")
+    probe = load_probes(run).get(site)
+    if not test_ids or probe is None:
+        return None
+    store = ActivationStore.open(ctx.store_path)
+    cfg = results.get("config") or read_json(run / "config.json")
+    feats = pool_features(store, [site], test_ids, cfg.get("pooling", "mean"), cfg.get("modality", "image"))
+    by_id = {e["example"]: e for e in store.examples}
+    truth = resolve_labels([by_id[int(i)] for i in feats.example_ids], cfg.get("label", "facts.objects.0.shape"))
+    pred = probe.predict(feats.acts[site])
+    classes = list(probe.classes)
+    counts = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    for t, q in zip(truth, pred):
+        if t in classes:
+            counts[classes.index(t), classes.index(q)] += 1
+    rel = "figures/probe_confusion.png"
+    plot_confusion(counts, classes, ctx.out / rel,
+                   title=f"shape probe at {site}: {int(np.trace(counts))} of {int(counts.sum())} held-out images right")
+    return {"site": site, "classes": classes, "counts": counts.tolist(), "figure": rel}
 
 
 def _steer_section(ctx: DemoContext) -> tuple[dict, Section]:
@@ -147,6 +289,11 @@ def _steer_section(ctx: DemoContext) -> tuple[dict, Section]:
         out=str(ctx.out / "steer"), pairs=("circle:star", "square:heart"), layers="0,1,2,3",
         scales=(0, 2, 4, 6, 8, 10, 12), images_per_class=20, batch_size=64, max_new_tokens=8, progress=cfg.progress))
     h = headline(res)
+    from sightline.report.files import read_json
+
+    per_layer = read_json(ctx.out / "steer" / "results.json")["summary"]["per_layer"]
+    h["max_flip_rate_by_site"] = {site: max((v for v in m["flip_rate"] if v is not None), default=None)
+                                  for site, m in per_layer.items()}
     figs = sorted((ctx.out / "steer" / "figures").glob("*.png"))
     examples = _steer_examples(ctx.out, ctx.out / "steer" / "generations.jsonl", h.get("best_site"),
                                h.get("best_scale"))
@@ -154,10 +301,13 @@ def _steer_section(ctx: DemoContext) -> tuple[dict, Section]:
         "Steering: add a shape direction at the image tokens",
         "v = difference of class means (target minus source) of the mean-pooled image tokens at resid.L, unit "
         "norm; k * v is added at the image positions during the prefill only, then the answer is generated "
-        "greedily from the edited KV cache (Line of Sight's protocol). Flip rate: the free answer to "
-        "'What shape is shown?' names the target; damage: accuracy on the colour question of the same images.",
-        figures={k: h[k] for k in ("best_site", "best_scale", "flip_rate", "efficacy", "damage_accuracy",
-                                   "caption_nll_increase", "clean_flip_rate", "clean_damage_accuracy") if k in h},
+        "greedily from the edited KV cache: the steering protocol of Line of Sight (Rajaram et al. 2025, "
+        "arXiv 2506.04706; settings in PAPERS.md). Flip rate: the free answer to 'What shape is shown?' names "
+        "the target; damage: accuracy on the colour question of the same images.",
+        figures={**{k.replace("_", " "): h[k] for k in ("best_site", "best_scale", "flip_rate", "efficacy",
+                                                         "damage_accuracy", "caption_nll_increase", "clean_flip_rate",
+                                                         "clean_damage_accuracy") if h.get(k) is not None},
+                 **{f"highest flip rate at {site} (any k)": v for site, v in h["max_flip_rate_by_site"].items()}},
         tables=[(f"example generations: clean, and steered at {h.get('best_site')}, k = {h.get('best_scale')}",
                  ["image", "source -> target", "open answer, clean", "open answer, steered", "colour, steered",
                   "colour, true"], examples)] if examples else [],
@@ -217,23 +367,103 @@ def _sae_section(ctx: DemoContext) -> tuple[dict, Section]:
                                        progress=cfg.progress))
     keep = ("site", "fvu_image", "fvu_text", "l0_image", "l0_text", "frac_dead", "loss_recovered", "image_only",
             "text_only", "shared", "probe_coverage")
-    per_sae = [{k: e.get(k) for k in keep} for e in res["saes"]]
+    from sightline.report.files import read_json
+
+    metrics = read_json(ctx.out / "sae-analysis" / "results.json")["metrics"]["saes"]
+    per_sae = []
+    for e in res["saes"]:
+        m = metrics.get(e.get("name"), {})
+        lr = m.get("loss_recovered") or {}
+        per_sae.append({k: e.get(k) for k in keep}
+                       | {"n_dead": (m.get("reconstruction", {}).get("all") or {}).get("n_dead"),
+                          "loss_recovered_note": None if e.get("loss_recovered") is not None else
+                          (lr.get("note") or m.get("loss_note") or "not measured")})
     summary = {"shared_by_layer": res["shared_by_layer"], "saes": per_sae}
     sec = Section(
         "Sparse autoencoders on image and text tokens",
         "A TopK SAE (256 latents, k = 32, AuxK against dead latents) per layer on the residual stream over image and "
         "text tokens. A latent is "
         "image-only or text-only when at least 90% of its mean activation per token falls on that modality, "
-        "shared otherwise (docs/report.md); loss recovered splices the reconstruction in at the image positions.",
-        tables=[("per layer", ["site", "FVU image", "FVU text", "L0 image", "dead", "loss recovered", "image-only",
-                               "text-only", "shared"],
-                 [(e["site"], e["fvu_image"], e["fvu_text"], e["l0_image"], e["frac_dead"], e["loss_recovered"],
-                   e["image_only"], e["text_only"], e["shared"]) for e in per_sae])],
-        images=[("sae-analysis/figures/shared_by_layer.png", "shared fraction of latents per layer")],
+        "shared otherwise (docs/report.md). Dead: share of latents that fire on no token (count in brackets). "
+        "Loss recovered = 1 - (NLL_SAE - NLL_clean) / (NLL_zero - NLL_clean) on answer tokens, the reconstruction "
+        "spliced in at the image positions; 1 = as good as the model's own activations.",
+        tables=[("per layer", ["site", "FVU image", "FVU text", "L0 image", "dead (count)", "loss recovered",
+                               "image-only", "text-only", "shared"],
+                 [(e["site"], e["fvu_image"], e["fvu_text"], e["l0_image"], frac_count(e["frac_dead"], e["n_dead"]),
+                   loss_recovered_text(e["loss_recovered"], e["loss_recovered_note"]), e["image_only"],
+                   e["text_only"], e["shared"]) for e in per_sae])],
+        images=[("sae-analysis/figures/shared_by_layer.png", "shared fraction of live latents per layer")],
         links=[("sae-analysis/index.html", "feature pages (top image tokens as heatmaps, top text contexts)"),
                ("sae-analysis/results.json", "results.json")],
     )
     return summary, sec
+
+
+def findings(summary: dict) -> list[str]:
+    """The page's opening sentences, each computed from the summary of this run (no number is fixed here)."""
+    out = []
+    org, pr, st, sae = (summary.get(k, {}) for k in ("organism", "probes", "steer", "sae"))
+    probe_sites = pr.get("sites", {})
+    if st.get("best_site"):
+        best, flips = st["best_site"], st.get("max_flip_rate_by_site", {})
+        text = (f"Steering works at {best}: adding k = {st['best_scale']:g} times the shape direction at the image "
+                f"tokens flips {st['flip_rate']:.0%} of answers to the target shape (clean {st['clean_flip_rate']:.0%}), "
+                f"while colour answers stay {st['damage_accuracy']:.0%} right.")
+        fail = {s: v for s, v in flips.items() if s != best and v is not None and v < 0.5}
+        if fail:
+            accs = [probe_sites[s]["test_top1"] for s in fail if s in probe_sites]
+            text += (f" At {', '.join(fail)} it does not (highest flip rate at any k: "
+                     f"{max(fail.values()):.0%})")
+            text += (f", although the probe still reads the shape from those layers' image tokens "
+                     f"({min(accs):.2f}-{max(accs):.2f})" if accs else "")
+            if best.endswith(".0") and all(not s.endswith(".0") for s in fail):
+                text += (": an edit at resid.L changes the image tokens from block L on, but the text positions "
+                         "have already read the clean shape from the image in the blocks before L, and the answer "
+                         "reads it from there (on the organism, after block 0; tests/test_steer.py).")
+            else:
+                text += "."
+        out.append(text)
+    if pr.get("best_site"):
+        n = pr["split_sizes"]["test"]
+        lo, hi = pr["best_top1_ci95"]
+        accs = {s: m["test_top1"] for s, m in probe_sites.items()}
+        worst = min(accs, key=accs.get) if accs else None
+        text = (f"Shape is linearly decodable from the image tokens: the best probe layer is {pr['best_site']} with "
+                f"held-out top-1 {pr['best_top1']:.2f} (95% interval {lo:.2f}-{hi:.2f}, {n} test images) against "
+                f"chance {pr['chance']['uniform']:.3f} (1/{len(pr['classes'])}) and a control task at "
+                f"{pr['best_control_top1']:.2f}")
+        text += (f"; the weakest site, {worst}, still reads {accs[worst]:.2f}." if worst and worst != pr["best_site"]
+                 else ".")
+        out.append(text)
+    curve = sae.get("shared_by_layer") or []
+    if len(curve) >= 2:
+        lo, hi = curve[0], curve[-1]
+        peak = max(curve, key=lambda c: c["shared"])
+        trend = ("rises" if hi["shared"] > lo["shared"] else "falls" if hi["shared"] < lo["shared"] else "stays")
+        text = (f"SAE features shared between image and text tokens: {lo['shared']:.0%} of live latents at "
+                f"{lo['site']} ({lo['image_only']:.0%} image-only), {hi['shared']:.0%} at {hi['site']} "
+                f"({hi['image_only']:.0%} image-only); sharing {trend} with depth")
+        text += (f", peaking at {peak['site']} ({peak['shared']:.0%})."
+                 if peak['shared'] > max(lo["shared"], hi["shared"]) + 0.01 else ".")
+        out.append(text)
+    acc, ci, chance = org.get("accuracy", {}), org.get("accuracy_ci95", {}), org.get("chance", {})
+    above, at = [], []
+    for t, a in acc.items():
+        c = chance.get(t) or {}
+        if c.get("uniform") is None:
+            continue
+        floor = max(c["uniform"], c.get("majority") or 0)
+        part = f"{t} {a:.2f} [{ci[t][0]:.2f}, {ci[t][1]:.2f}] vs chance {c['uniform']:.3g}"
+        if (c.get("majority") or 0) > c["uniform"]:
+            part += f" (majority answer {c['majority']:.2f})"
+        (above if ci[t][0] > floor else at).append(part)
+    if above:
+        out.append("The organism answers above chance on " + "; ".join(above) + " (accuracy [Wilson 95% interval], "
+                   f"{org.get('eval_n')} scenes per set).")
+    if at:
+        out.append("Not distinguishable from chance (the interval reaches the uniform or majority-answer level): "
+                   + "; ".join(at) + ".")
+    return out
 
 
 # Sections that analyses add: name -> function(ctx) -> (summary dict, Section). Run in this order.
@@ -274,10 +504,13 @@ def run_demo(config: DemoConfig | None = None, **overrides) -> dict:
         part["seconds"] = round(time.perf_counter() - t, 2)
         summary[name] = part
         sections.append(sec)
+    summary["findings"] = findings(summary)
     summary["sightline_demo"]["seconds"] = round(time.perf_counter() - t0, 2)
     write_json(out / "summary.json", summary)
+    top = Section("What this run shows", "Computed from this run's numbers (summary.json, key findings); the "
+                  "sections below give the detail.", html=bullets(summary["findings"]), anchor="findings")
     write_page(out / "index.html", "sightline demo",
                f"The model organism, {cfg.n} held-out scenes, every analysis of the toolkit "
-               f"({summary['sightline_demo']['seconds']:.0f} s).", sections)
-    print(f"demo: report in {out}/index.html, figures in {out}/summary.json")
+               f"({summary['sightline_demo']['seconds']:.0f} s wall).", [top, *sections])
+    print(f"demo: report in {out}/index.html, headline numbers in {out}/summary.json")
     return summary

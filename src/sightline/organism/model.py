@@ -93,6 +93,7 @@ def build_organism(arch: OrganismArch = OrganismArch(), seed: int = 0):
             projection_dim=arch.vision_hidden,
         ),
         image_token_id=tok.image_token_id,
+        image_seq_length=(arch.image_size // arch.patch_size) ** 2,  # metadata only: LlavaProcessor counts patches
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",

@@ -28,9 +28,12 @@ h3 { margin: 1.6em 0 .3em; }
 table { border-collapse: collapse; margin: .8em 0; } td, th { padding: .25em .8em; border-bottom: 1px solid #e5e8ef;
        text-align: left; vertical-align: top; } th { background: #f4f6fa; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.figs { display: flex; flex-wrap: wrap; gap: 1em; } figure { margin: 0; max-width: 100%; }
-figure img { max-width: 520px; width: 100%; border: 1px solid #e5e8ef; }
-figcaption { font-size: .9em; color: #5b6478; max-width: 520px; }
+.figs { display: flex; flex-wrap: wrap; gap: 1.2em; align-items: flex-start; }
+figure { margin: 0; max-width: 100%; }
+figure img { max-width: 100%; height: auto; border: 1px solid #e5e8ef; }  /* natural size: legends stay legible */
+figcaption { font-size: .9em; color: #5b6478; max-width: 40em; }
+.findings { background: #f6f8fc; border-left: 4px solid #7b2cbf; padding: .6em 1.2em; }
+.findings li { margin: .35em 0; }
 img { max-width: 100%; }
 code { background: #f4f6fa; padding: 0 .25em; border-radius: 3px; }
 .ctx { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12.5px; white-space: pre-wrap;
@@ -85,6 +88,29 @@ def fmt(v: Any, digits: int = 4) -> str:
     if isinstance(v, (dict, list)):
         return html.escape(json.dumps(v))
     return html.escape(str(v))
+
+
+def frac_count(frac: float | None, count: int | None, digits: int = 3) -> str:
+    """A share with its count in brackets, '0.023 (6)': how the reports show dead latents and the like."""
+    if frac is None or (isinstance(frac, float) and not math.isfinite(frac)):
+        return "n/a" if count is None else f"n/a ({count})"
+    return f"{frac:.{digits}g}" + ("" if count is None else f" ({count})")
+
+
+def loss_recovered_text(value: float | None, note: str | None = None) -> str:
+    """Loss recovered as reports show it: 3 decimals; above 1 clipped to 1.000 with the measured value and why
+    (the spliced reconstruction scored a lower answer loss than the model itself, within noise); unmeasured as
+    'n/a (not measured: reason)', never 'None' or a dash."""
+    if value is None or math.isnan(value):
+        return f"n/a (not measured: {note or 'no answer tokens'})"
+    if value > 1:
+        return f"1.000 (measured {value:.4f}: the reconstruction's answer loss is slightly below the clean one)"
+    return f"{value:.3f}"
+
+
+def bullets(items: Sequence[str], cls: str = "findings") -> str:
+    """A list of plain-text sentences as escaped HTML (a report's findings)."""
+    return f"<ul class='{cls}'>" + "".join(f"<li>{html.escape(t)}</li>" for t in items) + "</ul>"
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 4) -> str:

@@ -54,14 +54,46 @@ def plot_accuracy_vs_layer(metrics: dict, path: str | os.PathLike, title: str | 
         if chance.get("majority") is not None and abs(chance["majority"] - chance.get("uniform", -1)) > 1e-3:
             ax.axhline(chance["majority"], color="grey", lw=0.8, ls="--", label="majority class")
         ax.set_title(kind)
-        ax.set_xlabel("layer" if any(x >= 0 for x in xs) else "")
+        ax.set_xlabel(f"layer ({kind}.L)" if any(x >= 0 for x in xs) else kind)
         if xs and all(float(x).is_integer() for x in xs):
             ax.set_xticks(xs)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("held-out accuracy")
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    axes[0][0].set_ylabel("held-out accuracy (share of images)")
+    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_confusion(counts_kk, classes: list[str], path: str | os.PathLike, title: str = "") -> Path:
+    """Confusion matrix of a probe on held-out images: rows the true class, columns the predicted one,
+    each cell the count with its row's share as the colour (so classes of unequal size compare)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    c = np.asarray(counts_kk, dtype=np.int64)
+    rows = c.sum(1, keepdims=True)
+    share = np.divide(c, rows, out=np.zeros(c.shape, dtype=np.float64), where=rows > 0)
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * k, 0.6 + 0.5 * k))
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            if c[i, j]:
+                ax.text(j, i, str(c[i, j]), ha="center", va="center", fontsize=9,
+                        color="white" if share[i, j] > 0.6 else "black")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), [f"{n} (n={int(r)})" for n, r in zip(classes, rows[:, 0])])
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class (held-out images)")
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("share of the true class's images")
+    acc = np.trace(c) / max(int(c.sum()), 1)
+    ax.set_title(title or f"held-out accuracy {acc:.2f} ({int(np.trace(c))} of {int(c.sum())} images)", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)

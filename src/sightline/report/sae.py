@@ -61,13 +61,15 @@ def plot_training_curves(log: Sequence[dict[str, Any]], path: str | os.PathLike,
     for name in names:
         for ax, key in zip(axes, ("fvu", "l0", "dead_frac")):
             ax.plot(steps, [r["saes"].get(name, {}).get(key, float("nan")) for r in log], lw=1.5, label=name)
-    for ax, label in zip(axes, ("FVU (fraction of variance unexplained)", "L0 (active latents per token)",
-                                "dead latents (share)")):
-        ax.set_xlabel("step")
+    for ax, label, ylabel in zip(axes, ("FVU (fraction of variance unexplained)", "L0 (active latents per token)",
+                                        "dead latents (share)"),
+                                 ("FVU (0 = perfect)", "latents active per token", "share of latents never firing")):
+        ax.set_xlabel("training step (batches)")
+        ax.set_ylabel(ylabel)
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
     if names:
-        axes[0].legend(frameon=False, fontsize=7)
+        axes[0].legend(frameon=False, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
@@ -83,7 +85,7 @@ def plot_modality_hist(image_share: np.ndarray, path: str | os.PathLike, thresho
     ax.axvspan(threshold, 1 - threshold, color="#7b2cbf", alpha=0.08, label="shared band")
     ax.hist(s, bins=np.linspace(0, 1, 41), color="#444b5a")
     ax.set_xlabel("image share of per-token activation mass")
-    ax.set_ylabel("latents")
+    ax.set_ylabel("latents (count)")
     ax.set_xlim(0, 1)
     ax.legend(frameon=False, fontsize=8)
     ax.set_title(title or f"{len(s)} live latents", fontsize=10)

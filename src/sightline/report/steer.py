@@ -32,7 +32,8 @@ def plot_layer(results: dict, site: str, path: str | os.PathLike) -> Path:
     a.plot(ks, _nan(mean["efficacy"]), color="tab:blue", lw=2.2, marker="o", ms=3, label=f"efficacy ({metric})")
     a.plot(ks, _nan(mean["flip_rate"]), color="tab:orange", lw=2.2, marker="o", ms=3, label="flip rate (free answer)")
     a.set_ylim(-0.03, 1.03)
-    a.set_xlabel("k")
+    a.set_xlabel("k (multiple of the unit steering vector, residual-stream units)" if results.get("normalize") == "unit" else "k (scale of the steering vector)")
+    a.set_ylabel("share of source-class images")
     a.set_title(f"{site}: efficacy")
     a.legend(fontsize=8, loc="best")
     a.grid(alpha=0.3)
@@ -41,16 +42,17 @@ def plot_layer(results: dict, site: str, path: str | os.PathLike) -> Path:
         handles += b.plot(ks, _nan(mean["damage_accuracy"]), color="tab:green", lw=2.2, marker="o", ms=3,
                           label="unrelated-question accuracy")
         b.set_ylim(-0.03, 1.03)
-    b.set_xlabel("k")
-    b.set_ylabel("accuracy")
+    b.set_xlabel(a.get_xlabel())
+    b.set_ylabel("accuracy on the unrelated question")
     b.grid(alpha=0.3)
     c = b.twinx()
     handles += c.plot(ks, _nan(mean["caption_nll_increase"]), color="tab:red", lw=2.2, marker="s", ms=3,
                       label="caption NLL increase (nats/token)")
-    c.set_ylabel("NLL increase")
+    c.set_ylabel("caption NLL increase (nats/token)")
     b.set_title(f"{site}: damage")
     b.legend(handles=handles, fontsize=8, loc="best")
     fig.suptitle(f"steering {len(pairs)} pair(s), {results.get('normalize', '')} vectors", fontsize=10)
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -62,20 +64,25 @@ def plot_overview(results: dict, path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
     per = results["summary"]["per_layer"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     cmap = plt.get_cmap("viridis")
     for j, (site, s) in enumerate(per.items()):
         col = cmap(j / max(len(per) - 1, 1))
         for ax, key in zip(axes, ("flip_rate", "efficacy", "damage_accuracy")):
             ax.plot(s["scales"], _nan(s[key]), color=col, lw=1.8, marker="o", ms=3, label=site)
-    for ax, title in zip(axes, ("flip rate", f"efficacy ({results.get('efficacy_metric', 'prob')})",
-                                "unrelated-question accuracy")):
+    metric = results.get("efficacy_metric", "prob")
+    for ax, title, ylabel in zip(axes, ("flip rate", f"efficacy ({metric})", "unrelated-question accuracy"),
+                                 ("share of answers naming the target",
+                                  "p(target)" if metric == "prob" else "p(target) / (p(source) + p(target))",
+                                  "accuracy")):
         ax.set_title(title)
-        ax.set_xlabel("k")
+        ax.set_ylabel(ylabel)
+        ax.set_xlabel("k (multiple of the unit steering vector, residual-stream units)" if results.get("normalize") == "unit" else "k (scale of the steering vector)")
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=9, title="layer", title_fontsize=9)
     best = results["summary"].get("best")
     if best:
         axes[0].plot([best["scale"]], [best["flip_rate"]], marker="*", ms=14, color="crimson", ls="none")
+    fig.tight_layout()
     return _save(fig, path)

@@ -409,24 +409,31 @@ def _latent_section(j: int, why: str, rec: dict, top: TopActivations, tokens: St
     return "\n".join(parts)
 
 
+def _share_of(share: float | None, n: int) -> str:
+    """'3 of 16 (0.19)' for a share of n items: a sentence never shows a bare fraction as a count."""
+    if share is None or np.isnan(share):
+        return f"none of {n}"
+    return f"{round(share * n)} of {n} ({share:.2f})"
+
+
 def _write_sae_page(folder: Path, figdir: Path, sae, store, site: str, rec: dict, top: TopActivations,
                     tokens: StoreTokens | None, cfg: SAEAnalyzeConfig) -> None:
     """OUT/<name>/features.html: one SAE's reconstruction, modality split, concepts and chosen latents; its
     figures go to OUT/figures/<name>/."""
-    from sightline.report.html import Section, table, write_page
+    from sightline.report.html import Section, frac_count, table, write_page
     from sightline.report.sae import plot_modality_hist
 
     fig_rel = f"../figures/{figdir.name}"
     plot_modality_hist(rec["image_share"], figdir / "modality_hist.png", cfg.share_threshold,
                        title=f"{site}: image share of live latents")
     m = rec["metrics"]
-    rows = [[g, m[g]["n_tokens"], m[g]["mse"], m[g]["fvu"], m[g]["l0"], m[g]["n_dead"], m[g]["n_dense"]]
-            for g in ("image", "text", "special", "all")]
+    rows = [[g, m[g]["n_tokens"], m[g]["mse"], m[g]["fvu"], m[g]["l0"], frac_count(m[g]["frac_dead"], m[g]["n_dead"]),
+             frac_count(m[g]["frac_dense"], m[g]["n_dense"])] for g in ("image", "text", "special", "all")]
     s = rec["sharing"]
     lr = rec.get("loss_recovered") or {}
     conc = rec["concepts"]
     recon = Section("Reconstruction by modality", tables=[
-        ("", ["tokens", "n", "MSE", "FVU", "L0", "dead", f"dense (>{cfg.dense_threshold:g})"], rows)])
+        ("", ["tokens", "n", "MSE", "FVU", "L0", "dead (count)", f"dense (>{cfg.dense_threshold:g}) (count)"], rows)])
     if lr:
         recon.tables.append(("", ["answer NLL", "clean", "SAE at image positions", "zero at image positions",
                                   "loss recovered", "answer tokens"],
@@ -446,8 +453,8 @@ def _write_sae_page(folder: Path, figdir: Path, sae, store, site: str, rec: dict
                 for n, r in probing["per_label"].items()]
         sec = Section("Concepts",
                       f"Sparse probing: the best single latent per concept chosen on half of the images, scored on "
-                      f"the other half; {fmt(probing['coverage'], 3)} of concepts reach AUROC >= "
-                      f"{probing['threshold']:g}.",
+                      f"the other half; {_share_of(probing['coverage'], len(probing['per_label']))} concepts reach "
+                      f"AUROC >= {probing['threshold']:g}.",
                       tables=[("", ["concept", "latent", "AUROC (choose)", "AUROC (held out)", "positives held out"],
                                prow)])
         pc = conc.get("per_concept") or {}
@@ -483,17 +490,19 @@ def _write_sae_page(folder: Path, figdir: Path, sae, store, site: str, rec: dict
 
 def _write_index(tmp: Path, results: list[dict], curve: list[dict], cfg: SAEAnalyzeConfig) -> None:
     """OUT/index.html: what the analysis found, one row per SAE (linked to its feature page), the figures."""
-    from sightline.report.html import Link, Section, figure_images, write_page
+    from sightline.report.html import Link, Section, figure_images, frac_count, loss_recovered_text, write_page
 
     rows = []
     for r in results:
         m, s, lr = r["metrics"], r["sharing"], r.get("loss_recovered") or {}
         cov = ((r["concepts"].get("probing") or {}).get("coverage"))
         rows.append([Link(f"{r['name']}/features.html", r["name"] + (" (untrained?)" if r["quality"]["flagged"] else "")),
-                     m["image"]["fvu"], m["text"]["fvu"], m["image"]["l0"], m["text"]["l0"], m["all"]["n_dead"],
-                     lr.get("loss_recovered"), s["image_only"], s["text_only"], s["shared"], cov,
+                     m["image"]["fvu"], m["text"]["fvu"], m["image"]["l0"], m["text"]["l0"],
+                     frac_count(m["all"]["frac_dead"], m["all"]["n_dead"]),
+                     loss_recovered_text(lr.get("loss_recovered"), lr.get("note") or r.get("loss_note")),
+                     s["image_only"], s["text_only"], s["shared"], cov,
                      len(r["concepts"].get("cross_modal", []))])
-    header = ["SAE", "FVU image", "FVU text", "L0 image", "L0 text", "dead", "loss recovered", "image-only",
+    header = ["SAE", "FVU image", "FVU text", "L0 image", "L0 text", "dead (count)", "loss recovered", "image-only",
               "text-only", "shared", "probe coverage", "cross-modal concepts"]
     if curve:
         lo, hi = curve[0], curve[-1]
