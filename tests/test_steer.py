@@ -365,22 +365,32 @@ def test_organism_steering_sweep_over_every_layer(tmp_path):
 
 
 def test_best_point_weighs_damage():
-    """The best (layer, k) is the highest flip rate among points whose damage is acceptable: a point that flips
-    everything at caption NLL +3.4 nats/token, or that costs 0.3 of the damage accuracy, does not qualify."""
+    """The best (layer, k) is the highest flip rate among points whose damage is acceptable: with damage
+    questions, a point that costs 0.3 of their accuracy does not qualify; without them, a point that flips
+    everything at caption NLL +3.4 nats/token does not either."""
     from sightline.steer.run import summarize
 
     def pair(flip, eff, dmg, nll):
-        return {"clean": {"efficacy": 0.1, "flip_rate": 0.0, "source_rate": 1.0, "damage_accuracy": 1.0,
+        clean_dmg = None if dmg[0] is None else 1.0
+        return {"clean": {"efficacy": 0.1, "flip_rate": 0.0, "source_rate": 1.0, "damage_accuracy": clean_dmg,
                           "caption_nll": 0.1},
                 "layers": {"resid.0": {"efficacy": eff, "efficacy_prob": eff, "efficacy_share": eff, "flip_rate": flip,
                                        "source_rate": [1 - f for f in flip], "damage_accuracy": dmg,
                                        "caption_nll_increase": nll}}}
 
     scales = [0.0, 2.0, 4.0, 8.0]
+    # damage questions asked: their accuracy is the damage (k = 8 loses 0.3 of it); the short caption's NLL,
+    # which moves with any swap of the object it names, does not bar k = 4
     p = pair([0.0, 0.6, 1.0, 1.0], [0.1, 0.5, 0.9, 0.99], [1.0, 0.95, 1.0, 0.7], [0.0, 0.2, 3.4, 0.3])
     s = summarize([p], ["resid.0"], scales)
+    assert s["best"]["scale"] == 4.0 and s["best"]["flip_rate"] == 1.0 and "2 of 3 steered points" in s["best_note"]
+    # no damage questions: the caption NLL bounds the damage (k = 4 at +3.4 and k = 8 at +1.5 do not qualify)
+    u = pair([0.0, 0.6, 1.0, 1.0], [0.1, 0.5, 0.9, 0.99], [None] * 4, [0.0, 0.2, 3.4, 1.5])
+    s = summarize([u], ["resid.0"], scales)
     assert s["best"]["scale"] == 2.0 and s["best"]["flip_rate"] == 0.6 and "1 of 3 steered points" in s["best_note"]
-    none = summarize([p], ["resid.0"], scales, max_caption_nll_increase=0.1)
+    none = summarize([u], ["resid.0"], scales, max_caption_nll_increase=0.1)
+    assert none["best"] is None and "no steered (layer, k) keeps the damage acceptable" in none["best_note"]
+    none = summarize([p], ["resid.0"], scales, max_damage_drop=-0.5)
     assert none["best"] is None and "no steered (layer, k) keeps the damage acceptable" in none["best_note"]
     # nothing flips: the highest efficacy wins, never the clean k = 0
     q = pair([0.0, 0.0, 0.0, 0.0], [0.1, 0.2, 0.4, 0.3], [None] * 4, [0.0, 0.1, 0.2, 0.3])

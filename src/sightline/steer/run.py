@@ -35,8 +35,8 @@ synthetic world (the paper's prompts are out of the organism's language: it answ
 caption is the clean model's own answer to "Describe the image.", and there are no damage questions.
 
 The best (layer, k): among the steered points (k != 0) whose damage is acceptable (damage accuracy at
-most `max_damage_drop` below the clean one, caption NLL over the words other than the class words at most
-`max_caption_nll_increase` nats/token above it), the highest flip rate (the highest efficacy when nothing flips), ties to the smaller k; None,
+most `max_damage_drop` below the clean one where there are damage questions; without them, caption NLL over
+the words other than the class words at most `max_caption_nll_increase` nats/token above it), the highest flip rate (the highest efficacy when nothing flips), ties to the smaller k; None,
 with the reason in `best_note`, when no point qualifies.
 """
 
@@ -126,8 +126,8 @@ class SteerConfig:
     """The best (layer, k) may lower the damage questions' accuracy by at most this much (absolute, from the
     clean accuracy)."""
     max_caption_nll_increase: float = 1.0
-    """The best (layer, k) may raise the caption NLL by at most this many nats per token, counted over the caption's
-    tokens other than the class words (`caption_nll_increase_other`: renaming the object is the intended effect,
+    """Where there are no damage questions, the best (layer, k) may raise the caption NLL by at most this many nats
+    per token, counted over the caption's tokens other than the class words (`caption_nll_increase_other`: renaming the object is the intended effect,
     not damage; the full caption's increase is reported beside it as `caption_nll_increase`)."""
     class_words: str | None = None
     """JSON file {class folder: word used in prompts}; default: the folder name with _ as space."""
@@ -743,8 +743,9 @@ def _kept(answer: str, src: str, tgt: str) -> float:
 def summarize(pairs: list[dict], sites: list[str], scales: list[float], max_damage_drop: float = 0.1,
               max_caption_nll_increase: float = 1.0) -> dict:
     """Means over pairs per (layer, k), and the best (layer, k) among the steered points (k != 0) whose damage
-    is acceptable: damage accuracy at most `max_damage_drop` below the clean one (where there are damage
-    questions) and caption NLL at most `max_caption_nll_increase` nats/token above it. Best: the highest
+    is acceptable: damage accuracy at most `max_damage_drop` below the clean one where there are damage
+    questions, else caption NLL (its words other than the class words) at most `max_caption_nll_increase`
+    nats/token above it. Best: the highest
     mean flip rate, or the highest efficacy when nothing flips; ties go to the smaller k. None when no
     point qualifies (`best_note` says why)."""
     keys = ("efficacy", "efficacy_prob", "efficacy_share", "flip_rate", "source_rate", "damage_accuracy",
@@ -772,7 +773,10 @@ def summarize(pairs: list[dict], sites: list[str], scales: list[float], max_dama
             if clean_dmg is not None and dmg is not None and dmg < clean_dmg - max_damage_drop - 1e-9:
                 why_not["damage accuracy"] += 1
                 continue
-            if nll is not None and nll > max_caption_nll_increase:
+            # the caption bound stands in for damage questions where there are none: a short caption that
+            # names the object (the organism's 4 words) moves with any swap, while the questions about
+            # the other attributes measure the collateral damage directly
+            if (dmg is None or clean_dmg is None) and nll is not None and nll > max_caption_nll_increase:
                 why_not["caption NLL"] += 1
                 continue
             ok.append({"site": site, "scale": k, "flip_rate": s["flip_rate"][j], "damage_accuracy": dmg,
@@ -781,9 +785,10 @@ def summarize(pairs: list[dict], sites: list[str], scales: list[float], max_dama
     key = "flip_rate" if flips else "efficacy"
     best = max(ok, key=lambda b: (b[key] if b[key] is not None else -1.0, -abs(b["scale"])), default=None)
     if best is not None:
+        bound = (f"damage accuracy drop <= {max_damage_drop:g}" if clean_dmg is not None else
+                 f"caption NLL increase (words other than the class words) <= {max_caption_nll_increase:g} nats/token")
         note = (f"highest {key.replace('_', ' ')} among {len(ok)} of {n_steered} steered points whose damage is "
-                f"acceptable (damage accuracy drop <= {max_damage_drop:g}, caption NLL increase <= "
-                f"{max_caption_nll_increase:g} nats/token)")
+                f"acceptable ({bound})")
     else:
         note = (f"no steered (layer, k) keeps the damage acceptable: {why_not['damage accuracy']} lower the damage "
                 f"accuracy by more than {max_damage_drop:g}, {why_not['caption NLL']} raise the caption NLL by more "
