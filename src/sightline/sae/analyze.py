@@ -459,7 +459,7 @@ def _loss_items(cfg: SAEAnalyzeConfig, store) -> tuple[list, str | None]:
 def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokenizer=None) -> RunResult:
     """Analyse loaded SAEs over an open store (see the module docstring); writes the run folder cfg.out
     (docs/outputs.md), whole or not at all."""
-    from safetensors.torch import save_file
+    from sightline.report.files import save_safetensors as save_file  # mode like every other file
 
     from sightline.report.sae import plot_shared_by_layer
 
