@@ -18,8 +18,8 @@ import shutil
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -227,36 +227,36 @@ def _run(cfg, dataset, adapter, capture, writer, texts, rank, world) -> None:
         batch = adapter.prepare(images, prompts) if good else None
         return good, bad, batch
 
-    bar = tqdm(total=n_todo, desc=f"extract[rank {rank}]" if world > 1 else "extract", unit="img",
-               disable=not cfg.progress or (rank != 0 and world > 1), dynamic_ncols=True)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(load, todo[0]) if todo else None
-        for k in range(len(todo)):
-            good, bad, batch = future.result()
-            if k + 1 < len(todo):
-                future = pool.submit(load, todo[k + 1])
-            for i, reason in bad:
-                if i not in writer.done:
-                    writer.skip(i, dataset[i].to_json(), reason)
+    # closed on leaving, so an interrupt's message comes after the bar's last line
+    with tqdm(total=n_todo, desc=f"extract[rank {rank}]" if world > 1 else "extract", unit="img",
+              disable=not cfg.progress or (rank != 0 and world > 1), dynamic_ncols=True) as bar:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(load, todo[0]) if todo else None
+            for k in range(len(todo)):
+                good, bad, batch = future.result()
+                if k + 1 < len(todo):
+                    future = pool.submit(load, todo[k + 1])
+                for i, reason in bad:
+                    if i not in writer.done:
+                        writer.skip(i, dataset[i].to_json(), reason)
+                        bar.update(1)
+                if batch is None:
+                    continue
+                positions = [lay.positions(cfg.positions) for lay in batch.layouts]
+                results = capture.run(batch, positions)
+                for j, i in enumerate(good):
+                    if i in writer.done:
+                        continue  # recomputed only so that the batch is the same as in the first run
+                    lay = batch.layouts[j]
+                    meta = dataset[i].to_json()
+                    meta.update(
+                        text=batch.texts[j],
+                        image_size_hw=list(batch.image_sizes_hw[j][0]),
+                        seq_len=len(lay),
+                        layout=[g.to_json(s) for g, s in zip(lay.grids, lay.grid_start)],
+                    )
+                    writer.add(i, meta, lay.index_rows(positions[j], i), results[j])
                     bar.update(1)
-            if batch is None:
-                continue
-            positions = [lay.positions(cfg.positions) for lay in batch.layouts]
-            results = capture.run(batch, positions)
-            for j, i in enumerate(good):
-                if i in writer.done:
-                    continue  # recomputed only so that the batch is the same as in the first run
-                lay = batch.layouts[j]
-                meta = dataset[i].to_json()
-                meta.update(
-                    text=batch.texts[j],
-                    image_size_hw=list(batch.image_sizes_hw[j][0]),
-                    seq_len=len(lay),
-                    layout=[g.to_json(s) for g, s in zip(lay.grids, lay.grid_start)],
-                )
-                writer.add(i, meta, lay.index_rows(positions[j], i), results[j])
-                bar.update(1)
-    bar.close()
 
 
 def config_from_json(path: str) -> ExtractConfig:

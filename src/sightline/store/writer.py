@@ -16,9 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sightline.errors import Interrupted, UserError  # noqa: F401 (Interrupted is re-exported)
+from sightline.errors import Interrupted, UserError
 from sightline.store import format as fmt
-
 
 # Keys the reader adds to each example's metadata; a caller's meta may not use them.
 RESERVED_META = ("example", "n_tokens", "token_start", "reason")
