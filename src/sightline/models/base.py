@@ -399,9 +399,11 @@ def supported() -> dict[str, type[Adapter]]:
 
 def adapter_for_config(config) -> type[Adapter]:
     """The adapter class for an HF config; UserError listing the supported families otherwise."""
+    return _adapter_for(list(getattr(config, "architectures", None) or []), getattr(config, "model_type", ""))
+
+
+def _adapter_for(archs: list[str], mtype: str) -> type[Adapter]:
     fams = supported()
-    archs = list(getattr(config, "architectures", None) or [])
-    mtype = getattr(config, "model_type", "")
     for cls in fams.values():
         if any(a in cls.architectures for a in archs) or mtype in cls.model_types:
             return cls
@@ -430,6 +432,13 @@ def check_model_folder(path: str | os.PathLike) -> Path:
     if "config.json" not in names:
         what = "is empty" if not names else "has no config.json"
         raise UserError(f"model folder {path} {what}; {fix}")
+    try:  # the family first: an unsupported model says so, whatever else is missing
+        config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p / 'config.json'} is not readable JSON ({_first_line(e)}); {fix}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{p / 'config.json'} is not a model config; {fix}")
+    _adapter_for(list(config.get("architectures") or []), config.get("model_type", ""))
     if not any(n in names for n in WEIGHT_FILES) and not any(n.endswith((".safetensors", ".bin")) for n in names):
         raise UserError(f"model folder {path} has no weights (model.safetensors, pytorch_model.bin or a sharded "
                         f"index); {fix}")
