@@ -125,6 +125,66 @@ def test_kill_and_resume_is_exact(tiny_checkpoint, tmp_path):
     assert not list(out.rglob("*.tmp-*")), "leftover temporary files"
 
 
+@pytest.fixture(scope="module")
+def interrupt_case(tiny_checkpoint, tmp_path_factory):
+    """A 60-image dataset, the extract arguments, and the store of an uninterrupted run."""
+    root = tmp_path_factory.mktemp("interrupt")
+    data = make_folder(root / "data", 60, sizes=((56, 56), (70, 50)))
+    args = ["extract", "--model", tiny_checkpoint("llava"), "--data", data, "--sites", "resid,values",
+            "--batch-size", "2"]
+    clean = root / "clean"
+    r = cli(*args, "--out", clean, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    return args, clean
+
+
+def _progress(stderr: str) -> list[tuple[int, int]]:
+    """(done, total) of each update of the `extract` progress bar in captured stderr."""
+    import re
+
+    return [(int(a), int(b)) for a, b in re.findall(r"extract:[^\r\n]*?\| *(\d+)/(\d+) \[", stderr)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_keeps_finished_examples(interrupt_case, tmp_path, sig):
+    """Ctrl-C or a kill part way, with the default (large) shards: the examples done are kept, and the
+    resume computes only the rest; the final store equals an uninterrupted run."""
+    import threading
+
+    args, clean = interrupt_case
+    out = tmp_path / "s"
+    proc = subprocess.Popen([sys.executable, "-m", "sightline.cli", *map(str, args), "--out", str(out), "--progress"],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stderr.read1(4096), b"")), daemon=True)
+    reader.start()
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        done = _progress(b"".join(chunks).decode(errors="replace"))
+        if done and done[-1][0] >= 6:
+            break
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    rc = proc.wait(timeout=120)
+    reader.join(timeout=10)
+    stderr = b"".join(chunks).decode(errors="replace")
+    assert rc == (130 if sig == signal.SIGINT else 143), stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("sightline: interrupted:") and "--resume" in last and "Traceback" not in stderr, stderr[-2000:]
+    kept = len(ActivationStore.open(out))
+    assert 6 <= kept < 60, f"the interrupt did not land mid-run ({kept} kept)"
+    assert f"{kept} of 60 examples are kept" in last, last
+    r = cli(*args, "--out", out, "--resume", "--progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _progress(r.stderr)[-1] == (60 - kept, 60 - kept), "the resume did not compute only the rest"
+    s, got = _read_all(out)
+    c, ref = _read_all(clean)
+    assert s.complete and [e["example"] for e in s.examples] == list(range(60))
+    assert np.array_equal(s.index, c.index)
+    for site in ref:
+        assert torch.equal(got[site], ref[site]), site
+
+
 def test_two_ranks_write_one_store(tiny_checkpoint, data, tmp_path):
     """torchrun with 2 gloo processes writes one store equal to a single-process run."""
     torchrun = shutil.which("torchrun")

@@ -3,8 +3,9 @@
 Each command is a row of COMMANDS: the config class, the library function it calls and a one-line
 summary of the result. Flags, help and defaults come from the config (`sightline.config`): there
 is no default here. Modules are imported only for the command being run, so `sightline --help`
-answers at once. A user mistake (UserError) prints one line and exits with status 2; anything else
-is a bug and keeps its traceback.
+answers at once. A user mistake (UserError, or a flag argparse refuses) prints one line and exits
+with status 2; anything else is a bug and keeps its traceback. An interrupt (Ctrl-C, SIGTERM) prints
+what was kept and exits 130 / 143; a closed stdout (`| head`) ends quietly.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,8 +39,14 @@ def _show_extract(cfg, path) -> str:
     from sightline.store import ActivationStore
 
     s = ActivationStore.open(path)
-    return (f"wrote {path}: {len(s)} examples, {s.n_tokens} tokens, {len(s.sites)} sites"
+    text = (f"wrote {path}: {len(s)} examples, {s.n_tokens} tokens, {len(s.sites)} sites"
             + ("" if s.complete else " (incomplete: other ranks still writing, or rerun with --resume)"))
+    if s.skipped:  # --skip-bad: say what was left out (the store keeps every skip with its reason)
+        first = "; ".join(f"{e.get('path', e['example'])} ({e['reason']})" for e in s.skipped[:3])
+        more = f"; and {len(s.skipped) - 3} more" if len(s.skipped) > 3 else ""
+        text += (f"\nskipped {len(s.skipped)} unreadable image{'s' if len(s.skipped) > 1 else ''}: {first}{more}"
+                 f" (all are recorded in the store: sightline store info {path})")
+    return text
 
 
 def _show_inspect(cfg, info) -> str:
@@ -146,10 +154,19 @@ def _usage(prefix: str = "") -> str:
             + (f"{DESCRIPTION}\n\n" if not prefix else "") + f"commands:\n{_listing(prefix)}\n")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are UserErrors: one line naming the flag, then `--help` as the fix."""
+
+    def error(self, message: str):
+        from sightline.errors import UserError
+
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser(name: str) -> tuple[argparse.ArgumentParser, type | None]:
     """The parser of one command (e.g. "sae train") and its config class (None: no options)."""
     cmd = COMMANDS[name]
-    parser = argparse.ArgumentParser(prog=f"{PROG} {name}", description=cmd.help)
+    parser = _Parser(prog=f"{PROG} {name}", description=cmd.help)
     cls = None
     if cmd.config is not None:
         from sightline.config import add_arguments
@@ -199,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage(prefix), end="", file=sys.stderr)
         print(f"{PROG}: error: unknown command {(prefix + rest[0]).strip()!r}", file=sys.stderr)
         return 2
-    from sightline.errors import UserError
+    from sightline.errors import Interrupted, UserError
 
     try:
         parser, cls = build_parser(name)
@@ -216,13 +233,26 @@ def main(argv: list[str] | None = None) -> int:
         if text is not None:
             print(text)
         _print_warnings(result)
+            sys.stdout.flush()  # a closed pipe shows here, where it is caught, not at interpreter exit
         return 0
     except UserError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted (an extraction continues with --resume)", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Interrupted) as e:
+        # extract says what it kept; other commands are resumable by running them again
+        print(f"{PROG}: interrupted" + (f": {_one_line(e)}" if str(e) else ""), file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
+    except BrokenPipeError:
+        # the reader went away (`sightline store info ... | head`): stop quietly, and keep Python from
+        # complaining again when it flushes stdout at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _one_line(e: BaseException) -> str:
+    """An error message on one line (a message from a library may hold several)."""
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

@@ -14,7 +14,16 @@ class UserError(Exception):
 class BadImageError(UserError):
     """An image file that cannot be decoded (corrupt, truncated, empty or unsupported)."""
 
-    def __init__(self, path: str, reason: str):
+    def __init__(self, path: str, reason: str, fix: str = "fix or remove the file"):
         self.path = str(path)
         self.reason = reason
-        super().__init__(f"bad image {self.path}: {reason} (fix or remove the file, or pass --skip-bad)")
+        # the fix is the command's: `extract` adds "or pass --skip-bad", `inspect` has no such flag
+        super().__init__(f"bad image {self.path}: {reason} ({fix})")
+
+    def with_fix(self, fix: str) -> BadImageError:
+        """The same error with another fix in its message (a command that offers more ways out)."""
+        return BadImageError(self.path, self.reason, fix)
+
+
+class Interrupted(Exception):
+    """Raised (e.g. by a SIGTERM handler) to stop a run the way Ctrl-C does: finished work is kept."""

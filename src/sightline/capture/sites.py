@@ -80,7 +80,7 @@ def parse_layers(spec: str | None, n: int, what: str = "layer") -> list[int]:
             raise UserError(f"bad --layers {spec!r}; use all, 0,4,8 or 4-12") from None
     bad = [x for x in sorted(out) if not 0 <= x < n]
     if bad:
-        raise UserError(f"{what} {bad[0]} out of range: this model has {n} ({what}s 0..{n - 1})")
+        raise UserError(f"{what} {bad[0]} out of range: valid {what}s are 0..{n - 1}")
     return sorted(out)
 
 
@@ -97,12 +97,9 @@ def resolve_sites(sites: str | list[str], layers: str | None, n_layers: int, n_v
     out: list[str] = []
     for item in items:
         if item in KINDS and item != "projector":
-            if item == "vision":
-                chosen = parse_layers(layers, n_vision_layers + 1, "vision layer")
-            elif item == "resid":  # resid.{n_layers} is the last block's output
-                chosen = parse_layers(layers, n_layers + 1, "layer")
-            else:
-                chosen = parse_layers(layers, n_layers, "layer")
+            # resid.{n_layers} is the last block's output; the message names the kind and its range
+            limit = {"resid": n_layers + 1, "vision": n_vision_layers + 1}.get(item, n_layers)
+            chosen = parse_layers(layers, limit, f"{item} layer")
             out.extend(f"{item}.{L}" for L in chosen)
             continue
         site = Site.parse(item)

@@ -11,8 +11,11 @@ one file with a `@register`ed adapter and its `build_tiny` checkpoint builder.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import pkgutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -396,14 +399,88 @@ def supported() -> dict[str, type[Adapter]]:
 
 def adapter_for_config(config) -> type[Adapter]:
     """The adapter class for an HF config; UserError listing the supported families otherwise."""
+    return _adapter_for(list(getattr(config, "architectures", None) or []), getattr(config, "model_type", ""))
+
+
+def _adapter_for(archs: list[str], mtype: str) -> type[Adapter]:
     fams = supported()
-    archs = list(getattr(config, "architectures", None) or [])
-    mtype = getattr(config, "model_type", "")
     for cls in fams.values():
         if any(a in cls.architectures for a in archs) or mtype in cls.model_types:
             return cls
     listing = ", ".join(f"{c.family} ({'/'.join(c.architectures)})" for c in fams.values())
     raise UserError(f"unsupported architecture {archs or mtype!r}; sightline supports: {listing}")
+
+
+# What a local checkpoint folder needs, checked before any weights are read (one clear line each).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_folder(path: str | os.PathLike) -> Path:
+    """A local checkpoint folder, checked for config, weights and processor files before loading.
+
+    Raises UserError naming what is missing and the fix; returns the folder.
+    """
+    p = Path(path).expanduser()
+    if p.is_file():
+        raise UserError(f"--model {path} is a file; pass the checkpoint folder that holds it ({p.parent})")
+    if not p.is_dir():
+        raise UserError(f"model folder {path} does not exist; pass a local checkpoint folder or a hub id")
+    names = {e.name for e in p.iterdir()}
+    fix = "pass a complete Hugging Face checkpoint folder (save_pretrained of the model and its processor)"
+    if "config.json" not in names:
+        what = "is empty" if not names else "has no config.json"
+        raise UserError(f"model folder {path} {what}; {fix}")
+    try:  # the family first: an unsupported model says so, whatever else is missing
+        config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p / 'config.json'} is not readable JSON ({_first_line(e)}); {fix}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{p / 'config.json'} is not a model config; {fix}")
+    _adapter_for(list(config.get("architectures") or []), config.get("model_type", ""))
+    if not any(n in names for n in WEIGHT_FILES) and not any(n.endswith((".safetensors", ".bin")) for n in names):
+        raise UserError(f"model folder {path} has no weights (model.safetensors, pytorch_model.bin or a sharded "
+                        f"index); {fix}")
+    index = next((p / n for n in WEIGHT_FILES if n.endswith(".index.json") and n in names), None)
+    if index is not None:
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError):
+            raise UserError(f"{index} is not a readable weights index; {fix}") from None
+        missing = sorted(s for s in shards if s not in names)
+        if missing:
+            raise UserError(f"model folder {path} lacks weight shard {missing[0]}"
+                            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "") + f"; {fix}")
+    if not any(n in names for n in IMAGE_PROCESSOR_FILES) or not any(n in names for n in TOKENIZER_FILES):
+        which = "image processor (preprocessor_config.json)" if not any(n in names for n in IMAGE_PROCESSOR_FILES) \
+            else "tokenizer (tokenizer.json / tokenizer_config.json)"
+        raise UserError(f"model folder {path} has no {which} files; copy them from the original checkpoint "
+                        "(processor.save_pretrained) into the folder")
+    return p
+
+
+def looks_local(name_or_path: str) -> bool:
+    """Whether a --model value means a local folder (a path, or something that exists) rather than a hub id."""
+    return (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+            or os.path.exists(os.path.expanduser(name_or_path)))
+
+
+@contextmanager
+def quiet_loading(progress: bool) -> Iterator[None]:
+    """Within the block, transformers' own progress bars (e.g. "Loading weights") are off unless `progress`."""
+    if progress:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def load_model(
@@ -413,22 +490,34 @@ def load_model(
     device_map: str | dict | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    progress: bool = True,
 ) -> Adapter:
-    """Load any supported VLM (local folder or hub id) wrapped in its family adapter."""
+    """Load any supported VLM (local folder or hub id) wrapped in its family adapter.
+
+    A local folder is checked first (`check_model_folder`), so a missing piece is one line, not a
+    traceback after the weights have loaded. `progress=False` silences transformers' loading bar.
+    """
     from transformers import AutoConfig
 
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of float32, float16, bfloat16")
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
-        raise UserError(f"model folder {name_or_path} does not exist; pass a local checkpoint folder or a hub id")
+    if looks_local(name_or_path):
+        check_model_folder(name_or_path)
     try:
         config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load model {name_or_path}: {first}") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model {name_or_path}: {_first_line(e)}") from None
     cls = adapter_for_config(config)
-    return cls.from_pretrained(
-        name_or_path, dtype=dtype, device=device, device_map=device_map, revision=revision,
-        trust_remote_code=trust_remote_code,
-    )
+    try:
+        with quiet_loading(progress):
+            return cls.from_pretrained(
+                name_or_path, dtype=dtype, device=device, device_map=device_map, revision=revision,
+                trust_remote_code=trust_remote_code,
+            )
+    except OSError as e:  # a hub id whose files are missing or cannot be fetched (offline, no access)
+        raise UserError(f"cannot load model {name_or_path}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -112,4 +112,7 @@ def save_organism(model, processor, out: str | Path) -> Path:
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
+    from sightline.report.files import set_file_modes
+
+    set_file_modes(out)  # save_pretrained writes the weights 0600; the rest of the folder is 0644
     return out

@@ -298,7 +298,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def _save_checkpoint(path: Path, model, opt, step: int, cfg: TrainConfig, log: list[dict]) -> None:
     """model weights (stage-1 heads included) + Adam state (safetensors) + step and log (JSON),
     committed by a final rename. `model` is a Module holding the organism (and, in stage 1, heads)."""
-    from safetensors.torch import save_file
+    from sightline.report.files import save_safetensors as save_file  # mode like every other file
 
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():

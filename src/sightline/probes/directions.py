@@ -118,7 +118,7 @@ def load_vector(path: str | os.PathLike, key: str | None = None) -> torch.Tensor
 
 def save_directions(path: str | os.PathLike, directions: dict[str, dict[str, torch.Tensor]], card: dict) -> Path:
     """Write {site: {class: [d]}} as "{site}/{class}" tensors (atomically) plus `<name>.json`, the card."""
-    from safetensors.torch import save_file
+    from sightline.report.files import save_safetensors as save_file  # mode like every other file
 
     path = Path(path)
     tensors = {f"{site}/{c}": v.detach().float().cpu().contiguous()

@@ -589,7 +589,7 @@ def save_probes(path, probes: dict[str, LinearProbe], card: dict | None = None) 
     (standardised units); classes and L2 per site go in the file's metadata (and the caller's card)."""
     import json
 
-    from safetensors.torch import save_file
+    from sightline.report.files import save_safetensors as save_file  # mode like every other file
 
     tensors = {}
     meta = {}

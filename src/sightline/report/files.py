@@ -23,7 +23,44 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
-FILE_MODE = 0o644
+FILE_MODE = 0o644  # what file_mode() gives under the usual umask 022
+
+
+def file_mode() -> int:
+    """The mode a newly created file gets (0o666 less the umask): what every written file is given.
+
+    Files written through a temporary name (mkstemp, safetensors' save_file) start 0600; a chmod to
+    this makes them like every other file.
+    """
+    try:  # reading the umask without changing it (Linux); os.umask is process-wide and not thread-safe
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def set_file_modes(path: str | os.PathLike) -> None:
+    """Give a file, or every file under a folder, the normal mode (after writers that create them 0600,
+    such as Hugging Face's `save_pretrained`)."""
+    path = Path(path)
+    mode = file_mode()
+    for f in [path] if path.is_file() else (q for q in path.rglob("*") if q.is_file() and not q.is_symlink()):
+        os.chmod(f, mode)
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """safetensors' `save_file`, with the file given the normal mode (save_file creates it 0600)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, file_mode())
+    return path
 
 
 def to_jsonable(v: Any) -> Any:
@@ -56,11 +93,11 @@ def dumps(data: Any, indent: int | None = 2) -> str:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write text to `path` through a temporary sibling and a rename; mode 0644."""
+    """Write text to `path` through a temporary sibling and a rename; the normal mode (`file_mode`)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
-    os.chmod(tmp, FILE_MODE)
+    os.chmod(tmp, file_mode())
     os.replace(tmp, path)
     return path
 
@@ -71,7 +108,7 @@ def write_json(path: str | os.PathLike, data: Any, indent: int | None = 2) -> Pa
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Save a matplotlib figure as PNG atomically (temporary sibling, then rename), mode 0644, and close it."""
+    """Save a matplotlib figure as PNG atomically (temporary sibling, then rename), normal mode, and close it."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
@@ -81,7 +118,7 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
     finally:
         plt.close(fig)
-    os.chmod(tmp, FILE_MODE)
+    os.chmod(tmp, file_mode())
     os.replace(tmp, path)
     return path
 

@@ -544,7 +544,7 @@ def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokeniz
     """Analyse loaded SAEs over an open store (see the module docstring); writes the run folder cfg.out
     (docs/outputs.md), whole or not at all. `training`: per SAE what its training run said (`training_record`),
     or None; an SAE too briefly trained, or measured as untrained, is flagged (`quality_flags`)."""
-    from safetensors.torch import save_file
+    from sightline.report.files import save_safetensors as save_file  # mode like every other file
 
     from sightline.report.sae import plot_shared_by_layer
 

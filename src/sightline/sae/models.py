@@ -360,7 +360,7 @@ class SAE(nn.Module):
     @torch.no_grad()
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write cfg.json + sae_weights.safetensors (SAELens layout, input scale folded in); returns the folder."""
-        from safetensors.torch import save_file
+        from sightline.report.files import save_safetensors as save_file  # mode like every other file
 
         out = Path(path)
         s = float(self.cfg.input_scale)

@@ -346,7 +346,7 @@ def lr_factor(step: int, total: int, warmup_frac: float, decay_frac: float) -> f
 def _save_checkpoint(path: Path, saes: list[SAE], opts: list[torch.optim.Optimizer], since_fired: list[torch.Tensor],
                      state: dict[str, Any]) -> None:
     """Weights, buffers, dead counters and Adam state (safetensors) + step and stream positions (JSON); atomic."""
-    from safetensors.torch import save_file
+    from sightline.report.files import save_safetensors as save_file  # mode like every other file
 
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():

@@ -26,6 +26,8 @@ def store_info(path: str) -> dict[str, Any]:
         "model": s.manifest.get("model", {}).get("name"),
         "examples": len(s),
         "skipped": len(s.skipped),
+        "skipped_examples": [{"example": e["example"], "path": e.get("path"), "reason": e["reason"]}
+                             for e in s.skipped],
         "planned": s.manifest.get("n_examples"),
         "complete": s.complete,
         "tokens": s.n_tokens,
@@ -44,7 +46,8 @@ def format_store_info(info: dict[str, Any]) -> str:
         f"examples  {info['examples']} written, {info['skipped']} skipped, {info['planned']} planned ({state})",
         f"tokens    {info['tokens']}  dtype {info['dtype']}",
         "sites     " + ", ".join(f"{k} {tuple(v)}" for k, v in info["sites"].items()),
-    ])
+    ] + [f"skipped   {e['path'] or e['example']}: {e['reason']}" for e in info.get("skipped_examples", [])[:20]]
+      + ([f"skipped   ... and {info['skipped'] - 20} more (--json lists all)"] if info["skipped"] > 20 else []))
 
 
 def run_store_info(cfg: StoreInfoConfig) -> dict[str, Any]:

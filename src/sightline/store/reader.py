@@ -70,6 +70,9 @@ class ActivationStore:
     def open(cls, path: str | os.PathLike) -> ActivationStore:
         """Open a store directory for reading (committed shards only)."""
         root = Path(path)
+        if root.is_file():
+            hint = f" (pass its folder {root.parent})" if root.name == fmt.MANIFEST else ""
+            raise UserError(f"{root} is a file, not a store folder; pass the folder extract wrote{hint}")
         if not root.is_dir():
             raise UserError(f"no activation store at {root}: the directory does not exist")
         mpath = root / fmt.MANIFEST

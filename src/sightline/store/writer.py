@@ -16,12 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sightline.errors import UserError
+from sightline.errors import Interrupted, UserError
 from sightline.store import format as fmt
-
-class Interrupted(Exception):
-    """Raised (e.g. by a SIGTERM handler) to stop a run the way Ctrl-C does: finished work is kept."""
-
 
 # Keys the reader adds to each example's metadata; a caller's meta may not use them.
 RESERVED_META = ("example", "n_tokens", "token_start", "reason")
