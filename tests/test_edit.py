@@ -82,7 +82,6 @@ def _greedy(ad, inputs, steps, edit_every_call=None):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=ad.model.config)
-    ids = inputs["input_ids"]
     att = inputs["attention_mask"]
     out_tokens = []
     with torch.no_grad():

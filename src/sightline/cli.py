@@ -232,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         text = COMMANDS[name].show(cfg, result)
         if text is not None:
             print(text)
-        _print_warnings(result)
             sys.stdout.flush()  # a closed pipe shows here, where it is caught, not at interpreter exit
+        _print_warnings(result)
         return 0
     except UserError as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
