@@ -492,6 +492,7 @@ def run_demo(config: DemoConfig | None = None, **overrides) -> dict:
     """Run the demo; returns the summary (also written to OUT/summary.json next to OUT/index.html)."""
     from dataclasses import replace
 
+    from sightline.config import save_config
     from sightline.data.synthetic import WorldConfig, export_jsonl
     from sightline.extract import ExtractConfig, extract
     from sightline.models import load_model
@@ -501,6 +502,7 @@ def run_demo(config: DemoConfig | None = None, **overrides) -> dict:
     _check_config(cfg)  # before anything is created
     out = Path(cfg.out)
     _prepare_out(out)
+    save_config(cfg, out / "config.json")  # `sightline demo --config OUT/config.json` reruns it
     t0 = time.perf_counter()
     model_path = cfg.model or str(checkpoint_path())
     adapter = load_model(model_path, progress=cfg.progress)
