@@ -17,6 +17,7 @@ FAMILIES = (
     "llava_onevision",
     "qwen2_5_vl",
     "qwen2_vl",
+    "vipllava",
 )
 
 

@@ -254,9 +254,19 @@ class Adapter:
         """Image-placeholder tokens before each image's grids that map to no grid (e.g. a kept CLS)."""
         return 0
 
+    @property
+    def patches_per_token(self) -> int:
+        """Vision patches one language token is made of (pixel shuffle / merge / pooling: k > 1).
+
+        With k > 1, `ViewGrid.vision_index` is [rows, cols, k] and a `vision.{i}` capture holds each
+        token's k patches [k, d_v] in the order the family documents (row-major inside the group).
+        """
+        return 1
+
     def vision_site_shape(self) -> tuple[int, ...]:
-        """Per-token shape of a `vision.{i}` capture."""
-        return (self.vision_hidden_size,)
+        """Per-token shape of a `vision.{i}` capture: [d_v], or [k, d_v] for tokens of k patches."""
+        k = self.patches_per_token
+        return (self.vision_hidden_size,) if k == 1 else (k, self.vision_hidden_size)
 
     def describe(self) -> dict:
         """JSON-able facts about the loaded model, for manifests and `inspect`."""
@@ -351,19 +361,21 @@ class Adapter:
         The default covers towers that run crop by crop ([n_crops, seq, d]) with crops of the batch
         concatenated in example order; `ViewGrid.vision_index` holds per-image indices.
         """
+        k = self.patches_per_token
+        shape = () if k == 1 else (k,)
         out = []
         offset = 0
         for layout, pos in zip(batch.layouts, positions):
-            per_pos = np.full(len(layout), -1, np.int64)
+            per_pos = np.full((len(layout), *shape), -1, np.int64)
             for g in layout.grids:
                 if g.vision_index is None:
                     continue
                 p = layout.grid_positions(g.image, g.view).reshape(-1)
-                vi = g.vision_index.reshape(-1)
+                vi = g.vision_index.reshape(-1, *shape)
                 per_pos[p] = np.where(vi >= 0, vi + offset, -1)
-            out.append(per_pos[pos])
+            out.append(per_pos[np.asarray(pos, dtype=np.int64)])
             offset += self.vision_rows(batch, layout)
-        return np.concatenate(out) if out else np.zeros(0, np.int64)
+        return np.concatenate(out) if out else np.zeros((0, *shape), np.int64)
 
     def vision_rows(self, batch: Batch, layout: TokenLayout) -> int:
         """Rows one example contributes to the flattened vision hidden states."""
