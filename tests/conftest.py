@@ -18,6 +18,7 @@ FAMILIES = (
     "qwen2_5_vl",
     "qwen2_vl",
     "vipllava",
+    "llava_next_video",
 )
 
 
