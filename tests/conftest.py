@@ -19,6 +19,8 @@ FAMILIES = (
     "qwen2_vl",
     "vipllava",
     "llava_next_video",
+    "qwen3_vl",
+    "qwen3_vl_moe",
 )
 
 

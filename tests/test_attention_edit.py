@@ -82,10 +82,12 @@ def _clean(ad, inputs):
 
 def _decoder_with_mask(ad, seen, mask):
     """HF's own decoder on the same embeddings and (M-)RoPE positions, given an explicit 4-D mask."""
-    kw = seen["decoder"]
+    # everything the decoder got in the clean run (embeddings, (M-)RoPE positions, Qwen3-VL's deepstack
+    # features, ...) but the mask and the cache
+    kw = {k: v for k, v in seen["decoder"].items()
+          if k not in ("attention_mask", "use_cache", "past_key_values", "cache", "output_hidden_states", "return_dict")}
     with torch.no_grad():
-        out = ad.decoder(inputs_embeds=kw["inputs_embeds"], position_ids=kw["position_ids"], attention_mask=mask,
-                         use_cache=False, output_hidden_states=True)
+        out = ad.decoder(**kw, attention_mask=mask, use_cache=False, output_hidden_states=True)
         logits = ad.model.lm_head(out.last_hidden_state)
     return out, logits
 

@@ -31,11 +31,13 @@ def run(request, tiny_adapter):
     positions = [lay.positions("all") for lay in batch.layouts]
     got = Capture(ad, sites).run(batch, positions)
     rope = {}
-    hooks = [
-        layer.register_forward_pre_hook(
-            lambda m, a, kw, L=L: rope.__setitem__(L, kw["position_embeddings"]), with_kwargs=True)
-        for L, layer in enumerate(ad.decoder_layers)
-    ]
+
+    def seen(m, a, kw, L):  # each block's RoPE tables and its input (what enters it: resid.L)
+        rope[L] = kw["position_embeddings"]
+        rope["in", L] = kw["hidden_states"] if "hidden_states" in kw else a[0]
+
+    hooks = [layer.register_forward_pre_hook(lambda m, a, kw, L=L: seen(m, a, kw, L), with_kwargs=True)
+             for L, layer in enumerate(ad.decoder_layers)]
     try:
         with torch.no_grad():
             out = ad.model(**batch.inputs, output_hidden_states=True, use_cache=True, return_dict=True)
@@ -46,10 +48,18 @@ def run(request, tiny_adapter):
 
 
 def test_resid_equals_hidden_states(run):
-    ad, batch, got, out, _ = run
+    ad, batch, got, out, seen = run
     for i, n in enumerate(batch.lengths):
         for L in range(ad.n_layers):
-            assert close(got[i][f"resid.{L}"], out.hidden_states[L][i, :n]), f"resid.{L} example {i}"
+            assert close(got[i][f"resid.{L}"], seen["in", L][i, :n]), f"resid.{L} example {i}: not block L's input"
+            if not ad.resid_at_block_input:
+                assert close(got[i][f"resid.{L}"], out.hidden_states[L][i, :n]), f"resid.{L} example {i}"
+            else:  # the decoder adds between blocks: hidden_states[L] (block L-1's output) differs, at images only
+                text = batch.layouts[i].text_positions
+                assert close(got[i][f"resid.{L}"][text], out.hidden_states[L][i, text])
+                if L == 1:  # the tiny models inject after block 0: image positions must differ there
+                    img = batch.layouts[i].image_positions
+                    assert not close(got[i]["resid.1"][img], out.hidden_states[1][i, img])
         # HF's last hidden state is after the final norm; resid.{n} is before it
         assert close(ad.decoder.norm(got[i][f"resid.{ad.n_layers}"]), out.hidden_states[ad.n_layers][i, :n])
 
@@ -90,11 +100,15 @@ def test_projector_is_lm_input_at_image_positions(run):
 
 
 def test_block_writes_sum_to_residual(run):
-    ad, batch, got, _, _ = run
-    for i in range(len(batch)):
+    ad, batch, got, out, _ = run
+    for i, n in enumerate(batch.lengths):
         for L in range(ad.n_layers):
             step = got[i][f"attn_out.{L}"] + got[i][f"mlp_out.{L}"]
-            assert close(got[i][f"resid.{L}"] + step, got[i][f"resid.{L + 1}"])
+            # block L's output (HF's hidden_states[L + 1], before the final norm on the last)
+            block_out = out.hidden_states[L + 1][i, :n] if L + 1 < ad.n_layers else got[i][f"resid.{L + 1}"]
+            assert close(got[i][f"resid.{L}"] + step, block_out)
+            if not ad.resid_at_block_input:
+                assert close(got[i][f"resid.{L}"] + step, got[i][f"resid.{L + 1}"])
 
 
 def test_vision_sites_only_at_patches(run):

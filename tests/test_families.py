@@ -26,11 +26,11 @@ def test_module_table_resolves_on_the_model(tiny_adapter, family):
              "vision_tower": ad.model, "vision_blocks": ad.vision_tower, "projector": ad.model}
     for f in dataclasses.fields(names):
         path = getattr(names, f.name)
-        if f.name == "k_norm":  # optional: used where the LM has one (none of the tiny LMs)
-            assert module_at(roots[f.name], path) is None
+        if f.name == "k_norm":  # optional: used where the LM has one (checked below)
             continue
         assert module_at(roots[f.name], path) is not None, f"{family}: no {f.name} at {path!r}"
-    assert ad.prerope_keys_module(0) is ad.attention(0).k_proj
+    norm = module_at(ad.attention(0), names.k_norm) if names.k_norm else None
+    assert ad.prerope_keys_module(0) is (norm if norm is not None else ad.attention(0).k_proj)
     assert len(ad.vision_layers) == ad.n_vision_layers > 0
 
 
@@ -40,7 +40,10 @@ def test_every_site_resolves_to_one_place(tiny_adapter, family):
     sites = resolve_sites("resid,keys,keys_prerope,values,attn_out,mlp_out,projector,vision", "all",
                           ad.n_layers, ad.n_vision_layers)
     where = {s: resolve_site(ad, s) for s in sites}
-    assert where["resid.1"].module is ad.decoder_layers[0] and where["resid.1"].when == "post"
+    if ad.resid_at_block_input:  # the decoder adds between blocks: read what enters block 1
+        assert where["resid.1"].module is ad.decoder_layers[1] and where["resid.1"].when == "pre"
+    else:
+        assert where["resid.1"].module is ad.decoder_layers[0] and where["resid.1"].when == "post"
     assert where["resid.0"].module is ad.decoder_layers[0] and where["resid.0"].when == "pre"
     assert where["keys.0"].when == where["values.1"].when == "cache"
     assert where["projector"].module is ad.decoder and where["projector"].arg == "inputs_embeds"

@@ -11,7 +11,8 @@ tensor.
 
     site            hook                                   tensor
     resid.0         pre  decoder block 0                   hidden_states input
-    resid.L (L>0)   post decoder block L-1                 output
+    resid.L (L>0)   post decoder block L-1                 output (pre block L where the decoder adds
+                                                           between blocks: `resid_at_block_input`)
     attn_out.L      post block L's attention               output[0]
     mlp_out.L       post block L's MLP                     output
     keys_prerope.L  post block L's k-norm, else k_proj     output, as [B, S, n_kv, head_dim]
@@ -198,8 +199,8 @@ def resolve_site(adapter, site: str | Site) -> SiteHook:
     s = site if isinstance(site, Site) else Site.parse(site)
     L = s.layer
     if s.kind == "resid":
-        if L == 0:
-            return SiteHook(s, "pre", adapter.decoder_layers[0])
+        if L == 0 or (getattr(adapter, "resid_at_block_input", False) and L < adapter.n_layers):
+            return SiteHook(s, "pre", adapter.decoder_layers[L])
         return SiteHook(s, "post", adapter.decoder_layers[L - 1])  # the stream entering L is what L-1 returned
     if s.kind == "attn_out":
         return SiteHook(s, "post", adapter.attention(L))

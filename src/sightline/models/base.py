@@ -89,6 +89,10 @@ class Adapter:
     # HF processor class owning a video processor: loaded images-only (works without torchvision)
     processor_class: ClassVar[str] = ""
     modules: ClassVar[ModuleNames] = ModuleNames()  # where the modules sit (the site table's facts)
+    # The decoder adds to the stream BETWEEN blocks (Qwen3-VL's deepstack adds vision features to
+    # the image positions after its first blocks), so `resid.{L}` (0 < L < n_layers) is read at
+    # block L's input, not at block L-1's output (which is what HF's `hidden_states[L]` holds).
+    resid_at_block_input: ClassVar[bool] = False
 
     def __init__(self, model, processor, name: str = "", revision: str | None = None):
         self.model = model

@@ -115,6 +115,7 @@ class Qwen2_5_VLAdapter(Adapter):
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
         )
+        text_cfg.update(cls._tiny_text_extra())
         text_cfg.update(text or {})
         vision_cfg = {**cls._tiny_vision_config(text_cfg["hidden_size"], window_size), **(vision or {})}
         config = getattr(transformers, cls.hf_class.replace("ForConditionalGeneration", "Config"))(
@@ -125,11 +126,17 @@ class Qwen2_5_VLAdapter(Adapter):
             vision_start_token_id=ids["<|vision_start|>"],
             vision_end_token_id=ids["<|vision_end|>"],
         )
-        side = 28  # patch * merge: one merged token
-        ip = Qwen2VLImageProcessorPil(min_pixels=min_tokens * side * side, max_pixels=max_tokens * side * side)
+        patch = vision_cfg["patch_size"]
+        side = patch * 2  # patch * merge: one merged token
+        ip = Qwen2VLImageProcessorPil(min_pixels=min_tokens * side * side, max_pixels=max_tokens * side * side,
+                                      patch_size=patch, merge_size=2)
         proc = image_only_processor_class(cls.processor_class)(
             image_processor=ip, tokenizer=tok, chat_template=TINY_CHAT_TEMPLATE)
         return save_tiny(cls, config, proc, out_dir, seed)
+
+    @classmethod
+    def _tiny_text_extra(cls) -> dict:
+        return {}
 
     @classmethod
     def _tiny_vision_config(cls, text_hidden: int, window_size: int) -> dict:
