@@ -21,6 +21,7 @@ FAMILIES = (
     "llava_next_video",
     "qwen3_vl",
     "qwen3_vl_moe",
+    "glm4v",
 )
 
 

@@ -22,11 +22,12 @@ def test_module_table_resolves_on_the_model(tiny_adapter, family):
     ad = tiny_adapter(family)
     names = ad.modules
     roots = {"decoder": ad.model, "layers": ad.decoder, "attention": ad.decoder_layers[0], "mlp": ad.decoder_layers[0],
+             "attn_out": ad.decoder_layers[0], "mlp_out": ad.decoder_layers[0],
              "k_proj": ad.attention(0), "k_norm": ad.attention(0), "v_proj": ad.attention(0),
              "vision_tower": ad.model, "vision_blocks": ad.vision_tower, "projector": ad.model}
     for f in dataclasses.fields(names):
         path = getattr(names, f.name)
-        if f.name == "k_norm":  # optional: used where the LM has one (checked below)
+        if f.name == "k_norm" or path is None:  # optional: used where the LM has one (checked below)
             continue
         assert module_at(roots[f.name], path) is not None, f"{family}: no {f.name} at {path!r}"
     norm = module_at(ad.attention(0), names.k_norm) if names.k_norm else None

@@ -13,8 +13,8 @@ tensor.
     resid.0         pre  decoder block 0                   hidden_states input
     resid.L (L>0)   post decoder block L-1                 output (pre block L where the decoder adds
                                                            between blocks: `resid_at_block_input`)
-    attn_out.L      post block L's attention               output[0]
-    mlp_out.L       post block L's MLP                     output
+    attn_out.L      post block L's attention               output[0] (its post-norm where the block has one)
+    mlp_out.L       post block L's MLP                     output (its post-norm where the block has one)
     keys_prerope.L  post block L's k-norm, else k_proj     output, as [B, S, n_kv, head_dim]
     keys.L/values.L cache (layer L of the KV cache the forward fills)
     projector       pre  decoder                           inputs_embeds
@@ -203,9 +203,9 @@ def resolve_site(adapter, site: str | Site) -> SiteHook:
             return SiteHook(s, "pre", adapter.decoder_layers[L])
         return SiteHook(s, "post", adapter.decoder_layers[L - 1])  # the stream entering L is what L-1 returned
     if s.kind == "attn_out":
-        return SiteHook(s, "post", adapter.attention(L))
+        return SiteHook(s, "post", adapter.attn_write(L))
     if s.kind == "mlp_out":
-        return SiteHook(s, "post", adapter.mlp(L))
+        return SiteHook(s, "post", adapter.mlp_write(L))
     if s.kind == "keys_prerope":
         return SiteHook(s, "post", adapter.prerope_keys_module(L), shape=(adapter.n_kv_heads, adapter.head_dim))
     if s.kind in KV_KINDS:

@@ -43,6 +43,10 @@ class ModuleNames:
     k_norm: str | None = "k_norm"  # from the attention module: a norm on keys before RoPE, used where present
     v_proj: str = "v_proj"  # from the attention module: values (what the cache stores)
     mlp: str = "mlp"  # from a block: the MLP, whose output is `mlp_out`
+    # from a block: the module whose output the block adds to the stream, where a norm follows the
+    # attention / MLP inside the block (Gemma 2/3, GLM-4V); None: the attention module / the MLP itself
+    attn_out: str | None = None
+    mlp_out: str | None = None
     vision_tower: str = "model.vision_tower"  # from the model
     vision_blocks: str = "encoder.layers"  # from the vision tower: its transformer blocks, in order
     projector: str = "model.multi_modal_projector"  # from the model: vision features -> LM inputs
@@ -170,6 +174,18 @@ class Adapter:
     def mlp(self, layer: int):
         """MLP of decoder block `layer`."""
         return _module(self.decoder_layers[layer], self.modules.mlp, "MLP")
+
+    def attn_write(self, layer: int):
+        """The module whose output is block `layer`'s attention write into the stream (`attn_out`)."""
+        if self.modules.attn_out is None:
+            return self.attention(layer)
+        return _module(self.decoder_layers[layer], self.modules.attn_out, "attention output norm")
+
+    def mlp_write(self, layer: int):
+        """The module whose output is block `layer`'s MLP write into the stream (`mlp_out`)."""
+        if self.modules.mlp_out is None:
+            return self.mlp(layer)
+        return _module(self.decoder_layers[layer], self.modules.mlp_out, "MLP output norm")
 
     def prerope_keys_module(self, layer: int):
         """The module whose output is block `layer`'s keys before RoPE: the k-norm where the LM has one."""

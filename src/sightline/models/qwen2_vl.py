@@ -73,6 +73,7 @@ class Qwen2_5_VLAdapter(Adapter):
     hf_class = "Qwen2_5_VLForConditionalGeneration"
     processor_class = "Qwen2_5_VLProcessor"
     windowed = True  # vision blocks see merged groups in window order
+    marker_keys = ("vision_start_token_id", "vision_end_token_id")  # config keys of the markers around an image
     modules = ModuleNames(vision_tower="model.visual", vision_blocks="blocks", projector="model.visual.merger")
 
     @classmethod
@@ -170,10 +171,7 @@ class Qwen2_5_VLAdapter(Adapter):
         """As the base, but a raw prompt without the image gets Qwen's own markers around it."""
         prompt = prompt or ""
         if raw and self.image_token not in prompt:
-            start, end = (
-                self.tokenizer.convert_ids_to_tokens(int(getattr(self.config, k)))
-                for k in ("vision_start_token_id", "vision_end_token_id")
-            )
+            start, end = (self.tokenizer.convert_ids_to_tokens(int(getattr(self.config, k))) for k in self.marker_keys)
             image = f"{start}{self.image_token}{end}"
             prompt = f"{image}\n{prompt}" if prompt else image
         return super().render_prompt(prompt, prefix, raw)

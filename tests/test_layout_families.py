@@ -1,0 +1,102 @@
+"""Layouts of the families added after the first five: token counts, markers, pixel boxes, and the vision
+features at every image position, against the model's own computation (tiny checkpoints, hypothesis sizes).
+
+For each family, `vision.{i}` captured at the image positions and pushed through the model's OWN
+connector modules (merger, pixel shuffle + projection, pooling + projection, ...) must give exactly
+what the language model receives at those positions (HF's `hidden_states[0]`): this checks, per
+token, which patches the layout says it is made of, and in which order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import gradient_image
+from sightline.capture import Capture
+from sightline.models.layout import IMAGE, IMAGE_NEWLINE
+
+
+def _last(ad):
+    return f"vision.{ad.n_vision_layers}"
+
+
+def _qwen3(ad, caps):
+    x = caps[_last(ad)]
+    return ad.vision_tower.merger(x.reshape(-1, x.shape[-1]))
+
+
+def _glm4v(ad, caps):
+    v = ad.vision_tower
+    x = v.post_layernorm(caps[_last(ad)])  # [n, 4, d]: the token's 2x2 patches, row-major
+    x = x.reshape(-1, 2, 2, x.shape[-1]).permute(0, 3, 1, 2)
+    return v.merger(v.downsample(x).reshape(len(x), -1))
+
+
+def _vipllava(ad, caps):
+    layers = ad.config.vision_feature_layer  # hidden_states[i] is the input of block i (= vision.i)
+    n = ad.n_vision_layers + 1
+    feats = torch.cat([caps[f"vision.{i % n}"] for i in layers], -1)
+    return ad.model.model.multi_modal_projector(feats)
+
+
+# family -> (vision sites the connector reads, the connector as HF's own modules)
+CONNECTORS = {
+    "vipllava": (lambda ad: [f"vision.{i % (ad.n_vision_layers + 1)}" for i in ad.config.vision_feature_layer],
+                 _vipllava),
+    "qwen3_vl": (lambda ad: [_last(ad)], _qwen3),
+    "qwen3_vl_moe": (lambda ad: [_last(ad)], _qwen3),
+    "glm4v": (lambda ad: [_last(ad)], _glm4v),
+}
+FAMILIES = tuple(CONNECTORS)
+
+sizes = st.one_of(st.tuples(st.integers(20, 300), st.integers(20, 300)),
+                  st.tuples(st.integers(20, 40), st.integers(200, 300)),  # extreme aspect ratios
+                  st.tuples(st.integers(200, 300), st.integers(20, 40)))
+
+
+def check_layout(ad, hw_list, seed=0):
+    images = [gradient_image(h, w, seed + k) for k, (h, w) in enumerate(hw_list)]
+    prompts = ["What is shown?", "Describe the image in detail, please."]
+    batch = ad.prepare(images, [ad.render_prompt(prompts[k % 2]) for k in range(len(images))])
+    ids = batch.inputs["input_ids"].numpy()
+    for i, lay in enumerate(batch.layouts):
+        n = batch.lengths[i]
+        img = lay.image_positions
+        # the layout's image positions are exactly HF's placeholders, every one in a grid
+        np.testing.assert_array_equal(img, np.flatnonzero(ids[i, :n] == ad.image_token_id))
+        assert sum(g.n_tokens for g in lay.grids) == len(img)
+        assert (lay.row[img] >= 0).all() and (lay.image[img] == 0).all()
+        # each grid's boxes lie on the original image and every token has a non-empty box
+        h, w = hw_list[i]
+        for g in lay.grids:
+            b = g.boxes()
+            assert (b[..., 0] >= 0).all() and (b[..., 2] <= w).all() and (b[..., 1] >= 0).all() and (b[..., 3] <= h).all()
+            assert ((b[..., 2] > b[..., 0]) & (b[..., 3] > b[..., 1])).all()
+        # text and special positions are not image tokens
+        assert not np.isin(lay.text_positions, img).any()
+    sites, connect = CONNECTORS[ad.family]
+    positions = [lay.image_positions[lay.modality[lay.image_positions] == IMAGE] for lay in batch.layouts]
+    caps = Capture(ad, sorted(set(sites(ad))) + ["projector"]).run(batch, positions)
+    for i, c in enumerate(caps):
+        for s in sites(ad):
+            assert not torch.isnan(c[s]).any(), f"{s}: an image token without its vision patches"
+        with torch.no_grad():
+            lm_in = connect(ad, c)
+        torch.testing.assert_close(lm_in, c["projector"], rtol=1e-5, atol=1e-5)
+    return batch
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(hw=st.lists(sizes, min_size=2, max_size=2), seed=st.integers(0, 100))
+def test_layout_and_vision_features_match_hf(tiny_adapter, family, hw, seed):
+    check_layout(tiny_adapter(family), hw, seed)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_extreme_sizes(tiny_adapter, family):
+    check_layout(tiny_adapter(family), [(20, 300), (300, 20)])
