@@ -22,6 +22,7 @@ FAMILIES = (
     "qwen3_vl",
     "qwen3_vl_moe",
     "glm4v",
+    "gemma3",
 )
 
 

@@ -27,7 +27,7 @@ def test_module_table_resolves_on_the_model(tiny_adapter, family):
              "vision_tower": ad.model, "vision_blocks": ad.vision_tower, "projector": ad.model}
     for f in dataclasses.fields(names):
         path = getattr(names, f.name)
-        if f.name == "k_norm" or path is None:  # optional: used where the LM has one (checked below)
+        if f.name in ("k_norm", "k_norm_heads_first") or path is None:  # optional: used where the LM has one (checked below)
             continue
         assert module_at(roots[f.name], path) is not None, f"{family}: no {f.name} at {path!r}"
     norm = module_at(ad.attention(0), names.k_norm) if names.k_norm else None

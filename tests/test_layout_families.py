@@ -43,6 +43,13 @@ def _vipllava(ad, caps):
     return ad.model.model.multi_modal_projector(feats)
 
 
+def _gemma3(ad, caps):
+    tower = getattr(ad.vision_tower, "vision_model", ad.vision_tower)
+    proj = ad.model.model.multi_modal_projector
+    pooled = tower.post_layernorm(caps[_last(ad)]).mean(1)  # the token's k x k patches, average-pooled
+    return proj.mm_soft_emb_norm(pooled) @ proj.mm_input_projection_weight
+
+
 # family -> (vision sites the connector reads, the connector as HF's own modules)
 CONNECTORS = {
     "vipllava": (lambda ad: [f"vision.{i % (ad.n_vision_layers + 1)}" for i in ad.config.vision_feature_layer],
@@ -50,6 +57,7 @@ CONNECTORS = {
     "qwen3_vl": (lambda ad: [_last(ad)], _qwen3),
     "qwen3_vl_moe": (lambda ad: [_last(ad)], _qwen3),
     "glm4v": (lambda ad: [_last(ad)], _glm4v),
+    "gemma3": (lambda ad: [_last(ad)], _gemma3),
 }
 FAMILIES = tuple(CONNECTORS)
 

@@ -127,6 +127,9 @@ class Capture:
                 from transformers import DynamicCache
 
                 cache = DynamicCache(config=ad.model.config)
+                for layer in cache.layers:  # sliding-window layers (Gemma 3) would drop early keys: keep all
+                    if getattr(layer, "is_sliding", False):
+                        layer.activate_past_recording()
                 kwargs[cache_kwarg(ad.model)] = cache
             try:
                 ad.model(**kwargs, use_cache=self.plan.needs_cache, logits_to_keep=1, return_dict=True)

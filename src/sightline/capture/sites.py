@@ -148,6 +148,7 @@ class SiteHook:
     module: Any = None  # torch.nn.Module; None for "cache"
     arg: str = "hidden_states"
     shape: tuple[int, ...] | None = None
+    heads_first: bool = False  # the output is [B, heads, S, hd]: moved to [B, S, heads, hd] before use
 
     @property
     def writable(self) -> bool:
@@ -155,6 +156,8 @@ class SiteHook:
         return self.site.kind in EDITABLE
 
     def _view(self, t):
+        if self.heads_first:
+            t = t.transpose(1, 2)
         return t if self.shape is None else t.reshape(t.shape[0], t.shape[1], *self.shape)
 
     def read(self, fn: Callable[[Any], None]):
@@ -207,7 +210,8 @@ def resolve_site(adapter, site: str | Site) -> SiteHook:
     if s.kind == "mlp_out":
         return SiteHook(s, "post", adapter.mlp_write(L))
     if s.kind == "keys_prerope":
-        return SiteHook(s, "post", adapter.prerope_keys_module(L), shape=(adapter.n_kv_heads, adapter.head_dim))
+        return SiteHook(s, "post", adapter.prerope_keys_module(L), shape=(adapter.n_kv_heads, adapter.head_dim),
+                        heads_first=adapter.prerope_keys_heads_first(L))
     if s.kind in KV_KINDS:
         return SiteHook(s, "cache")
     if s.kind == "projector":  # what the decoder receives: image features already scattered in

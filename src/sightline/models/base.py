@@ -41,6 +41,7 @@ class ModuleNames:
     attention: str = "self_attn"  # from a block: the attention module (gets `attention_mask`)
     k_proj: str = "k_proj"  # from the attention module: keys before any norm and rotation
     k_norm: str | None = "k_norm"  # from the attention module: a norm on keys before RoPE, used where present
+    k_norm_heads_first: bool = False  # the k-norm sees [B, n_kv, S, hd] (Gemma 3), not [B, S, n_kv, hd]
     v_proj: str = "v_proj"  # from the attention module: values (what the cache stores)
     mlp: str = "mlp"  # from a block: the MLP, whose output is `mlp_out`
     # from a block: the module whose output the block adds to the stream, where a norm follows the
@@ -193,6 +194,11 @@ class Adapter:
         norm = module_at(attn, self.modules.k_norm) if self.modules.k_norm else None
         return norm if norm is not None else _module(attn, self.modules.k_proj, "k projection")
 
+    def prerope_keys_heads_first(self, layer: int) -> bool:
+        """Whether `prerope_keys_module(layer)` outputs [B, n_kv, S, hd] rather than [B, S, n_kv * hd]."""
+        return self.modules.k_norm_heads_first and self.prerope_keys_module(layer) is not _module(
+            self.attention(layer), self.modules.k_proj, "k projection")
+
     @property
     def vision_tower(self):
         return _module(self.model, self.modules.vision_tower, "vision tower")
@@ -251,6 +257,11 @@ class Adapter:
     @property
     def image_token(self) -> str:
         return self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+
+    @property
+    def prompt_image_token(self) -> str:
+        """The image placeholder a prompt holds before the processor expands it (Gemma 3: `<start_of_image>`)."""
+        return self.image_token
 
     @property
     def attn_implementation(self) -> str:
@@ -314,7 +325,7 @@ class Adapter:
         `raw=True` feeds `prompt` as is, adding the image placeholder at the start if it has none.
         """
         prompt = prompt or ""
-        tok = self.image_token
+        tok = self.prompt_image_token
         if raw:
             text = prompt if tok in prompt else f"{tok}\n{prompt}" if prompt else tok
             return (prefix or "") + text
@@ -337,6 +348,10 @@ class Adapter:
         """Extra keyword arguments for the processor call (family-specific)."""
         return {}
 
+    def processor_images(self, images: list[Image.Image]):
+        """The images argument of the processor call, one image per example (nested where the processor wants it)."""
+        return images
+
     def prepare(self, images: list[Image.Image], texts: list[str]) -> Batch:
         """Run the processor on one image per text and build every sequence's TokenLayout.
 
@@ -350,7 +365,8 @@ class Adapter:
         tok.padding_side = "right"
         try:
             inputs = self.processor(
-                images=images, text=texts, return_tensors="pt", padding=True, **self.processor_kwargs()
+                images=self.processor_images(images), text=texts, return_tensors="pt", padding=True,
+                **self.processor_kwargs()
             )
         finally:
             tok.padding_side = old_side
