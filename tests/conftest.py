@@ -23,6 +23,7 @@ FAMILIES = (
     "qwen3_vl_moe",
     "glm4v",
     "gemma3",
+    "paligemma",
 )
 
 

@@ -50,6 +50,11 @@ def _gemma3(ad, caps):
     return proj.mm_soft_emb_norm(pooled) @ proj.mm_input_projection_weight
 
 
+def _paligemma(ad, caps):
+    tower = getattr(ad.vision_tower, "vision_model", ad.vision_tower)
+    return ad.model.model.multi_modal_projector(tower.post_layernorm(caps[_last(ad)]))
+
+
 # family -> (vision sites the connector reads, the connector as HF's own modules)
 CONNECTORS = {
     "vipllava": (lambda ad: [f"vision.{i % (ad.n_vision_layers + 1)}" for i in ad.config.vision_feature_layer],
@@ -58,6 +63,7 @@ CONNECTORS = {
     "qwen3_vl_moe": (lambda ad: [_last(ad)], _qwen3),
     "glm4v": (lambda ad: [_last(ad)], _glm4v),
     "gemma3": (lambda ad: [_last(ad)], _gemma3),
+    "paligemma": (lambda ad: [_last(ad)], _paligemma),
 }
 FAMILIES = tuple(CONNECTORS)
 
