@@ -24,6 +24,7 @@ FAMILIES = (
     "glm4v",
     "gemma3",
     "paligemma",
+    "idefics3",
 )
 
 

@@ -55,6 +55,11 @@ def _paligemma(ad, caps):
     return ad.model.model.multi_modal_projector(tower.post_layernorm(caps[_last(ad)]))
 
 
+def _idefics3(ad, caps):
+    x = ad.model.model.vision_model.post_layernorm(caps[_last(ad)])  # [n, s*s, d]: row-major in the group
+    return ad.model.model.connector.modality_projection(x.reshape(len(x), -1))
+
+
 # family -> (vision sites the connector reads, the connector as HF's own modules)
 CONNECTORS = {
     "vipllava": (lambda ad: [f"vision.{i % (ad.n_vision_layers + 1)}" for i in ad.config.vision_feature_layer],
@@ -64,6 +69,7 @@ CONNECTORS = {
     "glm4v": (lambda ad: [_last(ad)], _glm4v),
     "gemma3": (lambda ad: [_last(ad)], _gemma3),
     "paligemma": (lambda ad: [_last(ad)], _paligemma),
+    "idefics3": (lambda ad: [_last(ad)], _idefics3),
 }
 FAMILIES = tuple(CONNECTORS)
 
