@@ -25,6 +25,7 @@ FAMILIES = (
     "gemma3",
     "paligemma",
     "idefics3",
+    "internvl",
 )
 
 

@@ -60,6 +60,11 @@ def _idefics3(ad, caps):
     return ad.model.model.connector.modality_projection(x.reshape(len(x), -1))
 
 
+def _internvl(ad, caps):
+    x = ad.vision_tower.layernorm(caps[_last(ad)])  # Identity with mean pooling (InternViT-300M)
+    return ad.model.model.multi_modal_projector(x.reshape(len(x), -1))
+
+
 # family -> (vision sites the connector reads, the connector as HF's own modules)
 CONNECTORS = {
     "vipllava": (lambda ad: [f"vision.{i % (ad.n_vision_layers + 1)}" for i in ad.config.vision_feature_layer],
@@ -70,6 +75,7 @@ CONNECTORS = {
     "gemma3": (lambda ad: [_last(ad)], _gemma3),
     "paligemma": (lambda ad: [_last(ad)], _paligemma),
     "idefics3": (lambda ad: [_last(ad)], _idefics3),
+    "internvl": (lambda ad: [_last(ad)], _internvl),
 }
 FAMILIES = tuple(CONNECTORS)
 

@@ -366,6 +366,7 @@ class Adapter:
         try:
             inputs = self.processor(
                 images=self.processor_images(images), text=texts, return_tensors="pt", padding=True,
+                padding_side="right",  # also over a processor's own default (InternVL pads on the left)
                 **self.processor_kwargs()
             )
         finally:

@@ -82,7 +82,7 @@ def make_tokenizer(
 
     named = dict(named or {})
     specials = ["<pad>", "<s>", "</s>", "<unk>", image_token, "<|user|>", "<|assistant|>", "<|system|>", "<|end|>",
-                *extra_special, *[t for t in named.values() if t not in extra_special]]
+                *extra_special, *dict.fromkeys(t for t in named.values() if t not in extra_special and t != image_token)]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
