@@ -26,6 +26,7 @@ FAMILIES = (
     "paligemma",
     "idefics3",
     "internvl",
+    "aya_vision",
 )
 
 

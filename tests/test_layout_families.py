@@ -65,6 +65,14 @@ def _internvl(ad, caps):
     return ad.model.model.multi_modal_projector(x.reshape(len(x), -1))
 
 
+def _aya_vision(ad, caps):
+    proj = ad.model.model.multi_modal_projector
+    x = caps[_last(ad)]  # [n, 4, d]: SigLIP's last block output (no post-norm), row-major in the group
+    h = proj.linear_1(proj.layernorm(x.reshape(len(x), -1)))
+    a, gate = h.chunk(2, dim=-1)
+    return proj.linear_2(proj.act(gate) * a)
+
+
 # family -> (vision sites the connector reads, the connector as HF's own modules)
 CONNECTORS = {
     "vipllava": (lambda ad: [f"vision.{i % (ad.n_vision_layers + 1)}" for i in ad.config.vision_feature_layer],
@@ -76,6 +84,7 @@ CONNECTORS = {
     "paligemma": (lambda ad: [_last(ad)], _paligemma),
     "idefics3": (lambda ad: [_last(ad)], _idefics3),
     "internvl": (lambda ad: [_last(ad)], _internvl),
+    "aya_vision": (lambda ad: [_last(ad)], _aya_vision),
 }
 FAMILIES = tuple(CONNECTORS)
 

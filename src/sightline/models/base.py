@@ -194,6 +194,10 @@ class Adapter:
         norm = module_at(attn, self.modules.k_norm) if self.modules.k_norm else None
         return norm if norm is not None else _module(attn, self.modules.k_proj, "k projection")
 
+    def rotates_keys(self, layer: int) -> bool:
+        """Whether block `layer` applies RoPE to its keys (Cohere 2's global layers do not: `keys` = `keys_prerope`)."""
+        return True
+
     def prerope_keys_heads_first(self, layer: int) -> bool:
         """Whether `prerope_keys_module(layer)` outputs [B, n_kv, S, hd] rather than [B, S, n_kv * hd]."""
         return self.modules.k_norm_heads_first and self.prerope_keys_module(layer) is not _module(
