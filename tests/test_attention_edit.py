@@ -17,6 +17,15 @@ IMPLS = ("sdpa", "eager")
 # (test_block_equals_hf_own_mask_with_pairs_removed).
 OWN_MASK = ("gemma3", "paligemma", "aya_vision")
 CAUSAL = tuple(f for f in FAMILIES if f not in OWN_MASK)
+# The first five families run every variant by default; the later ones run one representative check by default
+# (a block at every layer, sdpa and eager, equal to HF) and their other variants under `-m slow`, to keep the
+# default suite's time (each family's variants cost about a minute on 2 cores).
+FIRST = ("llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen2_vl")
+
+
+def variants(families):
+    """Families as parameters, the later ones marked slow."""
+    return [f if f in FIRST else pytest.param(f, marks=pytest.mark.slow) for f in families]
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
@@ -119,7 +128,7 @@ def test_block_at_every_layer_equals_hf_with_explicit_mask(adapter, family, impl
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("family", CAUSAL)
+@pytest.mark.parametrize("family", variants(CAUSAL))
 def test_per_head_block_equals_hf_with_per_head_mask(adapter, family, impl):
     """HF takes a [B, n_heads, S, S] mask as is (eager adds it; sdpa repeats KV heads when given a mask)."""
     ad = adapter(family, impl)
@@ -135,7 +144,7 @@ def test_per_head_block_equals_hf_with_per_head_mask(adapter, family, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("family", CAUSAL)
+@pytest.mark.parametrize("family", variants(CAUSAL))
 def test_block_at_one_layer_equals_that_block_run_with_explicit_mask(adapter, family, impl):
     """Layers below are untouched bit for bit; the chosen block equals HF's block given the mask."""
     ad = adapter(family, impl)
@@ -156,7 +165,7 @@ def test_block_at_one_layer_equals_that_block_run_with_explicit_mask(adapter, fa
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", variants(FAMILIES))
 def test_noop_block_is_the_bare_forward_bit_for_bit(adapter, family, impl):
     ad = adapter(family, impl)
     for n in (1, 2):  # sdpa gets no mask at all for one unpadded example, a padded mask for two
@@ -203,7 +212,7 @@ def _reference_decode(ad, inputs, steps, mask_for_call):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("family", CAUSAL)
+@pytest.mark.parametrize("family", variants(CAUSAL))
 def test_generate_with_block_equals_hand_decoding_with_explicit_masks(adapter, family, impl):
     """Prefill-only: text queries lose the image keys in the prompt, decoding is clean. Every step (queries None):
     every query of the prompt and every generated token loses the image keys (the prompt's text before the image
@@ -254,7 +263,7 @@ def _remove_pairs(mask, impl, keys, queries, heads, n_heads):
     return out
 
 
-@pytest.mark.parametrize("heads", [None, [1, 3]])
+@pytest.mark.parametrize("heads", [None, pytest.param([1, 3], marks=pytest.mark.slow)])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("family", [f for f in OWN_MASK if f in FAMILIES])
 def test_block_equals_hf_own_mask_with_pairs_removed(adapter, family, impl, heads):
@@ -281,7 +290,7 @@ def test_block_equals_hf_own_mask_with_pairs_removed(adapter, family, impl, head
     assert not torch.allclose(got.logits, clean.logits)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", variants(FAMILIES))
 def test_text_blocked_from_image_at_every_layer_does_not_depend_on_the_image(adapter, family):
     ad = adapter(family, "sdpa")
     one, two = (ad.prepare([gradient_image(60, 80, seed=s)], [ad.render_prompt("What is shown?")]) for s in (0, 5))
