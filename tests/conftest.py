@@ -27,6 +27,7 @@ FAMILIES = (
     "idefics3",
     "internvl",
     "aya_vision",
+    "deepseek_vl",
 )
 
 
