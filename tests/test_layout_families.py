@@ -148,3 +148,74 @@ def test_layout_and_vision_features_match_hf(tiny_adapter, family, hw, seed):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_extreme_sizes(tiny_adapter, family):
     check_layout(tiny_adapter(family), [(20, 300), (300, 20)])
+
+
+# ---------------------------------------------------------------------- pixel geometry
+def _ramp(h: int, w: int) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
+    return np.round(np.stack([x / w, y / h, (x + y) / (w + h)], -1) * 255).astype(np.uint8)
+
+
+def _crops(ad, batch) -> torch.Tensor:
+    """The processed crops [n, 3, S, S] in the order of the vision tower's rows."""
+    pv = batch.inputs["pixel_values"]
+    crops = pv.reshape(-1, *pv.shape[-3:])
+    if ad.family == "idefics3":  # all-zero padding crops are dropped by the model
+        crops = crops[(crops != 0).flatten(1).any(1)]
+    return crops
+
+
+# families whose processor gives square crops, patch p of crop c at rows c * seq + prefix + p
+GEOMETRY = ("vipllava", "gemma3", "paligemma", "idefics3", "internvl", "aya_vision", "deepseek_vl")
+
+
+@pytest.mark.parametrize("family", [f for f in GEOMETRY if f in FAMILIES])
+@pytest.mark.parametrize("hw", [(150, 300), (300, 150), (220, 230), (160, 290)])
+def test_pixel_boxes_see_what_the_tokens_see(tiny_adapter, family, hw):
+    """A token's box on the original image has the mean colour of the processed pixels of its patches.
+
+    A colour ramp (255 levels across the image) makes position visible: a box off by one token moves
+    its mean by 255 * token / side levels (> 100 here); resampling filters and 8-bit rounding move it by
+    0.13 levels at most (measured over these sizes and families); the bound is 1 level.
+    """
+    from PIL import Image
+
+    from sightline.models.layout import _box_integral
+
+    ad = tiny_adapter(family)
+    h, w = hw
+    rgb = _ramp(h, w)
+    batch = ad.prepare([Image.fromarray(rgb)], [ad.render_prompt("hi")])
+    crops = _crops(ad, batch).numpy()
+    ip = ad.processor.image_processor
+    mean, std = np.asarray(ip.image_mean)[:, None, None], np.asarray(ip.image_std)[:, None, None]
+    crops = (crops * std + mean) * 255  # back to 0..255 levels
+    ps = ad.config.vision_config.patch_size
+    ps = ps[0] if isinstance(ps, (list, tuple)) else ps
+    p = crops.shape[-1] // ps
+    prefix = getattr(ad, "vision_prefix", 1 if family == "vipllava" else 0)
+    seq = p * p + prefix
+    lay = batch.layouts[0]
+    worst, shifted = 0.0, []
+    for g in lay.grids:
+        idx = g.vision_index.reshape(g.rows * g.cols, -1)
+        token = np.zeros((len(idx), 3))
+        for t, rows in enumerate(idx):
+            crop, j = np.divmod(rows, seq)
+            pr, pc = np.divmod(j - prefix, p)
+            token[t] = np.mean([crops[c, :, r * ps:(r + 1) * ps, q * ps:(q + 1) * ps].mean((1, 2))
+                                for c, r, q in zip(crop, pr, pc)], 0)
+        boxes = g.boxes().reshape(-1, 4).astype(np.float64)
+        xs, ys = g.spans()
+        raw = np.stack(np.broadcast_arrays(xs[None, :, 0], ys[:, None, 0], xs[None, :, 1], ys[:, None, 1]), -1)
+        inside = np.all(np.abs(raw.reshape(-1, 4) - boxes) < 1e-3, 1)  # boxes not clipped (not over padding)
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        box = np.stack([_box_integral(rgb[..., ch].astype(np.float64), boxes) for ch in range(3)], -1)
+        box = box / np.maximum(area, 1e-9)[:, None]
+        if not inside.any():
+            continue
+        worst = max(worst, float(np.abs(token - box)[inside].max()))
+        if g.rows * g.cols > 1:
+            shifted.append(float(np.abs(np.roll(token, 1, 0) - box)[inside].max()))
+    assert worst < 1.0, f"{family} {hw}: token colour differs from its box by {worst:.2f} levels"
+    assert shifted and max(shifted) > 10  # ... while one token off is far outside the bound
