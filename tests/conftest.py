@@ -28,6 +28,7 @@ FAMILIES = (
     "internvl",
     "aya_vision",
     "deepseek_vl",
+    "janus",
 )
 
 

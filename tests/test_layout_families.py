@@ -91,6 +91,7 @@ CONNECTORS = {
     "internvl": (lambda ad: [_last(ad)], _internvl),
     "aya_vision": (lambda ad: [_last(ad)], _aya_vision),
     "deepseek_vl": (lambda ad: [_last(ad)], _deepseek_vl),
+    "janus": (lambda ad: [_last(ad)], _deepseek_vl),
 }
 PADDED = ("deepseek_vl", "janus")  # padded to a square: tokens over the padding have empty boxes
 FAMILIES = tuple(CONNECTORS)
@@ -166,7 +167,7 @@ def _crops(ad, batch) -> torch.Tensor:
 
 
 # families whose processor gives square crops, patch p of crop c at rows c * seq + prefix + p
-GEOMETRY = ("vipllava", "gemma3", "paligemma", "idefics3", "internvl", "aya_vision", "deepseek_vl")
+GEOMETRY = ("vipllava", "gemma3", "paligemma", "idefics3", "internvl", "aya_vision", "deepseek_vl", "janus")
 
 
 @pytest.mark.parametrize("family", [f for f in GEOMETRY if f in FAMILIES])
