@@ -46,7 +46,11 @@ class AyaVisionAdapter(InternVLAdapter):
                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                         sliding_window=sliding_window, layer_types=["sliding_attention", "full_attention"],
                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        **(text or {}))
+                        )
+        text_cfg.update(text or {})
+        if "layer_types" not in (text or {}):  # sliding, global, sliding, ... over however many layers
+            text_cfg["layer_types"] = [("sliding_attention", "full_attention")[i % 2]
+                                       for i in range(text_cfg["num_hidden_layers"])]
         config = AyaVisionConfig(text_config=text_cfg, vision_config=siglip_vision_config(tile, patch_size, **(vision or {})),
                                  image_token_index=tok.image_token_id, downsample_factor=2)
         ip = GotOcr2ImageProcessorPil(size={"height": tile, "width": tile}, crop_to_patches=True, min_patches=1,

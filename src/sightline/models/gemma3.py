@@ -74,7 +74,11 @@ class Gemma3Adapter(Adapter):
                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
                         sliding_window=sliding_window, layer_types=["sliding_attention", "full_attention"],
                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        **(text or {}))
+                        )
+        text_cfg.update(text or {})
+        if "layer_types" not in (text or {}):  # sliding, global, sliding, ... over however many layers
+            text_cfg["layer_types"] = [("sliding_attention", "full_attention")[i % 2]
+                                       for i in range(text_cfg["num_hidden_layers"])]
         config = Gemma3Config(
             text_config=text_cfg, vision_config=siglip_vision_config(image_size, patch_size, **(vision or {})),
             mm_tokens_per_image=tokens_per_image, image_token_index=tok.image_token_id,

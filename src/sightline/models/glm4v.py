@@ -60,9 +60,11 @@ class Glm4vAdapter(Qwen2VLAdapter):
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1, 1, 2],
                                          "partial_rotary_factor": 0.5},  # head_dim 16, 8 rotated
-                        pad_token_id=tok.pad_token_id, **(text or {}))
+                        pad_token_id=tok.pad_token_id)
+        text_cfg.update(text or {})
         vision_cfg = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, image_size=56,
-                          spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, **(vision or {}))
+                          spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=text_cfg["hidden_size"])
+        vision_cfg.update(vision or {})
         config = Glm4vConfig(text_config=text_cfg, vision_config=vision_cfg, image_token_id=tok.image_token_id,
                              video_token_id=ids["<|video|>"], image_start_token_id=ids["<|begin_of_image|>"],
                              image_end_token_id=ids["<|end_of_image|>"], video_start_token_id=ids["<|begin_of_video|>"],

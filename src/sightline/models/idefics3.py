@@ -91,7 +91,8 @@ class Idefics3Adapter(Adapter):
 
         tok = make_tokenizer("<image>", extra_special=("<fake_token_around_image>", "<end_of_utterance>"))
         vision_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                          image_size=tile, patch_size=patch_size, **(vision or {}))
+                          image_size=tile, patch_size=patch_size)
+        vision_cfg.update(vision or {})
         config = Idefics3Config(text_config=llama_text_config(len(tok), **(text or {})), vision_config=vision_cfg,
                                 image_token_id=tok.image_token_id, scale_factor=2, pad_token_id=tok.pad_token_id)
         ip = Idefics3ImageProcessorPil(size={"longest_edge": longest_edge}, max_image_size={"longest_edge": tile},

@@ -61,7 +61,8 @@ class InternVLAdapter(Adapter):
         tok = make_tokenizer("<IMG_CONTEXT>", extra_special=("<|im_start|>", "<|im_end|>"),
                              named=named)
         vision_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                          image_size=[tile, tile], patch_size=[patch_size, patch_size], **(vision or {}))
+                          image_size=[tile, tile], patch_size=[patch_size, patch_size])
+        vision_cfg.update(vision or {})
         config = InternVLConfig(text_config=llama_text_config(len(tok), model_type="qwen2", **(text or {})),
                                 vision_config=vision_cfg, image_token_id=tok.image_token_id,
                                 image_seq_length=(tile // patch_size // 2) ** 2)

@@ -30,10 +30,12 @@ class JanusAdapter(DeepseekVLAdapter):
         from sightline.models.testing import llama_text_config, make_tokenizer, save_tiny
 
         tok = make_tokenizer("<image_placeholder>", named={"boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>"})
+        hidden = (text or {}).get("hidden_size", 64)
         vision_cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
-                          patch_size=patch_size, mlp_ratio=2.0, projection_dim=64, depth=2, **(vision or {}))
+                          patch_size=patch_size, mlp_ratio=2.0, projection_dim=hidden, depth=2)
+        vision_cfg.update(vision or {})
         vq_cfg = dict(embed_dim=8, num_embeddings=16, latent_channels=32, base_channels=32, channel_multiplier=[1, 1],
-                      num_res_blocks=1, projection_dim=64, image_token_embed_dim=64, num_hidden_layers=1)
+                      num_res_blocks=1, projection_dim=hidden, image_token_embed_dim=hidden, num_hidden_layers=1)
         config = JanusConfig(text_config=llama_text_config(len(tok), **(text or {})), vision_config=vision_cfg,
                              vq_config=vq_cfg, image_token_id=tok.image_token_id)
         ip = JanusImageProcessorPil(size={"height": image_size, "width": image_size}, min_size=patch_size)

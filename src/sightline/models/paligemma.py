@@ -40,11 +40,13 @@ class PaliGemmaAdapter(Adapter):
         text_cfg = dict(model_type="gemma", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        **(text or {}))
+                        )
+        text_cfg.update(text or {})
+        hidden = text_cfg["hidden_size"]
         config = PaliGemmaConfig(
             text_config=text_cfg,
-            vision_config=siglip_vision_config(image_size, patch_size, **{"projection_dim": 64, **(vision or {})}),
-            image_token_index=tok.image_token_id, projection_dim=64, hidden_size=64, pad_token_id=tok.pad_token_id)
+            vision_config=siglip_vision_config(image_size, patch_size, **{"projection_dim": hidden, **(vision or {})}),
+            image_token_index=tok.image_token_id, projection_dim=hidden, hidden_size=hidden, pad_token_id=tok.pad_token_id)
         ip = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
         ip.image_seq_length = (image_size // patch_size) ** 2
         proc = PaliGemmaProcessor(image_processor=ip, tokenizer=tok)
