@@ -29,6 +29,7 @@ FAMILIES = (
     "aya_vision",
     "deepseek_vl",
     "janus",
+    "qwen3_5",
 )
 
 

@@ -118,7 +118,7 @@ def test_block_at_every_layer_equals_hf_with_explicit_mask(adapter, family, impl
     batch = _batch(ad)
     keys, queries = _image_keys_text_queries(batch)
     clean, seen = _clean(ad, batch.inputs)
-    got = _blocked(ad, batch.inputs, [BlockAttention(range(ad.n_layers), keys, queries)])
+    got = _blocked(ad, batch.inputs, [BlockAttention(ad.kv_layers, keys, queries)])
     ref, logits = _decoder_with_mask(ad, seen, _explicit_mask(ad, batch, keys, queries))
     torch.testing.assert_close(got.logits, logits, **TOL)
     assert not torch.allclose(got.logits, clean.logits)  # the block did something
@@ -136,7 +136,7 @@ def test_per_head_block_equals_hf_with_per_head_mask(adapter, family, impl):
     keys, queries = _image_keys_text_queries(batch)
     heads = [1, ad.n_heads - 1]
     clean, seen = _clean(ad, batch.inputs)
-    got = _blocked(ad, batch.inputs, [BlockAttention(range(ad.n_layers), keys, queries, heads=heads)])
+    got = _blocked(ad, batch.inputs, [BlockAttention(ad.kv_layers, keys, queries, heads=heads)])
     ref, logits = _decoder_with_mask(ad, seen, _explicit_mask(ad, batch, keys, queries, heads=heads))
     torch.testing.assert_close(got.logits, logits, **TOL)
     torch.testing.assert_close(got.hidden_states[-1], ref.last_hidden_state, **TOL)
@@ -150,7 +150,7 @@ def test_block_at_one_layer_equals_that_block_run_with_explicit_mask(adapter, fa
     ad = adapter(family, impl)
     batch = _batch(ad)
     keys, queries = _image_keys_text_queries(batch)
-    L = ad.n_layers - 1
+    L = ad.kv_layers[-1]
     clean, seen = _clean(ad, batch.inputs)
     got = _blocked(ad, batch.inputs, [BlockAttention(L, keys, queries)])
     for i in range(L + 1):
@@ -171,7 +171,7 @@ def test_noop_block_is_the_bare_forward_bit_for_bit(adapter, family, impl):
     for n in (1, 2):  # sdpa gets no mask at all for one unpadded example, a padded mask for two
         batch = _batch(ad, n)
         clean, _ = _clean(ad, batch.inputs)
-        got = _blocked(ad, batch.inputs, [BlockAttention(range(ad.n_layers), np.array([], np.int64))])
+        got = _blocked(ad, batch.inputs, [BlockAttention(ad.kv_layers, np.array([], np.int64))])
         assert torch.equal(got.logits, clean.logits)
         assert all(torch.equal(a, b) for a, b in zip(got.hidden_states, clean.hidden_states))
 
@@ -233,8 +233,8 @@ def test_generate_with_block_equals_hand_decoding_with_explicit_masks(adapter, f
     prompt_text = _explicit_mask(ad, batch, keys, queries)
     prompt_all = _explicit_mask(ad, batch, keys, None)
     cases = [
-        (BlockAttention(range(ad.n_layers), keys, queries), lambda call, k: None if call else prompt_text),
-        (BlockAttention(range(ad.n_layers), keys, None, prefill_only=False),
+        (BlockAttention(ad.kv_layers, keys, queries), lambda call, k: None if call else prompt_text),
+        (BlockAttention(ad.kv_layers, keys, None, prefill_only=False),
          lambda call, k: new_token_mask(k) if call else prompt_all),
     ]
     for block, masks in cases:
@@ -283,7 +283,7 @@ def test_block_equals_hf_own_mask_with_pairs_removed(adapter, family, impl, head
     types = getattr(ad.text_config, "layer_types", None) or ["full_attention"] * ad.n_layers
     assert all(own[L] is not None for L in own)  # HF writes these masks out (bidirectional parts)
     masks = {types[L]: _remove_pairs(own[L], impl, keys, queries, heads, ad.n_heads) for L in range(ad.n_layers)}
-    got = _blocked(ad, batch.inputs, [BlockAttention(range(ad.n_layers), keys, queries, heads=heads)])
+    got = _blocked(ad, batch.inputs, [BlockAttention(ad.kv_layers, keys, queries, heads=heads)])
     ref, logits = _decoder_with_mask(ad, seen, masks if len(set(types)) > 1 else masks[types[0]])
     torch.testing.assert_close(got.logits, logits, **TOL)
     torch.testing.assert_close(got.hidden_states[-1], ref.last_hidden_state, **TOL)
@@ -297,7 +297,7 @@ def test_text_blocked_from_image_at_every_layer_does_not_depend_on_the_image(ada
     assert torch.equal(one.inputs["input_ids"], two.inputs["input_ids"])
     keys, queries = _image_keys_text_queries(one)
     sites = [f"resid.{L}" for L in range(1, ad.n_layers + 1)]
-    block = BlockAttention(range(ad.n_layers), keys, queries)
+    block = BlockAttention(ad.kv_layers, keys, queries)
     got = []
     for batch in (one, two):
         with apply_edits(ad, [block]):
@@ -320,7 +320,7 @@ def test_activation_and_attention_edits_together(adapter):
     img = [lay.image_positions for lay in batch.layouts]
     _, seen = _clean(ad, batch.inputs)
     got = _blocked(ad, batch.inputs, [Edit("resid.0", img, add_vector(v, 3.0)),
-                                      BlockAttention(range(ad.n_layers), keys, queries)])
+                                      BlockAttention(ad.kv_layers, keys, queries)])
     embeds = seen["decoder"]["inputs_embeds"].clone()
     for b, p in enumerate(img):
         embeds[b, p] += 3.0 * v

@@ -27,7 +27,7 @@ def run(request, tiny_adapter):
     texts = [ad.render_prompt("What is shown?"), ad.render_prompt("Describe the image in detail, please.")]
     batch = ad.prepare(images, texts)
     sites = resolve_sites("resid,keys,keys_prerope,values,attn_out,mlp_out,projector,vision", "all",
-                          ad.n_layers, ad.n_vision_layers)
+                          ad.n_layers, ad.n_vision_layers, ad.kv_layers)
     positions = [lay.positions("all") for lay in batch.layouts]
     got = Capture(ad, sites).run(batch, positions)
     rope = {}
@@ -68,7 +68,7 @@ def test_keys_values_equal_cache(run):
     ad, batch, got, out, _ = run
     S = batch.inputs["input_ids"].shape[1]
     for i, n in enumerate(batch.lengths):
-        for L in range(ad.n_layers):
+        for L in ad.kv_layers:  # layers with keys and values (not Qwen3.5's linear-attention ones)
             cache = out.past_key_values.layers[L]
             assert got[i][f"keys.{L}"].shape == (n, ad.n_kv_heads, ad.head_dim)
             # a sliding-window layer of HF's cache keeps only the last positions (Gemma 3): compare those;
@@ -84,12 +84,12 @@ def test_keys_values_equal_cache(run):
 
 def test_prerope_keys_rotate_to_cached_keys(run):
     ad, batch, got, out, rope = run
-    for L, layer in enumerate(ad.decoder_layers):
+    for L in ad.kv_layers:
         if not ad.rotates_keys(L):  # a layer without RoPE (Cohere 2's global layers): cached keys are pre-RoPE keys
             for i in range(len(batch)):
                 assert torch.equal(got[i][f"keys_prerope.{L}"], got[i][f"keys.{L}"])
             continue
-        apply = sys.modules[type(layer.self_attn).__module__].apply_rotary_pos_emb
+        apply = sys.modules[type(ad.attention(L)).__module__].apply_rotary_pos_emb
         cos, sin = rope[L]
         for i, n in enumerate(batch.lengths):
             k = got[i][f"keys_prerope.{L}"].transpose(0, 1)[None]  # [1, n_kv, n, hd]
@@ -198,6 +198,16 @@ def test_capture_casts_dtype(tiny_adapter):
 def test_bad_sites_are_user_errors(sites, layers, message):
     with pytest.raises(UserError, match=message):
         resolve_sites(sites, layers, n_layers=2, n_vision_layers=2)
+
+
+def test_keys_exist_only_on_attention_layers():
+    """Qwen3.5's linear-attention layers have no keys or values: bare kinds skip them, exact names are refused."""
+    assert resolve_sites("keys,values,resid", "all", 4, 2, kv_layers=[1, 3]) == [
+        "resid.0", "resid.1", "resid.2", "resid.3", "resid.4", "keys.1", "keys.3", "values.1", "values.3"]
+    with pytest.raises(UserError, match=r"site keys_prerope.2 does not exist: layer 2 is linear attention .* 1, 3"):
+        resolve_sites("keys_prerope.2", "all", 4, 2, kv_layers=[1, 3])
+    with pytest.raises(UserError, match="no values in the chosen layers: only layers 1, 3"):
+        resolve_sites("values", "0,2", 4, 2, kv_layers=[1, 3])
 
 
 def test_resolve_sites_expands_layers():

@@ -84,6 +84,7 @@ CONNECTORS = {
                  _vipllava),
     "qwen3_vl": (lambda ad: [_last(ad)], _qwen3),
     "qwen3_vl_moe": (lambda ad: [_last(ad)], _qwen3),
+    "qwen3_5": (lambda ad: [_last(ad)], _qwen3),
     "glm4v": (lambda ad: [_last(ad)], _glm4v),
     "gemma3": (lambda ad: [_last(ad)], _gemma3),
     "paligemma": (lambda ad: [_last(ad)], _paligemma),

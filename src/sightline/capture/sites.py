@@ -85,12 +85,15 @@ def parse_layers(spec: str | None, n: int, what: str = "layer") -> list[int]:
     return sorted(out)
 
 
-def resolve_sites(sites: str | list[str], layers: str | None, n_layers: int, n_vision_layers: int) -> list[str]:
+def resolve_sites(sites: str | list[str], layers: str | None, n_layers: int, n_vision_layers: int,
+                  kv_layers: list[int] | None = None) -> list[str]:
     """Expand `--sites resid,keys,projector` with `--layers` into exact, validated site names.
 
     A bare kind takes every layer of `layers`; an exact name (`resid.3`) is kept as is. Layer
     ranges: resid 0..n_layers (n_layers = output of the last block), vision 0..n_vision_layers,
-    the other LM sites 0..n_layers-1.
+    the other LM sites 0..n_layers-1. `kv_layers`: the layers that have keys and values (all when None;
+    Qwen3.5's linear-attention layers have none): a bare `keys` / `values` / `keys_prerope` takes the chosen
+    layers among them, an exact name elsewhere is a UserError.
     """
     items = [s.strip() for s in (sites.split(",") if isinstance(sites, str) else sites) if s.strip()]
     if not items:
@@ -104,6 +107,11 @@ def resolve_sites(sites: str | list[str], layers: str | None, n_layers: int, n_v
                 chosen = parse_layers(layers, n_layers + 1, "layer")
             else:
                 chosen = parse_layers(layers, n_layers, "layer")
+            if item in KEY_KINDS and kv_layers is not None:
+                chosen = [L for L in chosen if L in kv_layers]
+                if not chosen:
+                    raise UserError(f"no {item} in the chosen layers: only layers {_listing(kv_layers)} have "
+                                    "attention keys and values (the others are linear attention)")
             out.extend(f"{item}.{L}" for L in chosen)
             continue
         site = Site.parse(item)
@@ -111,8 +119,18 @@ def resolve_sites(sites: str | list[str], layers: str | None, n_layers: int, n_v
             limit = {"resid": n_layers + 1, "vision": n_vision_layers + 1}.get(site.kind, n_layers)
             if not 0 <= site.layer < limit:
                 raise UserError(f"site {site.name} out of range: valid {site.kind} layers are 0..{limit - 1}")
+            if site.kind in KEY_KINDS and kv_layers is not None and site.layer not in kv_layers:
+                raise UserError(f"site {site.name} does not exist: layer {site.layer} is linear attention (no keys "
+                                f"or values); layers with them are {_listing(kv_layers)}")
         out.append(site.name)
     return sorted(dict.fromkeys(out), key=site_sort_key)
+
+
+KEY_KINDS = ("keys", "keys_prerope", "values")  # sites of attention layers only
+
+
+def _listing(layers: list[int]) -> str:
+    return ", ".join(map(str, layers))
 
 
 def site_sort_key(name: str) -> tuple:
@@ -213,6 +231,8 @@ def resolve_site(adapter, site: str | Site) -> SiteHook:
         return SiteHook(s, "post", adapter.prerope_keys_module(L), shape=(adapter.n_kv_heads, adapter.head_dim),
                         heads_first=adapter.prerope_keys_heads_first(L))
     if s.kind in KV_KINDS:
+        if L not in getattr(adapter, "kv_layers", range(L + 1)):
+            adapter.attention(L)  # the UserError naming the layers that have keys and values
         return SiteHook(s, "cache")
     if s.kind == "projector":  # what the decoder receives: image features already scattered in
         return SiteHook(s, "pre", adapter.decoder, arg="inputs_embeds")

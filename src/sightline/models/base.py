@@ -39,6 +39,9 @@ class ModuleNames:
     decoder: str = "model.language_model"  # from the model: the language model's decoder
     layers: str = "layers"  # from the decoder: its blocks, in order
     attention: str = "self_attn"  # from a block: the attention module (gets `attention_mask`)
+    # from a block: the recurrent / linear-attention mixer some blocks have INSTEAD of `attention`
+    # (Qwen3.5's Gated DeltaNet): its output is `attn_out`; it has no KV cache and no attention mask
+    linear_attention: str | None = None
     k_proj: str = "k_proj"  # from the attention module: keys before any norm and rotation
     k_norm: str | None = "k_norm"  # from the attention module: a norm on keys before RoPE, used where present
     k_norm_heads_first: bool = False  # the k-norm sees [B, n_kv, S, hd] (Gemma 3), not [B, S, n_kv, hd]
@@ -169,8 +172,19 @@ class Adapter:
         return _module(self.decoder, self.modules.layers, "decoder layers")
 
     def attention(self, layer: int):
-        """Attention module of decoder block `layer`."""
-        return _module(self.decoder_layers[layer], self.modules.attention, "attention")
+        """Attention module of decoder block `layer` (a UserError on a linear-attention block, which has none)."""
+        block = self.decoder_layers[layer]
+        if self.modules.linear_attention and module_at(block, self.modules.attention) is None:
+            raise UserError(f"decoder layer {layer} is linear attention (no keys, values or attention mask); "
+                            f"attention layers are {', '.join(map(str, self.kv_layers))}")
+        return _module(block, self.modules.attention, "attention")
+
+    @property
+    def kv_layers(self) -> list[int]:
+        """Decoder layers with softmax attention and a KV cache (all of them unless some are linear attention)."""
+        if not self.modules.linear_attention:
+            return list(range(self.n_layers))
+        return [i for i, b in enumerate(self.decoder_layers) if module_at(b, self.modules.attention) is not None]
 
     def mlp(self, layer: int):
         """MLP of decoder block `layer`."""
@@ -179,6 +193,8 @@ class Adapter:
     def attn_write(self, layer: int):
         """The module whose output is block `layer`'s attention write into the stream (`attn_out`)."""
         if self.modules.attn_out is None:
+            if layer not in self.kv_layers:
+                return _module(self.decoder_layers[layer], self.modules.linear_attention, "linear attention")
             return self.attention(layer)
         return _module(self.decoder_layers[layer], self.modules.attn_out, "attention output norm")
 
@@ -270,7 +286,7 @@ class Adapter:
     @property
     def attn_implementation(self) -> str:
         """The language model's attention implementation ("sdpa", "eager", "flash_attention_2", ...)."""
-        return str(self.attention(0).config._attn_implementation)
+        return str(self.attention(self.kv_layers[0]).config._attn_implementation)
 
     @property
     def device(self):
