@@ -30,6 +30,7 @@ FAMILIES = (
     "deepseek_vl",
     "janus",
     "qwen3_5",
+    "ovis2",
 )
 
 

@@ -78,6 +78,15 @@ def _deepseek_vl(ad, caps):
     return ad.model.model.aligner(tower.post_layernorm(caps[_last(ad)]))
 
 
+def _ovis2(ad, caps):
+    v = ad.vision_tower
+    x = caps[_last(ad)]  # [n, s*s, d]: the last block's output, row-major in the group
+    x = v.transformer.rms_norm(x).reshape(len(x), -1)
+    prob = torch.softmax(v.head_norm(v.head_linear(x)), -1)
+    prob = torch.cat([prob, prob.new_zeros(len(prob), v.num_visual_indicator_tokens)], -1)
+    return prob @ ad.model.model.visual_embeddings_table.weight
+
+
 # family -> (vision sites the connector reads, the connector as HF's own modules)
 CONNECTORS = {
     "vipllava": (lambda ad: [f"vision.{i % (ad.n_vision_layers + 1)}" for i in ad.config.vision_feature_layer],
@@ -93,6 +102,7 @@ CONNECTORS = {
     "aya_vision": (lambda ad: [_last(ad)], _aya_vision),
     "deepseek_vl": (lambda ad: [_last(ad)], _deepseek_vl),
     "janus": (lambda ad: [_last(ad)], _deepseek_vl),
+    "ovis2": (lambda ad: [_last(ad)], _ovis2),
 }
 PADDED = ("deepseek_vl", "janus")  # padded to a square: tokens over the padding have empty boxes
 FAMILIES = tuple(CONNECTORS)
@@ -168,7 +178,7 @@ def _crops(ad, batch) -> torch.Tensor:
 
 
 # families whose processor gives square crops, patch p of crop c at rows c * seq + prefix + p
-GEOMETRY = ("vipllava", "gemma3", "paligemma", "idefics3", "internvl", "aya_vision", "deepseek_vl", "janus")
+GEOMETRY = ("vipllava", "gemma3", "paligemma", "idefics3", "internvl", "aya_vision", "deepseek_vl", "janus", "ovis2")
 
 
 @pytest.mark.parametrize("family", [f for f in GEOMETRY if f in FAMILIES])
