@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from conftest import gradient_image
 from sightline.capture import Capture
-from sightline.models.layout import IMAGE, IMAGE_NEWLINE
+from sightline.models.layout import IMAGE
 
 
 def _last(ad):
