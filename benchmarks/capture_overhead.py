@@ -1,6 +1,7 @@
 """Capture overhead: extraction into a store vs a bare forward pass, measured in one run.
 
     python benchmarks/capture_overhead.py        # ~60M LLaVA on CPU (the BENCHMARKS.md setting)
+    python benchmarks/capture_overhead.py --family gemma3 --rss ""   # any family: its tiny builder, LM widened
 
 (a) bare: `model(**inputs, logits_to_keep=1)` over prepared batches.
 (b) extraction: the same batches through `Capture` (resid, keys and values at every layer, image
@@ -49,6 +50,21 @@ def build_cpu_model(root: Path) -> Path:
                   num_key_value_heads=8, vocab_size=32000),
         vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
     )
+
+
+# The language model every other family is built with: the 60M LLaVA's width and depth (the vision side
+# stays the family's tiny one, so the ratio measures hooks on a realistic LM).
+SMALL_TEXT = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=8)
+
+
+def build_family_model(root: Path, family: str) -> Path:
+    """The family's tiny checkpoint from config with its language model widened to SMALL_TEXT."""
+    from sightline.models.testing import build_tiny
+
+    if family == "llava":
+        return build_cpu_model(root)
+    return build_tiny(family, root / family, text=dict(SMALL_TEXT))
 
 
 def timed(fn) -> float:
@@ -152,6 +168,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rss", default="100,1000", help="image counts for the peak-RSS runs ('' to skip)")
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--family", default="llava", help="model family (llava: the 60M LLaVA; others: tiny vision, "
+                    "LM widened to hidden 512 x 8 layers)")
     a = ap.parse_args()
     torch.manual_seed(0)
     results: dict = {"torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -160,10 +178,12 @@ def main():
         images = [gradient(336 + 16 * (i % 3), 336, i) for i in range(a.images)]
         from sightline.models import load_model
 
-        model_dir = build_cpu_model(root)
+        model_dir = build_family_model(root, a.family)
         adapter = load_model(str(model_dir))
         n_params = sum(p.numel() for p in adapter.model.parameters())
-        results["model"] = f"LLaVA-1.5 layout, {n_params / 1e6:.1f}M params, fp32, CPU"
+        layout = "LLaVA-1.5 layout" if a.family == "llava" else f"{a.family} (tiny vision, LM 512 x 8)"
+        results["model"] = f"{layout}, {n_params / 1e6:.1f}M params, fp32, CPU"
+        results["family"] = a.family
         text = adapter.render_prompt("What is shown in this image?")
         batches = [adapter.prepare(images[k : k + a.batch_size], [text] * len(images[k : k + a.batch_size]))
                    for k in range(0, len(images), a.batch_size)]

@@ -17,6 +17,20 @@ FAMILIES = (
     "llava_onevision",
     "qwen2_5_vl",
     "qwen2_vl",
+    "vipllava",
+    "llava_next_video",
+    "qwen3_vl",
+    "qwen3_vl_moe",
+    "glm4v",
+    "gemma3",
+    "paligemma",
+    "idefics3",
+    "internvl",
+    "aya_vision",
+    "deepseek_vl",
+    "janus",
+    "qwen3_5",
+    "ovis2",
 )
 
 

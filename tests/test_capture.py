@@ -27,15 +27,17 @@ def run(request, tiny_adapter):
     texts = [ad.render_prompt("What is shown?"), ad.render_prompt("Describe the image in detail, please.")]
     batch = ad.prepare(images, texts)
     sites = resolve_sites("resid,keys,keys_prerope,values,attn_out,mlp_out,projector,vision", "all",
-                          ad.n_layers, ad.n_vision_layers)
+                          ad.n_layers, ad.n_vision_layers, ad.kv_layers)
     positions = [lay.positions("all") for lay in batch.layouts]
     got = Capture(ad, sites).run(batch, positions)
     rope = {}
-    hooks = [
-        layer.register_forward_pre_hook(
-            lambda m, a, kw, L=L: rope.__setitem__(L, kw["position_embeddings"]), with_kwargs=True)
-        for L, layer in enumerate(ad.decoder_layers)
-    ]
+
+    def seen(m, a, kw, L):  # each block's RoPE tables and its input (what enters it: resid.L)
+        rope[L] = kw["position_embeddings"]
+        rope["in", L] = kw["hidden_states"] if "hidden_states" in kw else a[0]
+
+    hooks = [layer.register_forward_pre_hook(lambda m, a, kw, L=L: seen(m, a, kw, L), with_kwargs=True)
+             for L, layer in enumerate(ad.decoder_layers)]
     try:
         with torch.no_grad():
             out = ad.model(**batch.inputs, output_hidden_states=True, use_cache=True, return_dict=True)
@@ -46,28 +48,48 @@ def run(request, tiny_adapter):
 
 
 def test_resid_equals_hidden_states(run):
-    ad, batch, got, out, _ = run
+    ad, batch, got, out, seen = run
     for i, n in enumerate(batch.lengths):
         for L in range(ad.n_layers):
-            assert close(got[i][f"resid.{L}"], out.hidden_states[L][i, :n]), f"resid.{L} example {i}"
+            assert close(got[i][f"resid.{L}"], seen["in", L][i, :n]), f"resid.{L} example {i}: not block L's input"
+            if not ad.resid_at_block_input:
+                assert close(got[i][f"resid.{L}"], out.hidden_states[L][i, :n]), f"resid.{L} example {i}"
+            else:  # the decoder adds between blocks: hidden_states[L] (block L-1's output) differs, at images only
+                text = batch.layouts[i].text_positions
+                assert close(got[i][f"resid.{L}"][text], out.hidden_states[L][i, text])
+                if L == 1:  # the tiny models inject after block 0: image positions must differ there
+                    img = batch.layouts[i].image_positions
+                    assert not close(got[i]["resid.1"][img], out.hidden_states[1][i, img])
         # HF's last hidden state is after the final norm; resid.{n} is before it
         assert close(ad.decoder.norm(got[i][f"resid.{ad.n_layers}"]), out.hidden_states[ad.n_layers][i, :n])
 
 
 def test_keys_values_equal_cache(run):
     ad, batch, got, out, _ = run
+    S = batch.inputs["input_ids"].shape[1]
     for i, n in enumerate(batch.lengths):
-        for L in range(ad.n_layers):
+        for L in ad.kv_layers:  # layers with keys and values (not Qwen3.5's linear-attention ones)
             cache = out.past_key_values.layers[L]
             assert got[i][f"keys.{L}"].shape == (n, ad.n_kv_heads, ad.head_dim)
-            assert close(got[i][f"keys.{L}"], cache.keys[i, :, :n].transpose(0, 1)), f"keys.{L}"
-            assert close(got[i][f"values.{L}"], cache.values[i, :, :n].transpose(0, 1)), f"values.{L}"
+            # a sliding-window layer of HF's cache keeps only the last positions (Gemma 3): compare those;
+            # sightline keeps them all (their rotation is checked at every position below)
+            start = S - cache.keys.shape[2]
+            if start:
+                assert getattr(cache, "is_sliding", False)
+            m = max(n - start, 0)  # real positions the cache still holds
+            k, v = cache.keys[i, :, :m].transpose(0, 1), cache.values[i, :, :m].transpose(0, 1)
+            assert close(got[i][f"keys.{L}"][n - m :], k), f"keys.{L}"
+            assert close(got[i][f"values.{L}"][n - m :], v), f"values.{L}"
 
 
 def test_prerope_keys_rotate_to_cached_keys(run):
     ad, batch, got, out, rope = run
-    for L, layer in enumerate(ad.decoder_layers):
-        apply = sys.modules[type(layer.self_attn).__module__].apply_rotary_pos_emb
+    for L in ad.kv_layers:
+        if not ad.rotates_keys(L):  # a layer without RoPE (Cohere 2's global layers): cached keys are pre-RoPE keys
+            for i in range(len(batch)):
+                assert torch.equal(got[i][f"keys_prerope.{L}"], got[i][f"keys.{L}"])
+            continue
+        apply = sys.modules[type(ad.attention(L)).__module__].apply_rotary_pos_emb
         cos, sin = rope[L]
         for i, n in enumerate(batch.lengths):
             k = got[i][f"keys_prerope.{L}"].transpose(0, 1)[None]  # [1, n_kv, n, hd]
@@ -90,11 +112,15 @@ def test_projector_is_lm_input_at_image_positions(run):
 
 
 def test_block_writes_sum_to_residual(run):
-    ad, batch, got, _, _ = run
-    for i in range(len(batch)):
+    ad, batch, got, out, _ = run
+    for i, n in enumerate(batch.lengths):
         for L in range(ad.n_layers):
             step = got[i][f"attn_out.{L}"] + got[i][f"mlp_out.{L}"]
-            assert close(got[i][f"resid.{L}"] + step, got[i][f"resid.{L + 1}"])
+            # block L's output (HF's hidden_states[L + 1], before the final norm on the last)
+            block_out = out.hidden_states[L + 1][i, :n] if L + 1 < ad.n_layers else got[i][f"resid.{L + 1}"]
+            assert close(got[i][f"resid.{L}"] + step, block_out)
+            if not ad.resid_at_block_input:
+                assert close(got[i][f"resid.{L}"] + step, got[i][f"resid.{L + 1}"])
 
 
 def test_vision_sites_only_at_patches(run):
@@ -172,6 +198,16 @@ def test_capture_casts_dtype(tiny_adapter):
 def test_bad_sites_are_user_errors(sites, layers, message):
     with pytest.raises(UserError, match=message):
         resolve_sites(sites, layers, n_layers=2, n_vision_layers=2)
+
+
+def test_keys_exist_only_on_attention_layers():
+    """Qwen3.5's linear-attention layers have no keys or values: bare kinds skip them, exact names are refused."""
+    assert resolve_sites("keys,values,resid", "all", 4, 2, kv_layers=[1, 3]) == [
+        "resid.0", "resid.1", "resid.2", "resid.3", "resid.4", "keys.1", "keys.3", "values.1", "values.3"]
+    with pytest.raises(UserError, match=r"site keys_prerope.2 does not exist: layer 2 is linear attention .* 1, 3"):
+        resolve_sites("keys_prerope.2", "all", 4, 2, kv_layers=[1, 3])
+    with pytest.raises(UserError, match="no values in the chosen layers: only layers 1, 3"):
+        resolve_sites("values", "0,2", 4, 2, kv_layers=[1, 3])
 
 
 def test_resolve_sites_expands_layers():

@@ -16,12 +16,12 @@ from sightline.models import load_model
 from sightline.models.layout import IMAGE, IMAGE_NEWLINE
 from sightline.models.testing import build_tiny
 
-FAMILIES = ("llava_next", "llava_onevision")
+FAMILIES = ("llava_next", "llava_onevision", "llava_next_video")
 SIDES = st.integers(20, 300)
 # LLaVA-NeXT's CLIP-336 crops are 24 whole patches of 14 px; OneVision's SigLIP-384 crops are not
 # (27 patches = 378 px, the last 6 px of every crop unseen). The tiny models keep both: 56 = 4 x 14
 # for NeXT, 60 px crops of 4 patches (56 px seen) for OneVision.
-BUILD = {"llava_next": {}, "llava_onevision": {"image_size": 60}}
+BUILD = {"llava_next": {}, "llava_onevision": {"image_size": 60}, "llava_next_video": {}}
 
 
 @pytest.fixture(scope="module")

@@ -132,7 +132,7 @@ def extract(cfg: ExtractConfig) -> Path:
     dataset = open_dataset(cfg.data, limit=cfg.limit)
     adapter = load_model(cfg.model, dtype=model_dtype, device=device, device_map=cfg.device_map,
                          revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, progress=cfg.progress)
-    sites = resolve_sites(cfg.sites, cfg.layers, adapter.n_layers, adapter.n_vision_layers)
+    sites = resolve_sites(cfg.sites, cfg.layers, adapter.n_layers, adapter.n_vision_layers, adapter.kv_layers)
     shapes = {s: site_shape(s, adapter) for s in sites}
     texts = {}
     for ex in dataset:  # render every prompt up front: a template problem fails before any work

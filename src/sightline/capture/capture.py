@@ -25,20 +25,26 @@ class _StopForward(Exception):
 class _Plan:
     sites: list[Site]
     last_layer: int  # last decoder layer whose forward must run (-1: none needed)
+    first_unneeded: int  # decoder layer whose INPUT is the last thing needed (-1: none)
     needs_cache: bool
     needs_lm: bool
 
 
-def _plan(sites: list[str], n_layers: int) -> _Plan:
+def _plan(sites: list[str], n_layers: int, resid_at_block_input: bool = False) -> _Plan:
     parsed = [Site.parse(s) for s in sites]
     last = -1
+    before = -1
     for s in parsed:
-        if s.kind == "resid":
+        if s.kind == "resid" and resid_at_block_input and 0 < s.layer < n_layers:
+            before = max(before, s.layer)  # read at block L's input: L-1 must run, and what follows it
+        elif s.kind == "resid":
             last = max(last, s.layer - 1)
         elif s.kind in ("keys", "values", "keys_prerope", "attn_out", "mlp_out"):
             last = max(last, s.layer)
     needs_lm = any(s.kind != "vision" for s in parsed)
-    return _Plan(parsed, last, any(s.kind in KV_KINDS for s in parsed), needs_lm)
+    if before <= last:
+        before = -1
+    return _Plan(parsed, last, before, any(s.kind in KV_KINDS for s in parsed), needs_lm)
 
 
 def cache_kwarg(model) -> str:
@@ -69,7 +75,7 @@ class Capture:
     def __init__(self, adapter, sites: list[str], dtype: torch.dtype | None = None, stop_early: bool = True):
         self.adapter = adapter
         self.sites = list(sites)
-        self.plan = _plan(self.sites, adapter.n_layers)
+        self.plan = _plan(self.sites, adapter.n_layers, getattr(adapter, "resid_at_block_input", False))
         self.dtype = dtype
         self.stop_early = stop_early
         self.shapes = {s: site_shape(s, adapter) for s in self.sites}
@@ -121,6 +127,9 @@ class Capture:
                 from transformers import DynamicCache
 
                 cache = DynamicCache(config=ad.model.config)
+                for layer in cache.layers:  # sliding-window layers (Gemma 3) would drop early keys: keep all
+                    if getattr(layer, "is_sliding", False):
+                        layer.activate_past_recording()
                 kwargs[cache_kwarg(ad.model)] = cache
             try:
                 ad.model(**kwargs, use_cache=self.plan.needs_cache, logits_to_keep=1, return_dict=True)
@@ -152,6 +161,11 @@ class Capture:
 
             return ad.decoder.register_forward_pre_hook(pre, with_kwargs=True)
         last = self.plan.last_layer
+        if self.plan.first_unneeded >= 0:  # stop as that block starts, once its input is read
+            def pre_block(m, a, kw):
+                raise _StopForward
+
+            return ad.decoder_layers[self.plan.first_unneeded].register_forward_pre_hook(pre_block, with_kwargs=True)
         if last < 0:  # only projector / resid.0: stop as the first layer starts
             def pre0(m, a, kw):
                 raise _StopForward

@@ -11,9 +11,10 @@ tensor.
 
     site            hook                                   tensor
     resid.0         pre  decoder block 0                   hidden_states input
-    resid.L (L>0)   post decoder block L-1                 output
-    attn_out.L      post block L's attention               output[0]
-    mlp_out.L       post block L's MLP                     output
+    resid.L (L>0)   post decoder block L-1                 output (pre block L where the decoder adds
+                                                           between blocks: `resid_at_block_input`)
+    attn_out.L      post block L's attention               output[0] (its post-norm where the block has one)
+    mlp_out.L       post block L's MLP                     output (its post-norm where the block has one)
     keys_prerope.L  post block L's k-norm, else k_proj     output, as [B, S, n_kv, head_dim]
     keys.L/values.L cache (layer L of the KV cache the forward fills)
     projector       pre  decoder                           inputs_embeds
@@ -84,12 +85,15 @@ def parse_layers(spec: str | None, n: int, what: str = "layer") -> list[int]:
     return sorted(out)
 
 
-def resolve_sites(sites: str | list[str], layers: str | None, n_layers: int, n_vision_layers: int) -> list[str]:
+def resolve_sites(sites: str | list[str], layers: str | None, n_layers: int, n_vision_layers: int,
+                  kv_layers: list[int] | None = None) -> list[str]:
     """Expand `--sites resid,keys,projector` with `--layers` into exact, validated site names.
 
     A bare kind takes every layer of `layers`; an exact name (`resid.3`) is kept as is. Layer
     ranges: resid 0..n_layers (n_layers = output of the last block), vision 0..n_vision_layers,
-    the other LM sites 0..n_layers-1.
+    the other LM sites 0..n_layers-1. `kv_layers`: the layers that have keys and values (all when None;
+    Qwen3.5's linear-attention layers have none): a bare `keys` / `values` / `keys_prerope` takes the chosen
+    layers among them, an exact name elsewhere is a UserError.
     """
     items = [s.strip() for s in (sites.split(",") if isinstance(sites, str) else sites) if s.strip()]
     if not items:
@@ -100,6 +104,11 @@ def resolve_sites(sites: str | list[str], layers: str | None, n_layers: int, n_v
             # resid.{n_layers} is the last block's output; the message names the kind and its range
             limit = {"resid": n_layers + 1, "vision": n_vision_layers + 1}.get(item, n_layers)
             chosen = parse_layers(layers, limit, f"{item} layer")
+            if item in KEY_KINDS and kv_layers is not None:
+                chosen = [L for L in chosen if L in kv_layers]
+                if not chosen:
+                    raise UserError(f"no {item} in the chosen layers: only layers {_listing(kv_layers)} have "
+                                    "attention keys and values (the others are linear attention)")
             out.extend(f"{item}.{L}" for L in chosen)
             continue
         site = Site.parse(item)
@@ -107,8 +116,18 @@ def resolve_sites(sites: str | list[str], layers: str | None, n_layers: int, n_v
             limit = {"resid": n_layers + 1, "vision": n_vision_layers + 1}.get(site.kind, n_layers)
             if not 0 <= site.layer < limit:
                 raise UserError(f"site {site.name} out of range: valid {site.kind} layers are 0..{limit - 1}")
+            if site.kind in KEY_KINDS and kv_layers is not None and site.layer not in kv_layers:
+                raise UserError(f"site {site.name} does not exist: layer {site.layer} is linear attention (no keys "
+                                f"or values); layers with them are {_listing(kv_layers)}")
         out.append(site.name)
     return sorted(dict.fromkeys(out), key=site_sort_key)
+
+
+KEY_KINDS = ("keys", "keys_prerope", "values")  # sites of attention layers only
+
+
+def _listing(layers: list[int]) -> str:
+    return ", ".join(map(str, layers))
 
 
 def site_sort_key(name: str) -> tuple:
@@ -144,6 +163,7 @@ class SiteHook:
     module: Any = None  # torch.nn.Module; None for "cache"
     arg: str = "hidden_states"
     shape: tuple[int, ...] | None = None
+    heads_first: bool = False  # the output is [B, heads, S, hd]: moved to [B, S, heads, hd] before use
 
     @property
     def writable(self) -> bool:
@@ -151,6 +171,8 @@ class SiteHook:
         return self.site.kind in EDITABLE
 
     def _view(self, t):
+        if self.heads_first:
+            t = t.transpose(1, 2)
         return t if self.shape is None else t.reshape(t.shape[0], t.shape[1], *self.shape)
 
     def read(self, fn: Callable[[Any], None]):
@@ -195,16 +217,19 @@ def resolve_site(adapter, site: str | Site) -> SiteHook:
     s = site if isinstance(site, Site) else Site.parse(site)
     L = s.layer
     if s.kind == "resid":
-        if L == 0:
-            return SiteHook(s, "pre", adapter.decoder_layers[0])
+        if L == 0 or (getattr(adapter, "resid_at_block_input", False) and L < adapter.n_layers):
+            return SiteHook(s, "pre", adapter.decoder_layers[L])
         return SiteHook(s, "post", adapter.decoder_layers[L - 1])  # the stream entering L is what L-1 returned
     if s.kind == "attn_out":
-        return SiteHook(s, "post", adapter.attention(L))
+        return SiteHook(s, "post", adapter.attn_write(L))
     if s.kind == "mlp_out":
-        return SiteHook(s, "post", adapter.mlp(L))
+        return SiteHook(s, "post", adapter.mlp_write(L))
     if s.kind == "keys_prerope":
-        return SiteHook(s, "post", adapter.prerope_keys_module(L), shape=(adapter.n_kv_heads, adapter.head_dim))
+        return SiteHook(s, "post", adapter.prerope_keys_module(L), shape=(adapter.n_kv_heads, adapter.head_dim),
+                        heads_first=adapter.prerope_keys_heads_first(L))
     if s.kind in KV_KINDS:
+        if L not in getattr(adapter, "kv_layers", range(L + 1)):
+            adapter.attention(L)  # the UserError naming the layers that have keys and values
         return SiteHook(s, "cache")
     if s.kind == "projector":  # what the decoder receives: image features already scattered in
         return SiteHook(s, "pre", adapter.decoder, arg="inputs_embeds")

@@ -42,10 +42,18 @@ class ModuleNames:
     decoder: str = "model.language_model"  # from the model: the language model's decoder
     layers: str = "layers"  # from the decoder: its blocks, in order
     attention: str = "self_attn"  # from a block: the attention module (gets `attention_mask`)
+    # from a block: the recurrent / linear-attention mixer some blocks have INSTEAD of `attention`
+    # (Qwen3.5's Gated DeltaNet): its output is `attn_out`; it has no KV cache and no attention mask
+    linear_attention: str | None = None
     k_proj: str = "k_proj"  # from the attention module: keys before any norm and rotation
     k_norm: str | None = "k_norm"  # from the attention module: a norm on keys before RoPE, used where present
+    k_norm_heads_first: bool = False  # the k-norm sees [B, n_kv, S, hd] (Gemma 3), not [B, S, n_kv, hd]
     v_proj: str = "v_proj"  # from the attention module: values (what the cache stores)
     mlp: str = "mlp"  # from a block: the MLP, whose output is `mlp_out`
+    # from a block: the module whose output the block adds to the stream, where a norm follows the
+    # attention / MLP inside the block (Gemma 2/3, GLM-4V); None: the attention module / the MLP itself
+    attn_out: str | None = None
+    mlp_out: str | None = None
     vision_tower: str = "model.vision_tower"  # from the model
     vision_blocks: str = "encoder.layers"  # from the vision tower: its transformer blocks, in order
     projector: str = "model.multi_modal_projector"  # from the model: vision features -> LM inputs
@@ -92,6 +100,10 @@ class Adapter:
     # HF processor class owning a video processor: loaded images-only (works without torchvision)
     processor_class: ClassVar[str] = ""
     modules: ClassVar[ModuleNames] = ModuleNames()  # where the modules sit (the site table's facts)
+    # The decoder adds to the stream BETWEEN blocks (Qwen3-VL's deepstack adds vision features to
+    # the image positions after its first blocks), so `resid.{L}` (0 < L < n_layers) is read at
+    # block L's input, not at block L-1's output (which is what HF's `hidden_states[L]` holds).
+    resid_at_block_input: ClassVar[bool] = False
 
     def __init__(self, model, processor, name: str = "", revision: str | None = None):
         self.model = model
@@ -163,18 +175,52 @@ class Adapter:
         return _module(self.decoder, self.modules.layers, "decoder layers")
 
     def attention(self, layer: int):
-        """Attention module of decoder block `layer`."""
-        return _module(self.decoder_layers[layer], self.modules.attention, "attention")
+        """Attention module of decoder block `layer` (a UserError on a linear-attention block, which has none)."""
+        block = self.decoder_layers[layer]
+        if self.modules.linear_attention and module_at(block, self.modules.attention) is None:
+            raise UserError(f"decoder layer {layer} is linear attention (no keys, values or attention mask); "
+                            f"attention layers are {', '.join(map(str, self.kv_layers))}")
+        return _module(block, self.modules.attention, "attention")
+
+    @property
+    def kv_layers(self) -> list[int]:
+        """Decoder layers with softmax attention and a KV cache (all of them unless some are linear attention)."""
+        if not self.modules.linear_attention:
+            return list(range(self.n_layers))
+        return [i for i, b in enumerate(self.decoder_layers) if module_at(b, self.modules.attention) is not None]
 
     def mlp(self, layer: int):
         """MLP of decoder block `layer`."""
         return _module(self.decoder_layers[layer], self.modules.mlp, "MLP")
+
+    def attn_write(self, layer: int):
+        """The module whose output is block `layer`'s attention write into the stream (`attn_out`)."""
+        if self.modules.attn_out is None:
+            if layer not in self.kv_layers:
+                return _module(self.decoder_layers[layer], self.modules.linear_attention, "linear attention")
+            return self.attention(layer)
+        return _module(self.decoder_layers[layer], self.modules.attn_out, "attention output norm")
+
+    def mlp_write(self, layer: int):
+        """The module whose output is block `layer`'s MLP write into the stream (`mlp_out`)."""
+        if self.modules.mlp_out is None:
+            return self.mlp(layer)
+        return _module(self.decoder_layers[layer], self.modules.mlp_out, "MLP output norm")
 
     def prerope_keys_module(self, layer: int):
         """The module whose output is block `layer`'s keys before RoPE: the k-norm where the LM has one."""
         attn = self.attention(layer)
         norm = module_at(attn, self.modules.k_norm) if self.modules.k_norm else None
         return norm if norm is not None else _module(attn, self.modules.k_proj, "k projection")
+
+    def rotates_keys(self, layer: int) -> bool:
+        """Whether block `layer` applies RoPE to its keys (Cohere 2's global layers do not: `keys` = `keys_prerope`)."""
+        return True
+
+    def prerope_keys_heads_first(self, layer: int) -> bool:
+        """Whether `prerope_keys_module(layer)` outputs [B, n_kv, S, hd] rather than [B, S, n_kv * hd]."""
+        return self.modules.k_norm_heads_first and self.prerope_keys_module(layer) is not _module(
+            self.attention(layer), self.modules.k_proj, "k projection")
 
     @property
     def vision_tower(self):
@@ -236,9 +282,14 @@ class Adapter:
         return self.tokenizer.convert_ids_to_tokens(self.image_token_id)
 
     @property
+    def prompt_image_token(self) -> str:
+        """The image placeholder a prompt holds before the processor expands it (Gemma 3: `<start_of_image>`)."""
+        return self.image_token
+
+    @property
     def attn_implementation(self) -> str:
         """The language model's attention implementation ("sdpa", "eager", "flash_attention_2", ...)."""
-        return str(self.attention(0).config._attn_implementation)
+        return str(self.attention(self.kv_layers[0]).config._attn_implementation)
 
     @property
     def device(self):
@@ -257,9 +308,19 @@ class Adapter:
         """Image-placeholder tokens before each image's grids that map to no grid (e.g. a kept CLS)."""
         return 0
 
+    @property
+    def patches_per_token(self) -> int:
+        """Vision patches one language token is made of (pixel shuffle / merge / pooling: k > 1).
+
+        With k > 1, `ViewGrid.vision_index` is [rows, cols, k] and a `vision.{i}` capture holds each
+        token's k patches [k, d_v] in the order the family documents (row-major inside the group).
+        """
+        return 1
+
     def vision_site_shape(self) -> tuple[int, ...]:
-        """Per-token shape of a `vision.{i}` capture."""
-        return (self.vision_hidden_size,)
+        """Per-token shape of a `vision.{i}` capture: [d_v], or [k, d_v] for tokens of k patches."""
+        k = self.patches_per_token
+        return (self.vision_hidden_size,) if k == 1 else (k, self.vision_hidden_size)
 
     def describe(self) -> dict:
         """JSON-able facts about the loaded model, for manifests and `inspect`."""
@@ -287,7 +348,7 @@ class Adapter:
         `raw=True` feeds `prompt` as is, adding the image placeholder at the start if it has none.
         """
         prompt = prompt or ""
-        tok = self.image_token
+        tok = self.prompt_image_token
         if raw:
             text = prompt if tok in prompt else f"{tok}\n{prompt}" if prompt else tok
             return (prefix or "") + text
@@ -310,6 +371,10 @@ class Adapter:
         """Extra keyword arguments for the processor call (family-specific)."""
         return {}
 
+    def processor_images(self, images: list[Image.Image]):
+        """The images argument of the processor call, one image per example (nested where the processor wants it)."""
+        return images
+
     def prepare(self, images: list[Image.Image], texts: list[str]) -> Batch:
         """Run the processor on one image per text and build every sequence's TokenLayout.
 
@@ -323,7 +388,9 @@ class Adapter:
         tok.padding_side = "right"
         try:
             inputs = self.processor(
-                images=images, text=texts, return_tensors="pt", padding=True, **self.processor_kwargs()
+                images=self.processor_images(images), text=texts, return_tensors="pt", padding=True,
+                padding_side="right",  # also over a processor's own default (InternVL pads on the left)
+                **self.processor_kwargs()
             )
         finally:
             tok.padding_side = old_side
@@ -354,19 +421,21 @@ class Adapter:
         The default covers towers that run crop by crop ([n_crops, seq, d]) with crops of the batch
         concatenated in example order; `ViewGrid.vision_index` holds per-image indices.
         """
+        k = self.patches_per_token
+        shape = () if k == 1 else (k,)
         out = []
         offset = 0
         for layout, pos in zip(batch.layouts, positions):
-            per_pos = np.full(len(layout), -1, np.int64)
+            per_pos = np.full((len(layout), *shape), -1, np.int64)
             for g in layout.grids:
                 if g.vision_index is None:
                     continue
                 p = layout.grid_positions(g.image, g.view).reshape(-1)
-                vi = g.vision_index.reshape(-1)
+                vi = g.vision_index.reshape(-1, *shape)
                 per_pos[p] = np.where(vi >= 0, vi + offset, -1)
-            out.append(per_pos[pos])
+            out.append(per_pos[np.asarray(pos, dtype=np.int64)])
             offset += self.vision_rows(batch, layout)
-        return np.concatenate(out) if out else np.zeros(0, np.int64)
+        return np.concatenate(out) if out else np.zeros((0, *shape), np.int64)
 
     def vision_rows(self, batch: Batch, layout: TokenLayout) -> int:
         """Rows one example contributes to the flattened vision hidden states."""

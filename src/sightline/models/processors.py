@@ -14,17 +14,38 @@ from functools import lru_cache
 
 
 @lru_cache(maxsize=None)
+def _drop_missing_parts():
+    """A ProcessorMixin step in the MRO, between HF's processor and ProcessorMixin, that drops the absent
+    video processor from the parts HF's `__init__` passes on positionally (LLaVA-NeXT-Video passes it
+    first: without this, the image processor would land in the tokenizer's slot)."""
+    from transformers import ProcessorMixin
+
+    class DropMissingParts(ProcessorMixin):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*[a for a in args if a is not None], **kwargs)
+
+    return DropMissingParts
+
+
+@lru_cache(maxsize=None)
 def image_only_processor_class(name: str):
     """The transformers processor class `name` without its video processor."""
     import transformers
 
     base = getattr(transformers, name)
+
+    def from_args_and_dict(cls, args, processor_dict, **kwargs):
+        # the loaded parts by keyword: HF's signatures put the video processor first or last
+        parts = dict(zip(cls.get_attributes(), args))
+        return base.from_args_and_dict.__func__(cls, [], processor_dict, **parts, **kwargs)
+
     return type(
         name,
-        (base,),
+        (base, _drop_missing_parts()),
         {
             "__module__": __name__,
             "__doc__": f"{name} for images only (no video processor, so no torchvision needed).",
+            "from_args_and_dict": classmethod(from_args_and_dict),
             "get_attributes": classmethod(lambda cls: ["image_processor", "tokenizer"]),
         },
     )

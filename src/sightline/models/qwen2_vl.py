@@ -73,6 +73,7 @@ class Qwen2_5_VLAdapter(Adapter):
     hf_class = "Qwen2_5_VLForConditionalGeneration"
     processor_class = "Qwen2_5_VLProcessor"
     windowed = True  # vision blocks see merged groups in window order
+    marker_keys = ("vision_start_token_id", "vision_end_token_id")  # config keys of the markers around an image
     modules = ModuleNames(vision_tower="model.visual", vision_blocks="blocks", projector="model.visual.merger")
 
     @classmethod
@@ -115,6 +116,7 @@ class Qwen2_5_VLAdapter(Adapter):
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
         )
+        text_cfg.update(cls._tiny_text_extra())
         text_cfg.update(text or {})
         vision_cfg = {**cls._tiny_vision_config(text_cfg["hidden_size"], window_size), **(vision or {})}
         config = getattr(transformers, cls.hf_class.replace("ForConditionalGeneration", "Config"))(
@@ -125,11 +127,17 @@ class Qwen2_5_VLAdapter(Adapter):
             vision_start_token_id=ids["<|vision_start|>"],
             vision_end_token_id=ids["<|vision_end|>"],
         )
-        side = 28  # patch * merge: one merged token
-        ip = Qwen2VLImageProcessorPil(min_pixels=min_tokens * side * side, max_pixels=max_tokens * side * side)
+        patch = vision_cfg["patch_size"]
+        side = patch * 2  # patch * merge: one merged token
+        ip = Qwen2VLImageProcessorPil(min_pixels=min_tokens * side * side, max_pixels=max_tokens * side * side,
+                                      patch_size=patch, merge_size=2)
         proc = image_only_processor_class(cls.processor_class)(
             image_processor=ip, tokenizer=tok, chat_template=TINY_CHAT_TEMPLATE)
         return save_tiny(cls, config, proc, out_dir, seed)
+
+    @classmethod
+    def _tiny_text_extra(cls) -> dict:
+        return {}
 
     @classmethod
     def _tiny_vision_config(cls, text_hidden: int, window_size: int) -> dict:
@@ -163,10 +171,7 @@ class Qwen2_5_VLAdapter(Adapter):
         """As the base, but a raw prompt without the image gets Qwen's own markers around it."""
         prompt = prompt or ""
         if raw and self.image_token not in prompt:
-            start, end = (
-                self.tokenizer.convert_ids_to_tokens(int(getattr(self.config, k)))
-                for k in ("vision_start_token_id", "vision_end_token_id")
-            )
+            start, end = (self.tokenizer.convert_ids_to_tokens(int(getattr(self.config, k))) for k in self.marker_keys)
             image = f"{start}{self.image_token}{end}"
             prompt = f"{image}\n{prompt}" if prompt else image
         return super().render_prompt(prompt, prefix, raw)

@@ -45,14 +45,22 @@ def build_tiny(family: str, out_dir: str | Path, **over) -> Path:
     return supported()[family].build_tiny(out_dir, **over)
 
 
-def save_tiny(adapter_cls, config, processor, out_dir: str | Path, seed: int = 0) -> Path:
-    """Instantiate `adapter_cls.hf_class` from `config` with seeded random weights; save it and `processor`."""
+def save_tiny(adapter_cls, config, processor, out_dir: str | Path, seed: int = 0, randomize: tuple[str, ...] = ()) -> Path:
+    """Instantiate `adapter_cls.hf_class` from `config` with seeded random weights; save it and `processor`.
+
+    randomize: parameter names HF initialises to zeros (Gemma 3's projection) that get N(0, 1/fan_in) here,
+    so that the image matters to the tiny model.
+    """
     import torch
     import transformers
 
     out = Path(out_dir)
     torch.manual_seed(seed)
     model = getattr(transformers, adapter_cls.hf_class)(config).eval()
+    with torch.no_grad():
+        for name in randomize:
+            p = model.get_parameter(name)
+            p.normal_(0.0, p.shape[0] ** -0.5)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
@@ -63,13 +71,18 @@ def make_tokenizer(
     extra_special: tuple[str, ...] = (),
     vocab_size: int = 400,
     corpus: list[str] | None = None,
+    named: dict[str, str] | None = None,
 ):
-    """A byte-level BPE tokenizer with the chat markers and the image token as special tokens."""
+    """A byte-level BPE tokenizer with the chat markers and the image token as special tokens.
+
+    named: more special tokens the processor reads by attribute (e.g. {"boi_token": "<start_of_image>"}).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    named = dict(named or {})
     specials = ["<pad>", "<s>", "</s>", "<unk>", image_token, "<|user|>", "<|assistant|>", "<|system|>", "<|end|>",
-                *extra_special]
+                *extra_special, *dict.fromkeys(t for t in named.values() if t not in extra_special and t != image_token)]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -83,7 +96,7 @@ def make_tokenizer(
         eos_token="</s>",
         pad_token="<pad>",
         unk_token="<unk>",
-        extra_special_tokens={"image_token": image_token},
+        extra_special_tokens={"image_token": image_token, **named},
         additional_special_tokens=specials[5:],
     )
     fast.chat_template = CHAT_TEMPLATE.replace("{{ IMAGE }}", image_token)
