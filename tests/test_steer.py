@@ -41,7 +41,8 @@ def test_left_pad_equals_the_processors_left_padding(tiny_adapter, family):
     tok = ad.tokenizer
     side, tok.padding_side = tok.padding_side, "left"
     try:
-        ref = ad.processor(images=ims, text=texts, return_tensors="pt", padding=True, **ad.processor_kwargs())
+        ref = ad.processor(images=ad.processor_images(ims), text=texts, return_tensors="pt", padding=True,
+                           **ad.processor_kwargs())
     finally:
         tok.padding_side = side
     assert max(pads) > 0 and min(pads) == 0  # one row is padded

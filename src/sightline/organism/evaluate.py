@@ -52,7 +52,8 @@ def answer(adapter, images, prompts: list[str], max_new_tokens: int = 24) -> lis
     side = tok.padding_side
     tok.padding_side = "left"
     try:
-        inputs = adapter.processor(images=list(images), text=texts, return_tensors="pt", padding=True)
+        inputs = adapter.processor(images=adapter.processor_images(list(images)), text=texts, return_tensors="pt",
+                                   padding=True)
     finally:
         tok.padding_side = side
     inputs = {k: v.to(adapter.device) for k, v in inputs.items()}
