@@ -107,7 +107,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     from sightline.organism import checkpoint_path
     from sightline.report.files import write_json
 
-    res = evaluate(load_model(cfg.model or str(checkpoint_path())), seed=cfg.seed, n=cfg.n,
+    res = evaluate(load_model(cfg.model or str(checkpoint_path()), progress=cfg.progress), seed=cfg.seed, n=cfg.n,
                    batch_size=cfg.batch_size, progress=cfg.progress)
     if cfg.out:
         write_json(cfg.out, res)

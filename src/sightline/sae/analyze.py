@@ -570,7 +570,7 @@ def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokeniz
         if not model:
             raise UserError(f"store {store.path} does not name its model; pass --model for loss recovered (or --no-loss)")
         dev, dtype = resolve_placement(cfg.device, cfg.model_dtype)
-        adapter = load_model(model, dtype=dtype, device=dev)
+        adapter = load_model(model, dtype=dtype, device=dev, progress=cfg.progress)
         if tokens is None:
             tokens = StoreTokens(store, adapter.tokenizer)
 

@@ -484,7 +484,7 @@ def run_steering(cfg: SteerConfig, damage_rule: Mapping[str, Sequence[str]] | No
 
     device, model_dtype = resolve_placement(cfg.device, cfg.model_dtype, cfg.device_map)
     adapter = load_model(cfg.model, dtype=model_dtype, device=device, device_map=cfg.device_map,
-                         revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+                         revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, progress=cfg.progress)
     sites, directions = _sites_and_directions(cfg, adapter)
 
     items_of: dict[str, list[Item]] = {}
