@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, gradient_image
-from sightline.capture import BlockAttention, Capture, Edit, add_vector, apply_edits
+from sightline.capture import BlockAttention, Capture, Edit, add_vector, apply_edits, cache_kwarg
 from sightline.errors import UserError
 
 IMPLS = ("sdpa", "eager")
@@ -197,7 +197,7 @@ def _reference_decode(ad, inputs, steps, mask_for_call):
     hook = ad.decoder.register_forward_pre_hook(swap, with_kwargs=True)
     try:
         with torch.no_grad():
-            out = ad.model(**inputs, past_key_values=cache, use_cache=True, return_dict=True)
+            out = ad.model(**inputs, **{cache_kwarg(ad.model): cache}, use_cache=True, return_dict=True)
             for _ in range(steps):
                 logits.append(out.logits[:, -1])
                 scores = out.logits[:, -1].clone()
@@ -208,7 +208,7 @@ def _reference_decode(ad, inputs, steps, mask_for_call):
                 pos = torch.tensor([[att.shape[1] - 1]])
                 deltas = getattr(ad.model.model, "rope_deltas", None)  # M-RoPE: text position + the prompt's delta
                 extra = {} if deltas is None else {"position_ids": (pos + deltas)[None].expand(3, -1, -1)}
-                out = ad.model(input_ids=nxt, attention_mask=att, past_key_values=cache, use_cache=True,
+                out = ad.model(input_ids=nxt, attention_mask=att, **{cache_kwarg(ad.model): cache}, use_cache=True,
                                cache_position=pos[0], return_dict=True, **extra)
     finally:
         hook.remove()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import gradient_image
-from sightline.capture import Capture
+from sightline.capture import Capture, cache_kwarg
 from sightline.capture.edit import Edit, add_vector, apply_edits, replace_with
 from sightline.errors import UserError
 
@@ -85,13 +85,13 @@ def _greedy(ad, inputs, steps, edit_every_call=None):
     att = inputs["attention_mask"]
     out_tokens = []
     with torch.no_grad():
-        out = ad.model(**inputs, past_key_values=cache, use_cache=True, return_dict=True)
+        out = ad.model(**inputs, **{cache_kwarg(ad.model): cache}, use_cache=True, return_dict=True)
         for _ in range(steps):
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             out_tokens.append(int(nxt))
             att = torch.cat([att, torch.ones_like(nxt)], 1)
             pos = torch.tensor([[att.shape[1] - 1]])
-            kw = dict(input_ids=nxt, attention_mask=att, past_key_values=cache, use_cache=True,
+            kw = dict(input_ids=nxt, attention_mask=att, **{cache_kwarg(ad.model): cache}, use_cache=True,
                       cache_position=pos[0], return_dict=True)
             if edit_every_call is not None:
                 with apply_edits(ad, [edit_every_call]):
