@@ -207,7 +207,7 @@ def main() -> None:
     ap.add_argument("--auxk", action="store_true", help="AuxK (weight 1/32) in both")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both (1: the conservative figure)")
-    ap.add_argument("--sparsify-site", default="/work/venv-sparsify/lib/python3.11/site-packages")
+    ap.add_argument("--sparsify-site", default=None, help="site-packages of a venv holding sparsify (if not installed here)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -37,7 +37,13 @@ class AyaVisionAdapter(InternVLAdapter):
         layer 1 global without): 56-px tiles of 4 x 4 patches shuffled into 2 x 2 tokens, 1 to 6 tiles + global."""
         from transformers import AyaVisionConfig, AyaVisionProcessor, GotOcr2ImageProcessorPil
 
-        from sightline.models.testing import CHAT_TEMPLATE, make_tokenizer, save_tiny, siglip_vision_config
+        from sightline.models.testing import (
+            CHAT_TEMPLATE,
+            alternate_sliding_layers,
+            make_tokenizer,
+            save_tiny,
+            siglip_vision_config,
+        )
 
         tok = make_tokenizer("<|IMG_PATCH|>", extra_special=("<image>", "<|START_OF_IMG|>", "<|END_OF_IMG|>",
                                                               "<|IMG_LINE_BREAK|>"))
@@ -48,9 +54,7 @@ class AyaVisionAdapter(InternVLAdapter):
                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                         )
         text_cfg.update(text or {})
-        if "layer_types" not in (text or {}):  # sliding, global, sliding, ... over however many layers
-            text_cfg["layer_types"] = [("sliding_attention", "full_attention")[i % 2]
-                                       for i in range(text_cfg["num_hidden_layers"])]
+        alternate_sliding_layers(text_cfg, text)
         config = AyaVisionConfig(text_config=text_cfg, vision_config=siglip_vision_config(tile, patch_size, **(vision or {})),
                                  image_token_index=tok.image_token_id, downsample_factor=2)
         ip = GotOcr2ImageProcessorPil(size={"height": tile, "width": tile}, crop_to_patches=True, min_patches=1,

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from sightline.models.base import Adapter, Batch, ModuleNames, register
+from sightline.models.geometry import processor_size_hw
 from sightline.models.layout import TokenLayout, ViewGrid
 
 
@@ -62,8 +63,7 @@ class DeepseekVLAdapter(Adapter):
 
     def image_grids(self, inputs, example: int, image_sizes_hw):
         ip = self.processor.image_processor
-        size = ip.size
-        side = int(size["height"] if isinstance(size, dict) else size.height)
+        side = int(processor_size_hw(ip)[0])
         g = self.grid_side
         grids = []
         for k, hw in enumerate(image_sizes_hw):

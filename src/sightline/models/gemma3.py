@@ -65,7 +65,7 @@ class Gemma3Adapter(Adapter):
         sliding (window 8, shorter than the prompts), layer 1 global."""
         from transformers import Gemma3Config, Gemma3ImageProcessorPil, Gemma3Processor
 
-        from sightline.models.testing import make_tokenizer, save_tiny, siglip_vision_config
+        from sightline.models.testing import alternate_sliding_layers, make_tokenizer, save_tiny, siglip_vision_config
 
         named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
         tok = make_tokenizer("<image_soft_token>", extra_special=("<start_of_turn>", "<end_of_turn>"), named=named)
@@ -76,9 +76,7 @@ class Gemma3Adapter(Adapter):
                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                         )
         text_cfg.update(text or {})
-        if "layer_types" not in (text or {}):  # sliding, global, sliding, ... over however many layers
-            text_cfg["layer_types"] = [("sliding_attention", "full_attention")[i % 2]
-                                       for i in range(text_cfg["num_hidden_layers"])]
+        alternate_sliding_layers(text_cfg, text)
         config = Gemma3Config(
             text_config=text_cfg, vision_config=siglip_vision_config(image_size, patch_size, **(vision or {})),
             mm_tokens_per_image=tokens_per_image, image_token_index=tok.image_token_id,

@@ -66,3 +66,9 @@ def clip_style_grid(image_processor, image_hw: tuple[int, int], rows: int, cols:
     origin = (left / sx - pad_x, top / sy - pad_y)
     step = (fw / cols / sx, fh / rows / sy)
     return origin, step
+
+
+def processor_size_hw(image_processor) -> tuple[int, int]:
+    """(height, width) of an image processor's `size`, whether a dict or a SizeDict."""
+    size = image_processor.size
+    return (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from sightline.models.base import Adapter, Batch, ModuleNames, register
+from sightline.models.geometry import processor_size_hw
 from sightline.models.layout import TokenLayout, ViewGrid
 
 TINY_CHAT_TEMPLATE = (
@@ -99,8 +100,7 @@ class InternVLAdapter(Adapter):
         ip = self.processor.image_processor
         if not getattr(ip, "crop_to_patches", False) or ip.max_patches <= 1:
             return 1, 1
-        size = ip.size
-        th, tw = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
+        th, tw = processor_size_hw(ip)
         cols, rows = get_optimal_tiled_canvas(tuple(image_hw), (th, tw), ip.min_patches, ip.max_patches)
         return int(rows), int(cols)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from sightline.models.base import Adapter, Batch, ModuleNames, register
+from sightline.models.geometry import processor_size_hw
 from sightline.models.layout import TokenLayout, ViewGrid
 
 MARKERS = ("<IMG_START>", "<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>", "<IMG_END>")
@@ -82,8 +83,7 @@ class Ovis2Adapter(Adapter):
         ip = self.processor.image_processor
         if not getattr(ip, "crop_to_patches", False) or ip.max_patches <= 1:
             return 1, 1
-        size = ip.size
-        th, tw = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
+        th, tw = processor_size_hw(ip)
         if getattr(ip, "use_covering_area_grid", True):
             cols, rows = hf.get_min_tile_covering_grid(tuple(image_hw), target_patch_size=th,
                                                        max_image_tiles=ip.max_patches)

@@ -176,3 +176,10 @@ def llava_processor(tok, image_size: int, patch_size: int, do_pad: bool = False)
         num_additional_image_tokens=1,  # CLIP's CLS, as in llava-hf/llava-1.5-7b-hf
         chat_template=tok.chat_template,
     )
+
+
+def alternate_sliding_layers(text_cfg: dict, text: dict | None) -> None:
+    """Unless `text` sets layer_types: sliding, global, sliding, ... over however many layers `text_cfg` has."""
+    if "layer_types" not in (text or {}):
+        text_cfg["layer_types"] = [("sliding_attention", "full_attention")[i % 2]
+                                   for i in range(text_cfg["num_hidden_layers"])]
