@@ -201,23 +201,20 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"config file {p} does not exist; pass a JSON or YAML file (e.g. a run's config.json)")
     text = p.read_text(encoding="utf-8")
-    try:
-        if p.suffix.lower() in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError:
-                raise UserError(f"reading {p} needs PyYAML (pip install pyyaml), or give the config as JSON") from None
+    if p.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise UserError(f"reading {p} needs PyYAML (pip install pyyaml), or give the config as JSON") from None
+        try:
             data = yaml.safe_load(text)
-        else:
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    else:
+        try:
             data = json.loads(text)
-    except (ValueError, ImportError) as e:
-        if isinstance(e, ImportError):
-            raise
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"config file {p} is not valid {p.suffix.lstrip('.').upper() or 'JSON'}: {first}") from None
-    except Exception as e:  # yaml.YAMLError
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"config file {p} is not valid YAML: {first}") from None
+        except ValueError as e:
+            raise UserError(f"config file {p} is not valid JSON: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {p} must hold a mapping of field names to values")
     return data
@@ -326,8 +323,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(dotted, metavar=f.name.upper(), nargs="?", default=argparse.SUPPRESS,
                                 type=_value_parser(tp, meta.get("parse"), f.name), help=help_text)
             continue
-        flags = tuple(meta.get("flags") or (flag_name(dotted.replace(".", "_")).replace("_", "-")
-                                            if "." not in dotted else "--" + dotted.replace("_", "-"),))
+        flags = _flags(dotted, meta)
         kw: dict[str, Any] = {"dest": dotted, "default": argparse.SUPPRESS, "help": help_text}
         if required:
             kw["help"] = (help_text or "") + " (required)"
@@ -366,7 +362,7 @@ def config_from_args(cls: type, ns: argparse.Namespace | dict[str, Any]) -> Any:
         data = load_config_file(given.pop("config"))
         if "config" in data and isinstance(data["config"], dict) and not _has_field(cls, "config"):
             data = data["config"]  # a card/manifest that nests its config
-    flat = {k: v for k, v in given.items()}
+    flat = given
     for dotted, f, tp in _walk(cls):
         meta = f.metadata
         if "group" in meta:
@@ -415,6 +411,10 @@ def flags_of(cls: type) -> dict[str, tuple[str, ...]]:
         elif meta.get("positional"):
             out[dotted] = (dotted,)
         else:
-            out[dotted] = tuple(meta.get("flags") or (flag_name(dotted.replace(".", "_"))
-                                                      if "." not in dotted else "--" + dotted.replace("_", "-"),))
+            out[dotted] = _flags(dotted, meta)
     return out
+
+
+def _flags(dotted: str, meta) -> tuple[str, ...]:
+    """A field's flags: its metadata's, else `--name` (`--outer.inner` for a nested field)."""
+    return tuple(meta.get("flags") or ("--" + dotted.replace("_", "-"),))
