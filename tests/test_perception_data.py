@@ -40,7 +40,7 @@ from sightline.data.synthetic import (
     scene_with_shape,
 )
 from sightline.errors import UserError
-from sightline.perception.tasks import IGNORE, load_image, load_mask
+from sightline.data.tasks import IGNORE, load_image, load_mask
 
 CONFIG = WorldConfig(image_size=64)
 

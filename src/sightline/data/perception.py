@@ -1,5 +1,5 @@
 """Perception task loaders: each benchmark's own on-disk layout (or the synthetic world) -> a
-`TaskData` of lazy units (`sightline.perception.tasks`).
+`TaskData` of lazy units (`sightline.data.tasks`).
 
 A unit names its images and masks by path or by a zero-argument callable (a `functools.partial`
 of a module function, so units pickle); nothing is decoded until a readout asks, so a run holds one
@@ -50,7 +50,7 @@ from sightline.data.synthetic import (
     scene_with_shape,
 )
 from sightline.errors import UserError
-from sightline.perception.tasks import (
+from sightline.data.tasks import (
     FORMATS,
     IGNORE,
     TASKS,
@@ -271,7 +271,7 @@ def coco_segmentation_mask(segmentation: Any, height: int, width: int) -> np.nda
 
 
 def _image_size(image: Any) -> tuple[int, int]:
-    from sightline.perception.tasks import load_image
+    from sightline.data.tasks import load_image
 
     pil = load_image(image)
     return pil.height, pil.width
