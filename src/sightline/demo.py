@@ -46,6 +46,10 @@ class DemoConfig:
     """scenes per set for the accuracy table (see sightline.organism.evaluate)"""
     model: str | None = None
     """a checkpoint folder; None = the shipped organism"""
+    threads: int = 1
+    """torch's CPU threads for the run (0 = torch's default). The organism's ops are too small to gain
+    from more: on 2 cores a second thread cost 2-3x the CPU time for no gain in wall time, and far more
+    when another job holds a core (BENCHMARKS.md)"""
     progress: bool = True
     """show progress bars"""
 
@@ -64,7 +68,7 @@ class DemoContext:
 
 def _check_config(cfg: DemoConfig) -> None:
     """The demo's numbers, checked before its folder is touched."""
-    for name, least in (("n", 1), ("eval_n", 1)):
+    for name, least in (("n", 1), ("eval_n", 1), ("threads", 0)):
         if getattr(cfg, name) < least:
             raise UserError(f"--{name.replace('_', '-')} must be at least {least}, not {getattr(cfg, name)}")
     if cfg.model is not None:
@@ -375,7 +379,7 @@ def _sae_section(ctx: DemoContext) -> tuple[dict, Section]:
             batch_size=1024, epochs=12, dead_tokens=4096,
             saes=(SAEConfig(arch="topk", width=256, k=32, aux_coeff=0.25),)), progress=cfg.progress)["paths"]
     res = analyze_sae(SAEAnalyzeConfig(saes=tuple(str(f) for f in folders), store=str(ctx.store_path),
-                                       out=str(ctx.out / "sae-analysis"), n_loss=32, n_features=12,
+                                       out=str(ctx.out / "sae-analysis"), n_loss=32, loss_batch_size=32, n_features=12,
                                        progress=cfg.progress))
     keep = ("site", "fvu_image", "fvu_text", "l0_image", "l0_text", "frac_dead", "loss_recovered", "image_only",
             "text_only", "shared", "probe_coverage")
@@ -492,14 +496,26 @@ def run_demo(config: DemoConfig | None = None, **overrides) -> dict:
     """Run the demo; returns the summary (also written to OUT/summary.json next to OUT/index.html)."""
     from dataclasses import replace
 
+    cfg = replace(config or DemoConfig(), **overrides)
+    _check_config(cfg)  # before anything is created
+    import torch
+
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_demo(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(cfg: DemoConfig) -> dict:
     from sightline.config import save_config
     from sightline.data.synthetic import WorldConfig, export_jsonl
     from sightline.extract import ExtractConfig, extract
     from sightline.models import load_model
     from sightline.organism import checkpoint_path
 
-    cfg = replace(config or DemoConfig(), **overrides)
-    _check_config(cfg)  # before anything is created
     out = Path(cfg.out)
     _prepare_out(out)
     save_config(cfg, out / "config.json")  # `sightline demo --config OUT/config.json` reruns it

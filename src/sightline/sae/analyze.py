@@ -44,7 +44,7 @@ from sightline.sae.features import (
     load_tokenizer,
     per_example_max,
 )
-from sightline.sae.metrics import DENSE_THRESHOLD, ReconStats, answer_items, loss_recovered
+from sightline.sae.metrics import DENSE_THRESHOLD, ReconStats, answer_items, answer_nll, loss_recovered
 from sightline.sae.modality import (
     CONCEPT_AUROC,
     SHARE_THRESHOLD,
@@ -579,6 +579,7 @@ def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokeniz
     labels = sae_labels(saes, sites)
     training = list(training) if training is not None else [None] * len(saes)
     warnings: list[str] = []
+    clean_nll: tuple[float, int] | None = None
     with RunFolder(out, overwrite=cfg.overwrite) as tmp:
         write_json(tmp / "config.json", to_dict(cfg))
         for sae, site, label, trained in zip(saes, sites, labels, training):
@@ -611,7 +612,11 @@ def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokeniz
                 warnings.append(f"SAE {name} looks untrained: {'; '.join(flags)}; its latents and modality split "
                                 "say little (train longer: see `sae train --min-steps`)")
             if items:
-                rec["loss_recovered"] = loss_recovered(adapter, sae, items, site, cfg.loss_batch_size, cfg.progress)
+                if clean_nll is None:  # the clean pass does not depend on the SAE: once per run
+                    clean_nll = answer_nll(adapter, items, None, cfg.loss_batch_size, cfg.progress,
+                                           desc="answer nll (clean)")
+                rec["loss_recovered"] = loss_recovered(adapter, sae, items, site, cfg.loss_batch_size, cfg.progress,
+                                                       clean=clean_nll)
             else:
                 rec["loss_note"] = loss_note
             mean = p.modality.mean_activation()

@@ -342,9 +342,13 @@ def answer_nll(adapter, items: Sequence[tuple[Any, str, str]], edits_for=None, b
 
 
 def loss_recovered(adapter, sae, items: Sequence[tuple[Any, str, str]], site: str | None = None,
-                   batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
+                   batch_size: int = 8, progress: bool = False,
+                   clean: tuple[float, int] | None = None) -> dict[str, Any]:
     """NLL on answer tokens clean, with the SAE's reconstruction at the image positions of its site, and
-    with zeros there; and loss recovered = 1 - (sae - clean) / (zero - clean)."""
+    with zeros there; and loss recovered = 1 - (sae - clean) / (zero - clean).
+
+    `clean`: the (total, count) `answer_nll` already gave for the same items without edits (it does not
+    depend on the SAE, so one pass serves every SAE of a run)."""
     from sightline.capture.edit import Edit, replace_with
 
     site = site or sae.cfg.site
@@ -359,7 +363,10 @@ def loss_recovered(adapter, sae, items: Sequence[tuple[Any, str, str]], site: st
 
     out: dict[str, Any] = {"site": site, "n_sequences": len(items)}
     for name, edits_for in (("clean", None), ("sae", with_fn(recon)), ("zero", with_fn(torch.zeros_like))):
-        total, count = answer_nll(adapter, items, edits_for, batch_size, progress, desc=f"answer nll ({name})")
+        if name == "clean" and clean is not None:
+            total, count = clean
+        else:
+            total, count = answer_nll(adapter, items, edits_for, batch_size, progress, desc=f"answer nll ({name})")
         out[f"nll_{name}"] = total / max(count, 1)
         out["n_answer_tokens"] = count
     gap = out["nll_zero"] - out["nll_clean"]
