@@ -8,7 +8,9 @@ vision encoder is pretrained before a VLM is assembled. Images are mirrored left
 in this stage (labels with them). A ViT trained from scratch only through the language model's
 answers learnt colour but stayed at chance on shape; dense labels teach it shape in minutes.
 Stage 2: the whole VLM learns question-answer pairs, with the patch loss kept on the vision tower
-(weight `vision_aux_weight`) so that it does not forget what stage 1 taught. Each training sequence
+(weight `vision_aux_weight`) so that it does not forget what stage 1 taught. The tower as stage 1 left
+it is saved alone (`<out>/vision_stage1/`, and `model/vision_stage1/`, a CLIPVisionModel folder): the
+vision encoder before the language model was trained on it. Each training sequence
 is one image followed by several question/answer turns of the chat template; the loss is on the
 answer tokens (and the turn's end marker) only.
 
@@ -359,6 +361,28 @@ def _adamw(params_named, cfg: TrainConfig, lr: float):
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
 
 
+def save_vision_tower(model, processor, out: str | Path) -> Path:
+    """Save the organism's vision tower alone as an ordinary CLIPVisionModel folder, with the organism's
+    image processor config: a stand-alone vision encoder (`sightline perceive --encoder`)."""
+    from sightline.report.files import set_file_modes
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.model.vision_tower.save_pretrained(tmp, safe_serialization=True)
+    processor.image_processor.save_pretrained(tmp)
+    set_file_modes(tmp)  # save_pretrained writes the weights 0600
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
 @torch.no_grad()
 def vision_heldout(model, heads: VisionHeads, enc, cfg: TrainConfig, n: int = 256) -> dict:
     """Stage 1's held-out figures on fresh single-object scenes: patch accuracy on the patches an
@@ -431,6 +455,7 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, stop_aft
             log.append({"step": step, "stage1_heldout": vision_heldout(model, heads, enc, cfg),
                         "seconds": round(time.perf_counter() - t0, 1)})
             bar.write(f"stage 1 held-out: {log[-1]['stage1_heldout']}")
+            save_vision_tower(model, processor, out / "vision_stage1")  # before stage 2 changes it
             stage1, ema = False, None
             opt = _adamw(stage2_params(both, cfg), cfg, cfg.lr)
         features.clear()
@@ -472,10 +497,15 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, stop_aft
     hook.remove()
     if cfg.vision_steps and not any("stage1_heldout" in e for e in log):  # stage 1 only (steps=0)
         log.append({"step": total, "stage1_heldout": vision_heldout(model, heads, enc, cfg)})
+        save_vision_tower(model, processor, out / "vision_stage1")
     elif cfg.vision_aux_weight:  # the heads trained on through stage 2: how the vision tower ended
         log.append({"step": total, "final_vision_heldout": vision_heldout(model, heads, enc, cfg)})
     model.eval()
     final = save_organism(model, processor, out / "model")
+    if (out / "vision_stage1" / "config.json").exists():  # the tower as stage 1 left it, beside the model
+        import shutil
+
+        shutil.copytree(out / "vision_stage1", final / "vision_stage1", dirs_exist_ok=True)
     write_json(out / "train_log.json", {"config": cfg.to_dict(), "log": log,
                                         "seconds_this_session": round(time.perf_counter() - t0, 1)})
     return final
