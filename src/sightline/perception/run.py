@@ -146,6 +146,10 @@ class PerceiveConfig:
     """tempcorr: softmax temperature of the affinities."""
     synthetic_units: int = 20
     """Synthetic data: units made per task (episodes, sets, images, pairs, clips)."""
+    synthetic_frames: int = 8
+    """Synthetic data: frames per tempcorr clip."""
+    synthetic_set_size: int = 6
+    """Synthetic data: images per coseg set."""
     limit: int | None = None
     """Score at most this many units per task (after the calibration units)."""
     control: bool | None = None
@@ -198,10 +202,12 @@ def _check(cfg: PerceiveConfig) -> tuple[str, ...]:
             raise UserError(f"--format {cfg.format} needs --data ROOT (the dataset's folder)")
     if cfg.data is not None and not Path(cfg.data).expanduser().exists():
         raise UserError(f"--data {cfg.data} does not exist; give the dataset's folder")
-    for name in ("shots", "episodes", "synthetic_units", "batch_size", "coseg_clusters", "prop_topk",
+    for name in ("shots", "episodes", "synthetic_units", "synthetic_set_size", "batch_size", "coseg_clusters", "prop_topk",
                  "prop_n_last", "min_units"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
+    if cfg.synthetic_frames < 3:
+        raise UserError(f"--synthetic-frames must be at least 3 (DAVIS scores frames 1..T-2), not {cfg.synthetic_frames}")
     if cfg.limit is not None and cfg.limit < 1:
         raise UserError(f"--limit must be at least 1, not {cfg.limit}")
     if cfg.fold is not None and not 0 <= cfg.fold <= 3:
@@ -266,7 +272,8 @@ def load_task_data(cfg: PerceiveConfig, task: str, fold: int = 0):
                               refcoco_dataset=cfg.refcoco_dataset)
     if fmt == "synthetic":
         n = cfg.synthetic_units if cfg.limit is None else min(cfg.synthetic_units, cfg.limit)
-        kw.update(episodes=n, limit=n, synthetic={"n": n})
+        kw.update(episodes=n, limit=n, synthetic={"n": n, "n_frames": cfg.synthetic_frames,
+                                                        "set_size": cfg.synthetic_set_size})
     return load_task(task, fmt, cfg.data or "", **kw)
 
 
@@ -367,6 +374,25 @@ def _paint_bool(layout, token_rc: np.ndarray, view: int) -> np.ndarray:
     return np.nan_to_num(_paint(layout, np.asarray(token_rc, np.float32), view), nan=0.0) >= 0.5
 
 
+def best_token_mask(frac_hw: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """The token-level mask with the highest foreground IoU on this image: every token whose foreground share is
+    at least t, for the best t (IoU = I / (|P| + |G| - I) is maximised by such a threshold set). `frac_hw`: the
+    tokens' shares painted onto the pixels (NaN uncovered)."""
+    valid = gt != IGNORE
+    v = np.nan_to_num(frac_hw, nan=-1.0)[valid]
+    fg = (gt[valid] == 1)
+    levels = np.unique(v[v > 0])[::-1]  # candidate thresholds, high to low
+    if not len(levels):
+        return np.zeros(gt.shape, bool)
+    idx = np.searchsorted(-levels, -v, side="left")  # the level index at which each pixel enters
+    inside = v > 0
+    n_in = np.bincount(idx[inside], minlength=len(levels)).cumsum()
+    i_in = np.bincount(idx[inside & fg], minlength=len(levels)).cumsum()
+    iou = i_in / (n_in + fg.sum() - i_in)
+    t = levels[int(np.argmax(iou))]
+    return np.nan_to_num(frac_hw, nan=-1.0) >= t
+
+
 def _fg_iou(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int]:
     valid = gt != IGNORE
     fg = (gt == 1) & valid
@@ -451,6 +477,16 @@ class _TaskRun:
         a.rec("mean_image_iou", unit, "", iou, 1)
         a.rec("jaccard", unit, "", iou, 1)
 
+    def seg_oracle(self, which: str, unit: int, layout, frac_rc: np.ndarray, view: int, gt: np.ndarray,
+                   category: str) -> np.ndarray:
+        """The token-grid oracles of one image: `which` (e.g. "tokens"), the best token-level mask for the image's
+        IoU (`best_token_mask`), and `which`_majority, tokens foreground at >= token_fraction. Returns the
+        painted shares."""
+        painted = _paint(layout, np.nan_to_num(frac_rc), view)
+        self.seg("oracle", which, unit, best_token_mask(painted, gt), gt, category)
+        self.seg("oracle", f"{which}_majority", unit, np.nan_to_num(painted) >= self.cfg.token_fraction, gt, category)
+        return painted
+
     def seg_baselines(self, unit: int, gt: np.ndarray, category: str) -> None:
         """Chance: all foreground and all background."""
         self.seg("chance", "all_foreground", unit, np.ones(gt.shape, bool), gt, category)
@@ -479,9 +515,8 @@ class _TaskRun:
             f = feats["model"][-1]
             frac, _ = labels(len(samples) - 1, which, f)
             g = f.grid_of("encoder" if which == "encoder_tokens" else "model")
-            tok = np.nan_to_num(frac, nan=0.0).reshape(g.rows, g.cols) >= self.cfg.token_fraction
-            layout = _oracle_layout(f, which)
-            self.seg("oracle", which, unit, _paint_bool(layout, tok, view if which == "tokens" else 0), gt, ep.category)
+            self.seg_oracle(which, unit, _oracle_layout(f, which), frac.reshape(g.rows, g.cols),
+                            view if which == "tokens" else 0, gt, ep.category)
         self.seg_baselines(unit, gt, ep.category)
         for kind, fs in feats.items():
             for rep in self.src.reps_of(kind):
@@ -519,8 +554,7 @@ class _TaskRun:
                 layout = _oracle_layout(f, which)
                 v = view if which == "tokens" else 0
                 frac, _ = _token_fraction(layout, m, 1, v)
-                self.seg("oracle", which, unit, _paint_bool(layout, np.nan_to_num(frac) >= self.cfg.token_fraction, v),
-                         m, cs.name)
+                self.seg_oracle(which, unit, layout, frac, v, m, cs.name)
         for m in masks:
             self.seg_baselines(unit, m, cs.name)
         for kind, fs in feats.items():
@@ -574,8 +608,7 @@ class _TaskRun:
             layout = _oracle_layout(f, which)
             v = self.src.view if which == "tokens" else 0
             frac, _ = _token_fraction(layout, gt, 1, v)
-            painted = _paint(layout, np.nan_to_num(frac), v)
-            self.seg("oracle", which, unit, np.nan_to_num(painted) >= self.cfg.token_fraction, gt, cat)
+            painted = self.seg_oracle(which, unit, layout, frac, v, gt, cat)
             if refer:
                 self.get("oracle", which).rec("pointing", unit, "", pointing_hit(painted, gt), 1)
         self.seg_baselines(unit, gt, cat)
