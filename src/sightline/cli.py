@@ -96,6 +96,19 @@ def _show_sae_analyze(cfg, res) -> str:
                        for k in ("out", "html", "shared_by_layer") if k in res}, indent=2)
 
 
+def _show_perceive(cfg, res) -> str:
+    parts = []
+    for task, s in res["tasks"].items():
+        b = s.get("best_values") or s.get("best")
+        if b is None:
+            continue
+        ctrl = s.get("control_best_values")
+        parts.append(f"{task} {b['rep']} {s['primary_metric']} {b['value']:.3f} (oracle "
+                     + (f"{s['oracle']:.3f}" if s.get("oracle") is not None else "n/a")
+                     + (f", control {ctrl['value']:.3f}" if ctrl else "") + ")")
+    return f"wrote {cfg.out}: " + "; ".join(parts)
+
+
 def _show_path(cfg, res) -> str:
     return str(res)
 
@@ -119,6 +132,9 @@ COMMANDS: dict[str, Command] = {
                      "sightline.probes.run:ProbeConfig", "sightline.probes.run:run_probes", _show_probe),
     "steer": Command("add a class direction at the image tokens; measure efficacy, flips and damage",
                      "sightline.steer.run:SteerConfig", "sightline.steer.run:run_steering", _show_steer),
+    "perceive": Command("zero-shot perception readouts (segmentation, correspondence) per layer and KV head",
+                        "sightline.perception.run:PerceiveConfig", "sightline.perception.run:run_perceive",
+                        _show_perceive),
     "sae train": Command("train one or more SAEs on a site of a store, in one pass (resumable)",
                          "sightline.sae.train:SAETrainConfig", "sightline.sae.train:train_saes", _show_sae_train),
     "sae analyze": Command("metrics by modality, loss recovered, modality sharing, feature pages",
