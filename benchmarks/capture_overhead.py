@@ -77,7 +77,7 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def overhead(adapter, batches, repeats: int, store_root: Path) -> dict:
+def overhead(adapter, batches, repeats: int, store_root: Path, shard_examples: int = 0) -> dict:
     from sightline.capture import Capture, resolve_sites, site_shape
     from sightline.store import StoreWriter
 
@@ -104,7 +104,8 @@ def overhead(adapter, batches, repeats: int, store_root: Path) -> dict:
     def round_(tag):
         """(a) and (b) alternate batch by batch, so both see the same background load."""
         n = sum(len(b) for b in dev_batches)
-        w = StoreWriter(store_root / f"round{tag}", {"n_examples": n, "config": {}}, shapes, dtype="float16")
+        w = StoreWriter(store_root / f"round{tag}", {"n_examples": n, "config": {}}, shapes, dtype="float16",
+                        shard_examples=shard_examples)
         ta = tb = 0.0
         start = 0
         with w:
@@ -165,6 +166,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=16, help="images per timed round")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--shard-examples", type=int, default=0,
+                    help="close a shard every N examples (0: one shard per round, written at its end). A long "
+                         "extraction writes each shard while the next ones compute; N = the batch size gives a "
+                         "short round the same overlap, leaving only the last batch's write unhidden")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rss", default="100,1000", help="image counts for the peak-RSS runs ('' to skip)")
     ap.add_argument("--json", default=None, help="also write the figures here")
@@ -172,7 +177,7 @@ def main():
                     "LM widened to hidden 512 x 8 layers)")
     a = ap.parse_args()
     torch.manual_seed(0)
-    results: dict = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    results: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "shard_examples": a.shard_examples}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         images = [gradient(336 + 16 * (i % 3), 336, i) for i in range(a.images)]
@@ -188,7 +193,7 @@ def main():
         batches = [adapter.prepare(images[k : k + a.batch_size], [text] * len(images[k : k + a.batch_size]))
                    for k in range(0, len(images), a.batch_size)]
         print(f"{results['model']}: {len(images)} images/round, batch {a.batch_size}, {a.repeats} rounds", flush=True)
-        results.update(overhead(adapter, batches, a.repeats, root / "stores"))
+        results.update(overhead(adapter, batches, a.repeats, root / "stores", a.shard_examples))
         if a.rss:
             del adapter, batches
             rss = {}
