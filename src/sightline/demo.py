@@ -46,6 +46,8 @@ class DemoConfig:
     """scenes per set for the accuracy table (see sightline.organism.evaluate)"""
     model: str | None = None
     """a checkpoint folder; None = the shipped organism"""
+    perception_units: int = 20
+    """units per perception task (episodes, sets, images, pairs, clips) on synthetic scenes"""
     threads: int = 1
     """torch's CPU threads for the run (0 = torch's default). The organism's ops are too small to gain
     from more: on 2 cores a second thread cost 2-3x the CPU time for no gain in wall time, and far more
@@ -415,6 +417,61 @@ def _sae_section(ctx: DemoContext) -> tuple[dict, Section]:
     return summary, sec
 
 
+PERCEPTION_REPS = ("values", "projector", "vision", "encoder")
+
+
+def _perception_section(ctx: DemoContext) -> tuple[dict, Section]:
+    from sightline.perception.run import PRIMARY, PerceiveConfig, run_perceive
+    from sightline.report.files import read_json
+
+    cfg = ctx.config
+    res = run_perceive(PerceiveConfig(
+        model=ctx.model_path, out=str(ctx.out / "perceive"), reps=PERCEPTION_REPS,
+        synthetic_units=cfg.perception_units, seed=cfg.seed, progress=cfg.progress))
+    tasks = read_json(ctx.out / "perceive" / "results.json")["summary"]["tasks"]
+
+    def score(entry):
+        return entry.get("value") if isinstance(entry, dict) else entry
+
+    per_task, rows = {}, []
+    for task, t in tasks.items():
+        bv, ctl, orc = t.get("best_values") or {}, t.get("control_best_values") or {}, t.get("oracle") or {}
+        chance = t.get("chance") or {}
+        chance_best = max((v for v in (score(c) for c in chance.values()) if v is not None), default=None)
+        per_task[task] = {
+            "metric": PRIMARY[task], "best_values_rep": bv.get("rep"), "best_values": score(bv),
+            "best_values_ci95": list(bv.get("ci") or [None, None]), "projector": score(t.get("projector")),
+            "encoder": score(t.get("encoder")), "oracle": score(orc), "control_best_values": score(ctl),
+            "chance": chance_best, "lm_gain": t.get("lm_gain"), "n_units": t.get("n_units"),
+            "too_small": t.get("too_small"),
+        }
+        e = per_task[task]
+        ci = (f"[{e['best_values_ci95'][0]:.3f}, {e['best_values_ci95'][1]:.3f}]"
+              if None not in e["best_values_ci95"] else "")
+        rows.append((task, e["metric"], f"{e['best_values_rep']}", e["best_values"], ci, e["projector"], e["encoder"],
+                     e["control_best_values"], e["oracle"], e["chance"], e["n_units"]))
+    figs = sorted((ctx.out / "perceive" / "figures").glob("*layers*.png"))
+    sec = Section(
+        "Perception from the image tokens' values",
+        "Zero-shot readouts from the language model's image VALUE tokens, layer by layer (Liu et al., COLM 2025, "
+        "arXiv 2510.04819; protocols in docs/perception.md) on synthetic scenes with exact masks, keypoints and "
+        "clips: few-shot foreground segmentation (5-shot logistic classifier per token), co-segmentation "
+        "(clusters shared by a set), text-query segmentation (the shape name's value against the image values), "
+        "referring-expression segmentation, keypoint correspondence (nearest neighbour) and label propagation "
+        "through clips. Beside each: the projector output (what the language model receives), the vision tower "
+        "before the language model was trained on it (stage 1, the encoder baseline), the same architecture "
+        "with random weights (control), the token-grid oracle (the ground truth moved onto the 8x8 tokens and "
+        "back: the best any token-level readout can score) and chance. Intervals: bootstrap 95% over units.",
+        tables=[("best values layer per task", ["task", "metric", "best values rep", "score", "95% interval",
+                                                "projector", "encoder", "random-weight control", "oracle",
+                                                "chance", "units"], rows)],
+        images=[(str(f.relative_to(ctx.out)), f.stem.replace("_", " ")) for f in figs],
+        links=[("perceive/index.html", "perception run page (every representation, layer and KV head)"),
+               ("perceive/results.json", "results.json")],
+    )
+    return {"tasks": per_task, "warnings": res.summary.get("warnings", [])}, sec
+
+
 def findings(summary: dict) -> list[str]:
     """The page's opening sentences, each computed from the summary of this run (no number is fixed here)."""
     out = []
@@ -462,6 +519,7 @@ def findings(summary: dict) -> list[str]:
         text += (f", peaking at {peak['site']} ({peak['shared']:.0%})."
                  if peak['shared'] > max(lo["shared"], hi["shared"]) + 0.01 else ".")
         out.append(text)
+    out += _perception_findings(summary.get("perception", {}).get("tasks", {}))
     acc, ci, chance = org.get("accuracy", {}), org.get("accuracy_ci95", {}), org.get("chance", {})
     above, at = [], []
     for t, a in acc.items():
@@ -482,6 +540,37 @@ def findings(summary: dict) -> list[str]:
     return out
 
 
+
+def _perception_findings(tasks: dict) -> list[str]:
+    """One sentence on where the values support perception, from the perception section's summary."""
+    if not tasks:
+        return []
+    beats, loses = [], []
+    for task, e in tasks.items():
+        if e.get("best_values") is None:
+            continue
+        part = f"{task} {e['best_values']:.2f} at {e['best_values_rep']}"
+        ref = [f"control {e['control_best_values']:.2f}" if e.get("control_best_values") is not None else None,
+               f"projector {e['projector']:.2f}" if e.get("projector") is not None else None,
+               f"oracle {e['oracle']:.2f}" if e.get("oracle") is not None else None]
+        part += " (" + ", ".join(r for r in ref if r) + ")"
+        ctl = e.get("control_best_values")
+        (beats if ctl is None or e["best_values"] > ctl else loses).append(part)
+    out = []
+    if beats:
+        out.append("The image tokens' values support zero-shot perception above the random-weight control on "
+                   + "; ".join(beats) + " (primary metric per task; docs/perception.md).")
+    if loses:
+        out.append("They do not beat the random-weight control on " + "; ".join(loses)
+                   + ": there the readout finds no more in the trained values than in random features.")
+    small = [t for t, e in tasks.items() if e.get("too_small")]
+    if small:
+        n = min(tasks[t]["n_units"] for t in small)
+        out.append(f"The perception figures rest on as few as {n} units per task ({', '.join(small)}): too few to "
+                   "mean much (raise --perception-units).")
+    return out
+
+
 # Sections that analyses add: name -> function(ctx) -> (summary dict, Section). Run in this order.
 SECTIONS: list[tuple[str, Callable[[DemoContext], tuple[dict, Section]]]] = [
     ("organism", _organism_section),
@@ -489,6 +578,7 @@ SECTIONS: list[tuple[str, Callable[[DemoContext], tuple[dict, Section]]]] = [
     ("probes", _probe_section),
     ("steer", _steer_section),
     ("sae", _sae_section),
+    ("perception", _perception_section),
 ]
 
 
