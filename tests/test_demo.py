@@ -48,7 +48,7 @@ def test_summary_holds_every_documented_key(demo):
         for part in path:
             assert isinstance(node, dict) and part in node, ".".join(path)
             node = node[part]
-    for section in ("organism", "store", "probes", "steer", "sae"):
+    for section in ("organism", "store", "probes", "steer", "sae", "perception"):
         assert summary[section]["seconds"] > 0
 
 
