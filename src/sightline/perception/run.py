@@ -844,6 +844,7 @@ def run_perceive(cfg: PerceiveConfig, task_data: Mapping[str, Any] | None = None
     reps = parse_reps(asked, cfg.layers, cfg.heads, n_layers=adapter.n_layers, n_kv_heads=adapter.n_kv_heads,
                       n_vision_layers=adapter.n_vision_layers, kv_layers=getattr(adapter, "kv_layers", None),
                       vision_layers=cfg.vision_layers, encoder=enc_path is not None)
+    example_rep = _example_rep(cfg, reps, adapter.n_layers)
     encoder = None
     if enc_path is not None and any(r.kind == "encoder" for r in reps):
         from sightline.perception.encoder import Encoder
@@ -858,7 +859,6 @@ def run_perceive(cfg: PerceiveConfig, task_data: Mapping[str, Any] | None = None
         ctrl = random_weights_like(adapter, cfg.seed)
         featurizers["control"] = Featurizer(ctrl, [r for r in reps if r.kind != "encoder"], **kw)
     src = _Sources(featurizers, reps, cfg.view)
-    example_rep = _example_rep(cfg, reps, adapter.n_layers)
     examples: dict[str, dict] = {}
 
     all_rows: list[dict] = []

@@ -205,11 +205,11 @@ def plot_heads(task: str, summary: Mapping[str, Any], rows: Sequence[Mapping[str
                annotate_max: int = 160) -> Path | None:
     """Layer x KV-head heatmaps of the primary score for values and keys (one shared colour scale; the last
     column is all heads concatenated), numbers written in the cells when the grid has at most `annotate_max`
-    cells. None when neither was read."""
+    cells. None when neither was read per head."""
     metric = summary["primary_metric"]
     rs = task_rows(rows, task, metric)
     grids = [(k, *head_grid(rs, k)) for k in ("values", "keys")]
-    grids = [g for g in grids if g[1]]
+    grids = [g for g in grids if g[1] and g[2]]  # a grid without single heads is the layer plot again
     if not grids:
         return None
     plt = _plt()
@@ -410,7 +410,7 @@ def findings(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> t
         b, bv = s.get("best"), s.get("best_values")
         layer = _best_layer(rows, task, s)
         if layer is not None:
-            peaks.append(f"{layer} ({task})")
+            peaks.append((layer, task))
         if s.get("lm_gain") is not None:
             gains.append((task, s["lm_gain"]))
         if bv and s.get("encoder") is not None:
@@ -445,7 +445,10 @@ def findings(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> t
         per_task.append(text + (" — too few units to mean much." if s.get("too_small") else "."))
     parts = []
     if peaks:
-        parts.append("Perception read from the image value tokens peaks at layer " + ", ".join(peaks)
+        layers = {p[0] for p in peaks}
+        where = (f"layer {peaks[0][0]} on every task" if len(layers) == 1 and len(peaks) > 1 else
+                 "layer " + ", ".join(f"{layer} ({task})" for layer, task in peaks))
+        parts.append(f"Perception read from the image value tokens peaks at {where}"
                      + (f" of the language model's {n_layers} layers (0-{n_layers - 1})." if n_layers else "."))
     if gains:
         up = [t for t, g in gains if g > 0]
@@ -480,8 +483,12 @@ def _table(task: str, s: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -
             d[r["metric"]] = r
     order = ["model", "control", "oracle", "chance"]
     out = []
-    for (kind, rep), d in sorted(by.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order else 9,
-                                                              kv[0][1])):
+    def key(kv):
+        (kind, rep), d = kv
+        return (order.index(kind) if kind in order else 9, _kind_of(rep), -1 if d["layer"] is None else d["layer"],
+                d["head"] is not None, d["head"] or 0, rep)
+
+    for (kind, rep), d in sorted(by.items(), key=key):
         p = d.get(primary)
         ci = f"[{p['ci_low']:.3f}, {p['ci_high']:.3f}]" if p and p["ci_low"] is not None else "–"
         headed = kind in ("model", "control") and _kind_of(rep) in ("values", "keys") and d["layer"] is not None
@@ -556,3 +563,32 @@ def write_perceive_page(folder: str | os.PathLike, summary: Mapping[str, Any], r
                                 figures={k: v for k, v in heads.items() if v is not None}, images=images,
                                 tables=[("Every representation's scores", header, table_rows)], anchor=task))
     return write_page(folder / "index.html", "Perception readouts", subtitle or model, sections)
+
+
+# ============================================================================= several models (Figure 3)
+def plot_gain_scatter(scores: Sequence[float], gains: Sequence[float], names: Sequence[str], path: str | os.PathLike,
+                      task: str = "", score_name: str = "perception score", stats: Mapping[str, Any] | None = None
+                      ) -> Path:
+    """One point per model: its language-model gain (best values layer minus projector) against its perception
+    score, labelled, with the least-squares line; r, rho, n and the permutation p-values in the title."""
+    plt = _plt()
+    x, y = np.asarray(scores, np.float64), np.asarray(gains, np.float64)
+    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    ax.scatter(x, y, s=36, color="#7b2cbf", zorder=3)
+    for xi, yi, name in zip(x, y, names):
+        ax.annotate(str(name), (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if len(x) >= 2 and np.ptp(x) > 0:
+        slope, icpt = np.polyfit(x, y, 1)
+        xs = np.linspace(x.min(), x.max(), 2)
+        ax.plot(xs, slope * xs + icpt, "--", color="grey", lw=1.2, label="least-squares line")
+        ax.legend(fontsize=8, frameon=False, loc="best")
+    ax.axhline(0, color="black", lw=0.8, alpha=0.6)
+    ax.set_xlabel(score_name)
+    ax.set_ylabel("language-model gain (best values - projector)")
+    st = stats or {}
+    f = (lambda v: "n/a" if v is None else f"{v:.2f}")
+    ax.set_title(f"{task}: Pearson r {f(st.get('pearson_r'))} (p {f(st.get('pearson_p'))}), Spearman ρ "
+                 f"{f(st.get('spearman_rho'))} (p {f(st.get('spearman_p'))}), n = {len(x)}"
+                 + (" — few models" if len(x) < 10 else ""), fontsize=8.5)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
