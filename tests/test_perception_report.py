@@ -59,7 +59,9 @@ def _task(task: str, metric: str, n_units: int, projector: float, offset: float 
 
 
 def _examples(rng):
-    img = lambda: rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)  # noqa: E731
+    def img():
+        return rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+
     gt = np.zeros((40, 48), np.uint8)
     gt[10:30, 10:30] = 1
     seg = {"rep": "values.2", "units": [{"caption": "the red square on the left", "images": [img()], "gt": [gt],
@@ -190,8 +192,9 @@ SCORES = [55.0, 61.5, 52.0, 61.5]  # a tie, for Spearman's average ranks
 def _fake_runs(root, gains=GAINS, n=4):
     paths = []
     for i in range(n):
-        tasks = {t: {"primary_metric": "miou", "lm_gain": g[i], "best_values": {"rep": "values.3", "value": None if g[i] is None else 0.5 + g[i]},
-                     "projector": 0.5, "n_units": 50, "too_small": False, "source": "hand-made"}
+        tasks = {t: {"primary_metric": "miou", "lm_gain": g[i], "projector": 0.5, "n_units": 50, "too_small": False,
+                     "best_values": {"rep": "values.3", "value": None if g[i] is None else 0.5 + g[i]},
+                     "source": "hand-made"}
                  for t, g in gains.items()}
         p = root / f"run{i}"
         p.mkdir()
@@ -218,8 +221,8 @@ def test_compare_correlations_equal_scipy(tmp_path):
         assert c["pearson_r"] == pytest.approx(stats.pearsonr(SCORES, gains)[0], abs=1e-12)
         assert c["spearman_rho"] == pytest.approx(stats.spearmanr(SCORES, gains)[0], abs=1e-12)
         for rank, key in ((False, "pearson_p"), (True, "spearman_p")):
-            f = (lambda x: stats.rankdata(x)) if rank else (lambda x: np.asarray(x))
-            ref = stats.permutation_test((f(SCORES),), lambda x: abs(stats.pearsonr(x, f(gains))[0]),
+            x0, y0 = (stats.rankdata(SCORES), stats.rankdata(gains)) if rank else (np.asarray(SCORES), np.asarray(gains))
+            ref = stats.permutation_test((x0,), lambda x, y0=y0: abs(stats.pearsonr(x, y0)[0]),
                                          permutation_type="pairings", alternative="greater", n_resamples=np.inf)
             assert c[key] == pytest.approx(ref.pvalue, abs=1e-12)
     assert any("only 4 models" in w for w in res["warnings"])

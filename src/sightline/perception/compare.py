@@ -143,7 +143,8 @@ def _read_run(path: str) -> dict:
     try:
         data = read_json(res)
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise UserError(f"cannot read {res} ({type(err).__name__}): rerun `sightline perceive` into that folder") from None
+        raise UserError(f"cannot read {res} ({type(err).__name__}): rerun `sightline perceive` into that "
+                        "folder") from None
     tasks = data.get("summary", {}).get("tasks") if isinstance(data, dict) else None
     if not isinstance(tasks, dict):
         raise UserError(f"{res} is not a perceive run's results (no summary.tasks): give `sightline perceive` folders")
@@ -293,7 +294,7 @@ def _write_page(folder: Path, cfg: PerceiveCompareConfig, summary: dict, corr: d
             f"{t}" if t != "mean" else "mean over tasks", c["note"] + ".",
             figures={"n": c["n"], "Pearson r": c["pearson_r"], "p (Pearson)": c["pearson_p"],
                      "Spearman rho": c["spearman_rho"], "p (Spearman)": c["spearman_p"]},
-            images=[(path.relative_to(folder).as_posix(), f"{t}: language-model gain against {cfg.score_name}, "
-                     f"one point per model (n = {c['n']}).")],
+            images=[(path.relative_to(folder).as_posix(),
+                     f"{t}: language-model gain against {cfg.score_name}, one point per model (n = {c['n']}).")],
             tables=[("", ["model", cfg.score_name, "language-model gain"], rows)], anchor=t))
     write_page(folder / "index.html", "Perception across models", f"{n} models · {cfg.score_name}", sections)

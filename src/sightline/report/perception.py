@@ -135,7 +135,7 @@ def plot_layers(task: str, summary: Mapping[str, Any], rows: Sequence[Mapping[st
         if np.isfinite(lo).any():
             ax.fill_between(x, lo, hi, color=colour, alpha=0.14, lw=0)
         top = max(top, np.nanmax(np.r_[y, hi]))
-    xc, yc, loc, hic = layer_series(rs, "control", "values")
+    xc, yc, _, _ = layer_series(rs, "control", "values")
     if len(xc):
         ax.plot(xc, yc, "--", color="#7b2cbf", alpha=0.75, lw=1.4, marker="o", ms=3, mfc="white",
                 label="values, random-weight control")
@@ -495,7 +495,8 @@ def _table(task: str, s: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -
         head = "all" if headed and d["head"] is None else d["head"]
         out.append([kind, rep, d["layer"], head,
                     *[None if m not in d or d[m]["value"] is None else round(d[m]["value"], 4) for m in metrics], ci])
-    return ["kind", "rep", "layer", "KV head", *[metric_label(m) for m in metrics], f"95% CI ({metric_label(primary)})"], out
+    header = ["kind", "rep", "layer", "KV head", *[metric_label(m) for m in metrics], f"95% CI ({metric_label(primary)})"]
+    return header, out
 
 
 def write_task_figures(folder: str | os.PathLike, task: str, s: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
@@ -508,17 +509,18 @@ def write_task_figures(folder: str | os.PathLike, task: str, s: Mapping[str, Any
     out = []
     p = plot_layers(task, s, rows, folder / "figures" / f"{task}_layers.png")
     out.append((p.relative_to(folder).as_posix(),
-                f"{task}: {m} against layer, over {s.get('n_units')} units; bands are bootstrap 95% intervals over units; "
-                f"token-grid oracle {_f3(s.get('oracle'))}, {chance}."))
+                (f"{task}: {m} against layer, over {s.get('n_units')} units; bands are bootstrap 95% intervals over "
+                 f"units; token-grid oracle {_f3(s.get('oracle'))}, {chance}.")))
     p = plot_heads(task, s, rows, folder / "figures" / f"{task}_heads.png")
     if p is not None:
-        out.append((p.relative_to(folder).as_posix(), f"{task}: {m} per layer and KV head (values, keys; 'all' = the "
-                    "heads concatenated)."))
+        out.append((p.relative_to(folder).as_posix(),
+                    f"{task}: {m} per layer and KV head (values, keys; 'all' = the heads concatenated)."))
     if examples:
         p = plot_examples(task, examples, folder / "figures" / f"{task}_examples.png")
         if p is not None:
-            out.append((p.relative_to(folder).as_posix(), f"{task}: the first {len(examples['units'])} units read "
-                        f"from {examples.get('rep')} beside the token-grid oracle."))
+            out.append((p.relative_to(folder).as_posix(),
+                        (f"{task}: the first {len(examples['units'])} units read from {examples.get('rep')} beside "
+                         "the token-grid oracle.")))
     return out
 
 
