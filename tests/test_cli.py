@@ -24,7 +24,7 @@ from sightline.errors import UserError
 WITH_CONFIG = sorted(name for name, c in COMMANDS.items() if c.config is not None)
 # values for required fields (no default), so that a config can be built without a real model
 REQUIRED = {"model": "m", "data": "d", "out": "o", "store": "s", "image": "i.png", "path": "p", "directions": "dirs",
-            "saes": ("sae-a", "sae-b"), "site": "resid.1"}
+            "saes": ("sae-a", "sae-b"), "site": "resid.1", "runs": ("run-a", "run-b"), "scores": (61.5, 58.0)}
 
 
 def _config_class(name):
@@ -41,7 +41,7 @@ def _required_args(cls) -> list[str]:
                 args.insert(0, str(value))
             else:
                 flag = flags_of(cls)[f.name][0]
-                args += [flag, *(value if isinstance(value, tuple) else [value])]
+                args += [flag, *(map(str, value) if isinstance(value, tuple) else [value])]
     return args
 
 

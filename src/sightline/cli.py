@@ -109,6 +109,15 @@ def _show_perceive(cfg, res) -> str:
     return f"wrote {cfg.out}: " + "; ".join(parts)
 
 
+def _show_perceive_compare(cfg, res) -> str:
+    def f(v):
+        return "n/a" if v is None else f"{v:.2f}"
+
+    parts = [f"{t} r={f(c['pearson_r'])} rho={f(c['spearman_rho'])} (n={c['n']}, p={f(c['pearson_p'])})"
+             for t, c in res["tasks"].items()]
+    return f"wrote {cfg.out}: " + "; ".join(parts)
+
+
 def _show_path(cfg, res) -> str:
     return str(res)
 
@@ -135,6 +144,9 @@ COMMANDS: dict[str, Command] = {
     "perceive": Command("zero-shot perception readouts (segmentation, correspondence) per layer and KV head",
                         "sightline.perception.run:PerceiveConfig", "sightline.perception.run:run_perceive",
                         _show_perceive),
+    "perceive-compare": Command("several models' perception runs: the LM's gain over its input against a score",
+                                "sightline.perception.compare:PerceiveCompareConfig",
+                                "sightline.perception.compare:compare_perception", _show_perceive_compare),
     "sae train": Command("train one or more SAEs on a site of a store, in one pass (resumable)",
                          "sightline.sae.train:SAETrainConfig", "sightline.sae.train:train_saes", _show_sae_train),
     "sae analyze": Command("metrics by modality, loss recovered, modality sharing, feature pages",

@@ -29,7 +29,6 @@ results.json, figures/, index.html} whole or not at all (docs/outputs.md; result
 
 from __future__ import annotations
 
-import html
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -158,6 +157,11 @@ class PerceiveConfig:
     """Bootstrap resamples of the units for the 95% intervals (0: none)."""
     min_units: int = 20
     """Fewer units than this: the task is flagged too small to mean much (results and page)."""
+    n_examples: int = 3
+    """Units per task drawn on the page (image, prediction, truth), kept in memory as thumbnails for them only; 0: none."""
+    example_rep: str | None = None
+    """The representation those figures show beside the oracle; default: values (all heads) of the read language-model
+    layer nearest the middle."""
     seed: int = 0
     """Seeds the data sampling, the control's weights, clustering and the bootstrap."""
     batch_size: int = 8
@@ -206,6 +210,8 @@ def _check(cfg: PerceiveConfig) -> tuple[str, ...]:
                  "prop_n_last", "min_units"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
+    if cfg.n_examples < 0:
+        raise UserError(f"--n-examples must be 0 or more, not {cfg.n_examples}")
     if cfg.synthetic_frames < 3:
         raise UserError(f"--synthetic-frames must be at least 3 (DAVIS scores frames 1..T-2), not {cfg.synthetic_frames}")
     if cfg.limit is not None and cfg.limit < 1:
@@ -452,8 +458,11 @@ def _oracle_layout(f, which: str):
 class _TaskRun:
     """Accumulators of one task over every (kind, rep) and the oracle / chance baselines."""
 
-    def __init__(self, task: str, cfg: PerceiveConfig, src: _Sources):
+    def __init__(self, task: str, cfg: PerceiveConfig, src: _Sources, example_rep: str | None = None):
+        from sightline.perception.examples import ExampleCollector
+
         self.task, self.cfg, self.src = task, cfg, src
+        self.examples = ExampleCollector(task, example_rep, cfg.n_examples)
         self.acc: dict[tuple[str, str], _Acc] = {}
         self.n_units = 0
         self.notes: list[str] = []
@@ -472,6 +481,7 @@ class _TaskRun:
 
         a = self.get(kind, rep, SegScores)
         iou = a.scorer.add(pred, gt, category)
+        self.examples.seg(kind, rep, unit, pred, gt)
         inter, union = _fg_iou(pred, gt)
         a.rec("miou", unit, category, inter, union)
         a.rec("mean_image_iou", unit, "", iou, 1)
@@ -501,6 +511,7 @@ class _TaskRun:
         samples = [*ep.support, ep.query]
         images = [load_image(s.image) for s in samples]
         masks = [load_mask(s.mask) for s in samples]
+        self.examples.images(unit, images[-1:], ep.category)
         feats = self.src.features(images)
         gt = masks[-1]
         frac_cache: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
@@ -548,6 +559,7 @@ class _TaskRun:
         view = self.src.view
         images = [load_image(s.image) for s in cs.samples]
         masks = [load_mask(s.mask) for s in cs.samples]
+        self.examples.images(unit, images, cs.name)
         feats = self.src.features(images)
         for which in _grid_kinds(feats["model"]):
             for f, m in zip(feats["model"], masks):
@@ -603,6 +615,7 @@ class _TaskRun:
 
         gt, maps, f = self.text_maps(sample)
         cat = sample.category or sample.text
+        self.examples.images(unit, lambda: [load_image(sample.image)], sample.text or cat)
         refer = self.task == "refseg"
         for which in _grid_kinds([f]):
             layout = _oracle_layout(f, which)
@@ -634,8 +647,10 @@ class _TaskRun:
         t_box = bbox_threshold(pair.target_bbox, self.cfg.pck_alpha)
         t_img = image_threshold((tgt_im.height, tgt_im.width), self.cfg.pck_alpha)
         cat = pair.category
+        self.examples.pair(unit, src_im, tgt_im, pair.source_xy, gt, t_box, cat)
 
         def score(kind: str, rep: str, pred_xy: np.ndarray) -> None:
+            self.examples.points(kind, rep, unit, pred_xy)
             a = self.get(kind, rep, PCKScores)
             hb, hi = pck(pred_xy, gt, t_box), pck(pred_xy, gt, t_img)
             a.scorer.add(hb, hi, cat)
@@ -677,6 +692,7 @@ class _TaskRun:
         first = gts[0]
         n_obj = int(first[first != IGNORE].max(initial=0))
         n_cls = n_obj + 1
+        self.examples.clip(unit, lambda t: load_image(clip.frames[t]), gts, clip.name)
 
         def token_labels(layout, m, v):
             cov = np.stack([np.nan_to_num(_token_fraction(layout, m, k, v)[0]) for k in range(n_cls)])  # [C, r, c]
@@ -726,6 +742,7 @@ class _TaskRun:
             for t, lab in enumerate(labs, start=1):
                 layout, v = layouts[which][t]
                 preds.append(np.nan_to_num(_paint(layout, lab, v), nan=0.0).round().astype(np.uint8))
+            self.examples.labels(kind, rep, unit, preds)
             a = self.get(kind, rep, JFScores)
             per = a.scorer.add(clip.name, preds, gt_rest, n_obj)
             jf = [(o["J"] + o["F"]) / 2 for o in per.values()]
@@ -827,6 +844,7 @@ def run_perceive(cfg: PerceiveConfig, task_data: Mapping[str, Any] | None = None
     reps = parse_reps(asked, cfg.layers, cfg.heads, n_layers=adapter.n_layers, n_kv_heads=adapter.n_kv_heads,
                       n_vision_layers=adapter.n_vision_layers, kv_layers=getattr(adapter, "kv_layers", None),
                       vision_layers=cfg.vision_layers, encoder=enc_path is not None)
+    example_rep = _example_rep(cfg, reps, adapter.n_layers)
     encoder = None
     if enc_path is not None and any(r.kind == "encoder" for r in reps):
         from sightline.perception.encoder import Encoder
@@ -841,6 +859,7 @@ def run_perceive(cfg: PerceiveConfig, task_data: Mapping[str, Any] | None = None
         ctrl = random_weights_like(adapter, cfg.seed)
         featurizers["control"] = Featurizer(ctrl, [r for r in reps if r.kind != "encoder"], **kw)
     src = _Sources(featurizers, reps, cfg.view)
+    examples: dict[str, dict] = {}
 
     all_rows: list[dict] = []
     summaries: dict[str, dict] = {}
@@ -849,7 +868,7 @@ def run_perceive(cfg: PerceiveConfig, task_data: Mapping[str, Any] | None = None
         write_json(tmp / "config.json", to_dict(cfg))
         with torch.no_grad():
             for task in tasks:
-                rows, summary = _run_task(task, cfg, src, task_data, skipped)
+                rows, summary = _run_task(task, cfg, src, task_data, skipped, example_rep, examples)
                 all_rows += rows
                 summaries[task] = summary
                 if summary["too_small"]:
@@ -875,14 +894,31 @@ def run_perceive(cfg: PerceiveConfig, task_data: Mapping[str, Any] | None = None
         }
         result = {"summary": summary, "rows": all_rows}
         write_json(tmp / "results.json", result)
-        _write_page(tmp, cfg, summary, all_rows)
+        from sightline.report.perception import write_perceive_page
+
+        write_perceive_page(tmp, summary, all_rows, examples, subtitle=f"{summary['model']['name']} · {cfg.task}")
     return RunResult(out, summary)
 
 
-def _run_task(task: str, cfg: PerceiveConfig, src: _Sources, task_data, skipped: dict) -> tuple[list[dict], dict]:
+def _example_rep(cfg: PerceiveConfig, reps, n_layers: int) -> str | None:
+    """The rep the qualitative figures show (`--example-rep`, checked against the reps read)."""
+    from sightline.perception.examples import default_example_rep
+
+    names = [r.name for r in reps]
+    if cfg.example_rep is None:
+        return default_example_rep(names, n_layers)
+    if cfg.example_rep not in names:
+        raise UserError(f"--example-rep {cfg.example_rep} is not among the representations read; use one of "
+                        f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}")
+    return cfg.example_rep
+
+
+def _run_task(task: str, cfg: PerceiveConfig, src: _Sources, task_data, skipped: dict, example_rep: str | None = None,
+              examples: dict | None = None) -> tuple[list[dict], dict]:
+    """Score one task; its qualitative examples go into `examples[task]`."""
     from tqdm.auto import tqdm
 
-    run = _TaskRun(task, cfg, src)
+    run = _TaskRun(task, cfg, src, example_rep)
     folds = [cfg.fold] if cfg.fold is not None else ([0, 1, 2, 3] if _format_of(cfg, task) == "pascal5i"
                                                      and task == "fgseg" and task_data is None else [0])
     datas = [task_data[task]] if task_data is not None else [load_task_data(cfg, task, f) for f in folds]
@@ -926,6 +962,8 @@ def _run_task(task: str, cfg: PerceiveConfig, src: _Sources, task_data, skipped:
         bar.update(1)
     bar.close()
     extra["read"] = _what_was_read(task, cfg, src)
+    if examples is not None:
+        examples[task] = run.examples.to_dict()
     return summarize_task(run, extra)
 
 
@@ -944,64 +982,3 @@ def _what_was_read(task: str, cfg: PerceiveConfig, src: _Sources) -> str:
                     f"{cfg.prop_radius}, temperature {cfg.prop_temperature:g})",
     }[task]
     return f"{what}; on {view}" + (f", prefix {cfg.prefix!r}" if cfg.prefix else "")
-
-
-# ============================================================================= the page
-def _write_page(folder: Path, cfg: PerceiveConfig, summary: dict, rows: list[dict]) -> None:
-    """index.html: what the run found, and per task a table of every rep's primary score."""
-    from sightline.report.html import Section, bullets, write_page
-
-    def f3(v):
-        return "–" if v is None else f"{v:.3f}"
-
-    findings = []
-    for task, s in summary["tasks"].items():
-        b, ctrl = s["best"], s["control_best_values"]
-        if b is None:
-            continue
-        ci = f" [{f3(b['ci'][0])}, {f3(b['ci'][1])}]" if b.get("ci") else ""
-        text = (f"{task}: best {b['rep']} {s['primary_metric']} {f3(b['value'])}{ci}; token-grid oracle "
-                f"{f3(s['oracle'])}")
-        if s["best_values"]:
-            text += f"; best value layer {s['best_values']['rep']} {f3(s['best_values']['value'])}"
-        if s["projector"] is not None:
-            text += f", projector {f3(s['projector'])} (language-model gain {f3(s['lm_gain'])})"
-        if ctrl:
-            text += f"; random-weight control's best values {f3(ctrl['value'])}"
-        if s["chance"]:
-            text += "; chance " + ", ".join(f"{k} {f3(v)}" for k, v in s["chance"].items())
-        text += f" ({s['n_units']} units" + (", too few to mean much)" if s["too_small"] else ")")
-        findings.append(text + ".")
-    sections = []
-    if summary["warnings"]:
-        sections.append(Section("Warnings", html="".join(f"<p><b>Warning:</b> {html.escape(w)}</p>"
-                                                         for w in summary["warnings"])))
-    model = summary["model"]["name"]
-    sections.append(Section(
-        "What this run found",
-        f"Zero-shot perception readouts from {model}'s representations ({len(summary['reps'])} reps: values and "
-        f"keys per layer and KV head, the residual stream, the projector, the vision tower"
-        + (", an external encoder" if summary["encoder"] else "") + "). The oracle moves the ground truth onto the "
-        "token grid and back: no token-level readout can beat it. "
-        + ("The control is the same architecture with random weights." if summary["control"] else
-           "No random-weight control was run."),
-        html=bullets(findings)))
-    for task, s in summary["tasks"].items():
-        primary = s["primary_metric"]
-        table_rows = []
-        by = {(r["kind"], r["rep"]): r for r in rows if r["task"] == task and r["metric"] == primary}
-        for (kind, rep), r in sorted(by.items(), key=lambda kv: (["model", "control", "oracle", "chance"]
-                                                                  .index(kv[0][0]), kv[0][1])):
-            ci = f"[{f3(r['ci_low'])}, {f3(r['ci_high'])}]" if r["ci_low"] is not None else "–"
-            table_rows.append([kind, rep, "–" if r["layer"] is None else r["layer"],
-                               "all" if r["head"] is None and kind in ("model", "control") and r["layer"] is not None
-                               and rep.split(".")[0] in ("values", "keys") else ("–" if r["head"] is None else r["head"]),
-                               round(r["value"], 4) if r["value"] is not None else None, ci])
-        text = (f"{s['read']}. Source: {s['source']}. {s['n_units']} units"
-                + (f", {s.get('n_calibration')} calibration units" if s.get("n_calibration") else "")
-                + (". Too few units to mean much." if s["too_small"] else ".")
-                + (" Not read: " + "; ".join(f"{k} ({v})" for k, v in s["skipped_reps"].items()) + "."
-                   if s["skipped_reps"] else ""))
-        sections.append(Section(f"{task}: {primary}", text,
-                                tables=[("", ["kind", "rep", "layer", "KV head", primary, "95% CI"], table_rows)]))
-    write_page(folder / "index.html", "Perception readouts", f"{model} · {cfg.task}", sections)
