@@ -17,6 +17,8 @@ as background: see `JFScores`).
 
 from __future__ import annotations
 
+import functools
+
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
@@ -255,6 +257,11 @@ def seg2bmap(seg: np.ndarray, width: int | None = None, height: int | None = Non
 
 def disk(radius: float) -> np.ndarray:
     """scikit-image's `morphology.disk`: the uint8 square of side 2r+1 with 1 where x^2 + y^2 <= r^2."""
+    return _disk(float(radius)).copy()
+
+
+@functools.lru_cache(maxsize=16)
+def _disk(radius: float) -> np.ndarray:
     grid = np.arange(-radius, radius + 1)
     x, y = np.meshgrid(grid, grid)
     return ((x ** 2 + y ** 2) <= radius ** 2).astype(np.uint8)
@@ -341,14 +348,14 @@ def _bound_pix(shape_hw, bound_th: float) -> float:
 def _boundaries(masks: np.ndarray, bound_th: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(masks, boundary maps, dilated boundary maps) of binary frames [T, H, W], as `f_measure` makes them."""
     b = _bmaps(masks)
-    return masks, b, _dilates(b, disk(_bound_pix(masks.shape[1:], bound_th)))
+    return masks, b, _dilates(b, _disk(_bound_pix(masks.shape[1:], bound_th)))
 
 
 def _f_measure_frames(fg: np.ndarray, gt_boundary: np.ndarray, gt_dil: np.ndarray, bound_th: float) -> np.ndarray:
     """`f_measure` (no void pixels) of each frame of a prediction [T, H, W] against the annotation's boundary maps
     (`_boundaries`) -> [T]."""
     fg_b, = _boundaries(fg, bound_th)[1:2]
-    fg_dil = _dilates(fg_b, disk(_bound_pix(fg.shape[1:], bound_th)))
+    fg_dil = _dilates(fg_b, _disk(_bound_pix(fg.shape[1:], bound_th)))
     n_fg = fg_b.sum((1, 2)).astype(np.float64)
     n_gt = gt_boundary.sum((1, 2)).astype(np.float64)
     fg_match = (fg_b & gt_dil).sum((1, 2))

@@ -246,13 +246,42 @@ def kmeans(x: torch.Tensor, k: int, seed: int, n_init: int = 3, max_iter: int = 
     if cosine:
         x = F.normalize(x, dim=1)
     gen = torch.Generator().manual_seed(int(seed))
-    best = None
-    for _ in range(max(1, n_init)):
-        init = x[kmeans_plusplus(x, k, gen)]
-        labels, c, inertia = lloyd(x, init, max_iter)
-        if best is None or inertia < best[2]:
-            best = (labels, c, inertia)
-    return best[0], best[1]
+    inits = torch.stack([x[kmeans_plusplus(x, k, gen)] for _ in range(max(1, n_init))])
+    labels, c, inertia = _lloyd_batch(x, inits, max_iter)
+    i = int(torch.argmin(inertia))  # lowest inertia, first on ties
+    return labels[i], c[i]
+
+
+def _lloyd_batch(x: torch.Tensor, centroids: torch.Tensor, max_iter: int = 100
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`lloyd` from B initialisations [B, k, D] at once: each run is updated until its assignment no longer changes
+    (then it stays at its fixed point) or max_iter updates. Returns (labels [B, N], centroids [B, k, D],
+    inertia [B])."""
+    c = centroids.clone()
+    b, k, _ = c.shape
+    x2 = (x * x).sum(1)
+
+    def assign(c):
+        d = (x2[None, :, None] - 2 * torch.einsum("nd,bkd->bnk", x, c) + (c * c).sum(2)[:, None, :]).clamp_min_(0)
+        return d.min(2)
+
+    dist, labels = assign(c)
+    active = torch.ones(b, dtype=torch.bool, device=x.device)
+    offsets = (torch.arange(b, device=x.device) * k)[:, None]
+    for _ in range(max_iter):
+        flat = (labels + offsets).reshape(-1)
+        sums = torch.zeros(b * k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, flat, x.repeat(b, 1))
+        counts = torch.bincount(flat, minlength=b * k).to(x.dtype)
+        new_c = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c.reshape(b * k, -1)).reshape(c.shape)
+        c = torch.where(active[:, None, None], new_c, c)
+        dist, new = assign(c)
+        changed = (new != labels).any(1) & active
+        labels = torch.where(active[:, None], new, labels)
+        active = changed
+        if not bool(active.any()):
+            break
+    dist, _ = assign(c)
+    return labels, c, dist.sum(1)
 
 
 def border_ring(grid_hw: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -490,7 +519,7 @@ def propagate(target: torch.Tensor, context_feats: Sequence[torch.Tensor], conte
     for s in range(0, n, chunk):
         rows = torch.arange(s, min(s + chunk, n), device=dev)
         sim = src @ tgt[rows].T  # [nc*n, c]
-        if radius > 0:
+        if 0 < radius < max(grid_hw) - 1:  # a window that covers the whole grid masks nothing
             mask = neighbourhood_mask(grid_hw, radius, rows, dev).repeat(n_ctx, 1)
             shift = sim.masked_fill(mask == 0, -math.inf).max(0).values
             aff = torch.exp((sim - shift) / temperature) * mask
