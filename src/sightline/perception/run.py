@@ -7,7 +7,8 @@ the task's readout per representation and accumulates the task's metrics per tas
 (x layer x KV head). Protocols (Liu et al., COLM 2025; PAPERS.md):
 
     fgseg     support tokens labelled foreground when >= `token_fraction` of their non-ignored pixels are;
-              a linear classifier per rep on the support tokens; query tokens with p >= 0.5 painted
+              a linear classifier per rep on the support tokens (classes weighted equally: `classifier_balanced`);
+              query tokens with p >= 0.5 painted
               back onto the pixels; mIoU (per category, Pascal-5i) and FB-IoU
     coseg     the set's tokens clustered across its images (`cosegment`), painted back; Jaccard, precision
     textseg   the class name's last token (its value / key / residual at the same layer and head) scored
@@ -15,11 +16,13 @@ the task's readout per representation and accumulates the task's metrics per tas
               chosen per rep on the calibration units; mIoU (refseg: mean per-expression IoU and pointing)
     semcorr   each source keypoint's token -> nearest target token by cosine -> that token's box centre;
               PCK@alpha of the target box and of the image, per category
-    tempcorr  first frame's labels on tokens (per token the label covering most of it), propagated by
-              `ClipPropagator`; argmax painted back; DAVIS J&F
+    tempcorr  first frame's labels on tokens (per token each label's share of its pixels: `prop_first_labels`),
+              propagated by `ClipPropagator`; decoded as DINO does (bilinear upsampling, norm_mask, argmax:
+              `prop_decode`); DAVIS J&F
 
 Beside every rep: the TOKEN-GRID ORACLE (the ground truth moved onto the tokens and back the same way:
-the best any token-level readout can score), the CONTROL (the same architecture with random weights,
+the best any token-level readout can score; tempcorr: each frame's true label shares decoded as the readouts'
+are, `tokens_majority` each token's majority label painted back), the CONTROL (the same architecture with random weights,
 built from the model's config with `seed`, read by the same readouts; on by default for models up to
 CONTROL_MAX_PARAMS parameters, where it costs little, off above: `--control` / `--no-control`), chance
 levels (all-foreground / all-background masks, a random pixel or token, the first frame copied) and a
