@@ -53,6 +53,30 @@ def test_token_classifier_matches_sklearn_on_standardised_data(l2):
     assert torch.equal(clf.predict(x), clf.predict_proba(x) > 0.5)
 
 
+@pytest.mark.parametrize("newton", [True, False])
+def test_balanced_token_classifier_matches_sklearn_by_newton_and_by_lbfgs(newton, monkeypatch):
+    """class_weight="balanced" on a rare positive class (a few foreground tokens), by the Newton solve and by the
+    L-BFGS one used above NEWTON_MAX_DIM features."""
+    from sightline.perception import readouts
+
+    monkeypatch.setattr(readouts, "NEWTON_MAX_DIM", 1024 if newton else 0)
+    g = torch.Generator().manual_seed(3)
+    n, d = 320, 16
+    x = torch.randn(n, d, generator=g)
+    y = (x[:, 0] + 0.7 * x[:, 1] + 0.5 * torch.randn(n, generator=g) > 1.9).long()
+    assert 5 <= int(y.sum()) <= 30
+    for cw in (None, "balanced"):
+        clf = fit_token_classifier(x, y, l2=1.0, class_weight=cw)
+        zs = StandardScaler().fit_transform(x.double().numpy())
+        ref = LogisticRegression(C=1.0, class_weight=cw, tol=1e-12, max_iter=10000).fit(zs, y.numpy())
+        np.testing.assert_allclose(clf.coef.numpy(), ref.coef_[0], atol=1e-4, rtol=1e-4)
+        assert clf.intercept == pytest.approx(ref.intercept_[0], abs=1e-4)
+    # balancing predicts more of the rare class
+    assert fit_token_classifier(x, y, class_weight="balanced").predict(x).sum() > fit_token_classifier(x, y).predict(x).sum()
+    with pytest.raises(UserError, match="class_weight"):
+        fit_token_classifier(x, y, class_weight="equal")
+
+
 def test_token_classifier_without_standardising_and_with_one_class():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(200, 6, generator=g)

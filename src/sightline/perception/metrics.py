@@ -17,6 +17,8 @@ as background: see `JFScores`).
 
 from __future__ import annotations
 
+import functools
+
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
@@ -255,6 +257,11 @@ def seg2bmap(seg: np.ndarray, width: int | None = None, height: int | None = Non
 
 def disk(radius: float) -> np.ndarray:
     """scikit-image's `morphology.disk`: the uint8 square of side 2r+1 with 1 where x^2 + y^2 <= r^2."""
+    return _disk(float(radius)).copy()
+
+
+@functools.lru_cache(maxsize=16)
+def _disk(radius: float) -> np.ndarray:
     grid = np.arange(-radius, radius + 1)
     x, y = np.meshgrid(grid, grid)
     return ((x ** 2 + y ** 2) <= radius ** 2).astype(np.uint8)
@@ -303,6 +310,63 @@ def f_measure(foreground_mask: np.ndarray, gt_mask: np.ndarray, void_pixels: np.
     if precision + recall == 0:
         return 0.0
     return float(2 * precision * recall / (precision + recall))
+
+
+def _bmaps(seg: np.ndarray) -> np.ndarray:
+    """`seg2bmap` of each frame of [T, H, W] (same size out)."""
+    seg = np.asarray(seg).astype(bool)
+    e = np.zeros_like(seg)
+    s = np.zeros_like(seg)
+    se = np.zeros_like(seg)
+    e[:, :, :-1] = seg[:, :, 1:]
+    s[:, :-1, :] = seg[:, 1:, :]
+    se[:, :-1, :-1] = seg[:, 1:, 1:]
+    b = seg ^ e | seg ^ s | seg ^ se
+    b[:, -1, :] = seg[:, -1, :] ^ e[:, -1, :]
+    b[:, :, -1] = seg[:, :, -1] ^ s[:, :, -1]
+    b[:, -1, -1] = 0
+    return b
+
+
+def _dilates(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:
+    """`binary_dilate` of each frame of [T, H, W] (bool out)."""
+    fh, fw = footprint.shape
+    ry, rx = fh // 2, fw // 2
+    t, h, w = mask.shape
+    padded = np.zeros((t, h + 2 * ry, w + 2 * rx), dtype=bool)
+    padded[:, ry:ry + h, rx:rx + w] = mask
+    out = np.zeros((t, h, w), dtype=bool)
+    for dy, dx in zip(*np.nonzero(footprint)):
+        out |= padded[:, dy:dy + h, dx:dx + w]
+    return out
+
+
+def _bound_pix(shape_hw, bound_th: float) -> float:
+    return bound_th if bound_th >= 1 else np.ceil(bound_th * np.linalg.norm(shape_hw))
+
+
+def _boundaries(masks: np.ndarray, bound_th: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(masks, boundary maps, dilated boundary maps) of binary frames [T, H, W], as `f_measure` makes them."""
+    b = _bmaps(masks)
+    return masks, b, _dilates(b, _disk(_bound_pix(masks.shape[1:], bound_th)))
+
+
+def _f_measure_frames(fg: np.ndarray, gt_boundary: np.ndarray, gt_dil: np.ndarray, bound_th: float) -> np.ndarray:
+    """`f_measure` (no void pixels) of each frame of a prediction [T, H, W] against the annotation's boundary maps
+    (`_boundaries`) -> [T]."""
+    fg_b, = _boundaries(fg, bound_th)[1:2]
+    fg_dil = _dilates(fg_b, _disk(_bound_pix(fg.shape[1:], bound_th)))
+    n_fg = fg_b.sum((1, 2)).astype(np.float64)
+    n_gt = gt_boundary.sum((1, 2)).astype(np.float64)
+    fg_match = (fg_b & gt_dil).sum((1, 2))
+    gt_match = (gt_boundary & fg_dil).sum((1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(n_fg > 0, fg_match / np.maximum(n_fg, 1), 1.0)
+        recall = np.where(n_gt > 0, gt_match / np.maximum(n_gt, 1), 1.0)
+        precision = np.where((n_fg > 0) & (n_gt == 0), 0.0, precision)
+        recall = np.where((n_fg == 0) & (n_gt > 0), 0.0, recall)
+        f = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-300), 0.0)
+    return f
 
 
 def db_eval_boundary(annotation: np.ndarray, segmentation: np.ndarray, void_pixels: np.ndarray | None = None,
@@ -355,6 +419,7 @@ class JFScores:
     def __init__(self, bound_th: float = 0.008) -> None:
         self.bound_th = bound_th
         self._objects: dict[str, dict] = {}  # "seq_k" -> stats
+        self._gt_cache: tuple | None = None  # (the last gt_labels list, object -> its boundary maps)
         self._sequences: dict[str, list[str]] = {}
 
     def add(self, sequence: str, pred_labels: Sequence[np.ndarray], gt_labels: Sequence[np.ndarray],
@@ -370,26 +435,34 @@ class JFScores:
                             f"{len(gt_labels)} annotated ones; pass frames 1..T-1 of both")
         if sequence in self._sequences:
             raise UserError(f"sequence {sequence} was added twice; give each clip a unique name")
-        scored = range(len(pred_labels) - 1)  # frames 1..T-2 of the clip
+        n_scored = len(pred_labels) - 1  # frames 1..T-2 of the clip
+        gt = np.stack([np.asarray(g) for g in gt_labels[:n_scored]]) if n_scored else None
+        pr = np.stack([np.asarray(p) for p in pred_labels[:n_scored]]) if n_scored else None
+        if n_scored:
+            if pr.shape != gt.shape:
+                raise UserError(f"sequence {sequence}: prediction {pr.shape[1:]} and annotation "
+                                f"{gt.shape[1:]} differ; resize the prediction to the annotation")
+            if int(pr.max(initial=0)) > n_objects:
+                raise UserError(f"sequence {sequence}: a predicted label exceeds the "
+                                f"{n_objects} objects of the first frame")
+        cache = self._gt_cache if self._gt_cache is not None and self._gt_cache[0] is gt_labels else None
+        if cache is None and n_scored:  # the annotation's boundaries, reused while the same frames come again
+            cache = (gt_labels, {})
+            self._gt_cache = cache
         out = {}
         names = []
         for k in range(1, int(n_objects) + 1):
-            js, fs = [], []
-            for t in scored:
-                gt = np.asarray(gt_labels[t])
-                pr = np.asarray(pred_labels[t])
-                if pr.shape != gt.shape:
-                    raise UserError(f"sequence {sequence}: prediction {pr.shape} and annotation "
-                                    f"{gt.shape} differ; resize the prediction to the annotation")
-                if k == 1 and int(pr.max(initial=0)) > n_objects:
-                    raise UserError(f"sequence {sequence}: a predicted label exceeds the "
-                                    f"{n_objects} objects of the first frame")
-                gt_k = (gt == k)  # 255 (void) -> background, never == k
-                pr_k = (pr == k)
-                js.append(db_eval_iou(gt_k, pr_k))
-                fs.append(db_eval_boundary(gt_k, pr_k, bound_th=self.bound_th))
-            jm, jr, jd = db_statistics(np.array(js))
-            fm, fr, fd = db_statistics(np.array(fs))
+            if n_scored:
+                if k not in cache[1]:
+                    cache[1][k] = _boundaries(gt == k, self.bound_th)  # 255 (void) -> background, never == k
+                gt_k, gt_b, gt_dil = cache[1][k]
+                pr_k = pr == k
+                js = db_eval_iou(gt_k, pr_k)
+                fs = _f_measure_frames(pr_k, gt_b, gt_dil, self.bound_th)
+            else:
+                js = fs = np.zeros(0)
+            jm, jr, jd = db_statistics(np.asarray(js))
+            fm, fr, fd = db_statistics(np.asarray(fs))
             name = f"{sequence}_{k}"
             self._objects[name] = {"J": jm, "J_recall": jr, "J_decay": jd,
                                    "F": fm, "F_recall": fr, "F_decay": fd, "n_frames": len(js)}

@@ -70,20 +70,28 @@ def _solve_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def fit_token_classifier(x: torch.Tensor, y: torch.Tensor, l2: float = 1.0, standardize: bool = True,
-                         max_iter: int = 200) -> TokenClassifier:
-    """Binary logistic regression of y [N] (0/1) on x [N, D], full batch by L-BFGS.
+NEWTON_MAX_DIM = 1024  # fit_token_classifier: exact Newton steps up to this many features, L-BFGS above
 
-    Objective: sum_i log-loss_i + l2 / 2 * ||w||^2, intercept unpenalised: exactly scikit-learn's
-    `LogisticRegression(C=1 / l2)` (its default C=1 is l2=1). With `standardize` the features are
+
+def fit_token_classifier(x: torch.Tensor, y: torch.Tensor, l2: float = 1.0, standardize: bool = True,
+                         max_iter: int = 200, class_weight: str | None = None) -> TokenClassifier:
+    """Binary logistic regression of y [N] (0/1) on x [N, D], full batch.
+
+    Objective: sum_i s_i log-loss_i + l2 / 2 * ||w||^2, intercept unpenalised: exactly scikit-learn's
+    `LogisticRegression(C=1 / l2, class_weight=class_weight)` (its default C=1 is l2=1; s_i = 1, or
+    with class_weight="balanced" N / (2 N_class(i)) as sklearn). With `standardize` the features are
     first scaled to zero mean and unit population std (constant dimensions keep std 1), as
-    sklearn's StandardScaler. Solved in float64 (float32 on MPS); a single-class y gives a
+    sklearn's StandardScaler. Solved in float64 (float32 on MPS): by Newton's method with a
+    backtracking line search (the objective is strictly convex in w; a few exact steps) when
+    D <= NEWTON_MAX_DIM, else by L-BFGS (`max_iter` iterations). A single-class y gives a
     classifier that predicts that class."""
     if x.ndim != 2 or y.shape != (x.shape[0],):
         raise UserError(f"fit_token_classifier wants x [N, D] and y [N]; got {tuple(x.shape)} and "
                         f"{tuple(y.shape)}")
     if l2 < 0:
         raise UserError(f"l2 = {l2} is negative; pass l2 >= 0 (sklearn's C = 1 / l2)")
+    if class_weight not in (None, "balanced"):
+        raise UserError(f"class_weight={class_weight!r}; pass None or 'balanced'")
     dt = _solve_dtype(x.device)
     xd = x.to(dt)
     yd = (y.to(x.device) > 0).to(dt)
@@ -100,7 +108,57 @@ def fit_token_classifier(x: torch.Tensor, y: torch.Tensor, l2: float = 1.0, stan
         return TokenClassifier(torch.zeros(d, dtype=dt, device=x.device), 0.0, mean, std, constant=c)
     z = (xd - mean) / std
     n = z.shape[0]
-    params = torch.zeros(d + 1, dtype=dt, device=x.device, requires_grad=True)
+    sw = torch.ones(n, dtype=dt, device=x.device)
+    if class_weight == "balanced":
+        n_pos = yd.sum()
+        sw = torch.where(yd > 0, n / (2 * n_pos), n / (2 * (n - n_pos)))
+    if d <= NEWTON_MAX_DIM and l2 > 0:
+        w = _newton_logistic(z, yd, sw, l2)
+    else:
+        w = _lbfgs_logistic(z, yd, sw, l2, max_iter)
+    return TokenClassifier(w[:d].clone(), float(w[d]), mean, std)
+
+
+def _logistic_loss(zb: torch.Tensor, y: torch.Tensor, sw: torch.Tensor, l2: float, w: torch.Tensor) -> torch.Tensor:
+    logits = zb @ w
+    return (sw * F.binary_cross_entropy_with_logits(logits, y, reduction="none")).sum() + 0.5 * l2 * (w[:-1] ** 2).sum()
+
+
+def _newton_logistic(z: torch.Tensor, y: torch.Tensor, sw: torch.Tensor, l2: float, max_iter: int = 50,
+                     tol: float = 1e-10) -> torch.Tensor:
+    """Newton's method on the weighted, L2-penalised logistic loss; parameters [D + 1] (intercept last)."""
+    n, d = z.shape
+    zb = torch.cat([z, torch.ones(n, 1, dtype=z.dtype, device=z.device)], 1)
+    reg = torch.full((d + 1,), float(l2), dtype=z.dtype, device=z.device)
+    reg[d] = 0.0
+    w = torch.zeros(d + 1, dtype=z.dtype, device=z.device)
+    loss = _logistic_loss(zb, y, sw, l2, w)
+    for _ in range(max_iter):
+        p = torch.sigmoid(zb @ w)
+        grad = zb.T @ (sw * (p - y)) + reg * w
+        if float(grad.abs().max()) <= tol * max(1.0, float(sw.sum())):
+            break
+        h = (zb * (sw * p * (1 - p))[:, None]).T @ zb + torch.diag(reg)
+        h[d, d] += 1e-12 * float(sw.sum())  # a saturated intercept: keep the system solvable
+        step = torch.linalg.solve(h, grad)
+        t = 1.0
+        while True:  # backtracking (Armijo) line search
+            new = w - t * step
+            new_loss = _logistic_loss(zb, y, sw, l2, new)
+            if new_loss <= loss - 1e-4 * t * float(grad @ step) or t < 1e-10:
+                break
+            t *= 0.5
+        if float(loss - new_loss) <= 1e-15 * max(1.0, abs(float(loss))):
+            w = new
+            break
+        w, loss = new, new_loss
+    return w
+
+
+def _lbfgs_logistic(z: torch.Tensor, y: torch.Tensor, sw: torch.Tensor, l2: float, max_iter: int) -> torch.Tensor:
+    """L-BFGS (strong Wolfe) on the same objective, for many features."""
+    n, d = z.shape
+    params = torch.zeros(d + 1, dtype=z.dtype, device=z.device, requires_grad=True)
     opt = torch.optim.LBFGS([params], lr=1.0, max_iter=max_iter, max_eval=max_iter * 2,
                             tolerance_grad=1e-10, tolerance_change=1e-14, history_size=20,
                             line_search_fn="strong_wolfe")
@@ -109,15 +167,14 @@ def fit_token_classifier(x: torch.Tensor, y: torch.Tensor, l2: float = 1.0, stan
         opt.zero_grad()
         logits = z @ params[:d] + params[d]
         # divided by n for conditioning; the minimiser is the same
-        loss = (F.binary_cross_entropy_with_logits(logits, yd, reduction="sum")
+        loss = ((sw * F.binary_cross_entropy_with_logits(logits, y, reduction="none")).sum()
                 + 0.5 * l2 * (params[:d] ** 2).sum()) / n
         loss.backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
-    w = params.detach()
-    return TokenClassifier(w[:d].clone(), float(w[d]), mean, std)
+    return params.detach()
 
 
 # ---- co-segmentation: k-means and joint clustering -----------------------------------------------
@@ -189,13 +246,42 @@ def kmeans(x: torch.Tensor, k: int, seed: int, n_init: int = 3, max_iter: int = 
     if cosine:
         x = F.normalize(x, dim=1)
     gen = torch.Generator().manual_seed(int(seed))
-    best = None
-    for _ in range(max(1, n_init)):
-        init = x[kmeans_plusplus(x, k, gen)]
-        labels, c, inertia = lloyd(x, init, max_iter)
-        if best is None or inertia < best[2]:
-            best = (labels, c, inertia)
-    return best[0], best[1]
+    inits = torch.stack([x[kmeans_plusplus(x, k, gen)] for _ in range(max(1, n_init))])
+    labels, c, inertia = _lloyd_batch(x, inits, max_iter)
+    i = int(torch.argmin(inertia))  # lowest inertia, first on ties
+    return labels[i], c[i]
+
+
+def _lloyd_batch(x: torch.Tensor, centroids: torch.Tensor, max_iter: int = 100
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`lloyd` from B initialisations [B, k, D] at once: each run is updated until its assignment no longer changes
+    (then it stays at its fixed point) or max_iter updates. Returns (labels [B, N], centroids [B, k, D],
+    inertia [B])."""
+    c = centroids.clone()
+    b, k, _ = c.shape
+    x2 = (x * x).sum(1)
+
+    def assign(c):
+        d = (x2[None, :, None] - 2 * torch.einsum("nd,bkd->bnk", x, c) + (c * c).sum(2)[:, None, :]).clamp_min_(0)
+        return d.min(2)
+
+    dist, labels = assign(c)
+    active = torch.ones(b, dtype=torch.bool, device=x.device)
+    offsets = (torch.arange(b, device=x.device) * k)[:, None]
+    for _ in range(max_iter):
+        flat = (labels + offsets).reshape(-1)
+        sums = torch.zeros(b * k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, flat, x.repeat(b, 1))
+        counts = torch.bincount(flat, minlength=b * k).to(x.dtype)
+        new_c = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c.reshape(b * k, -1)).reshape(c.shape)
+        c = torch.where(active[:, None, None], new_c, c)
+        dist, new = assign(c)
+        changed = (new != labels).any(1) & active
+        labels = torch.where(active[:, None], new, labels)
+        active = changed
+        if not bool(active.any()):
+            break
+    dist, _ = assign(c)
+    return labels, c, dist.sum(1)
 
 
 def border_ring(grid_hw: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -433,7 +519,7 @@ def propagate(target: torch.Tensor, context_feats: Sequence[torch.Tensor], conte
     for s in range(0, n, chunk):
         rows = torch.arange(s, min(s + chunk, n), device=dev)
         sim = src @ tgt[rows].T  # [nc*n, c]
-        if radius > 0:
+        if 0 < radius < max(grid_hw) - 1:  # a window that covers the whole grid masks nothing
             mask = neighbourhood_mask(grid_hw, radius, rows, dev).repeat(n_ctx, 1)
             shift = sim.masked_fill(mask == 0, -math.inf).max(0).values
             aff = torch.exp((sim - shift) / temperature) * mask
