@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -984,7 +984,7 @@ def run_perceive(cfg: PerceiveConfig, task_data: Mapping[str, Any] | None = None
             "organism": organism,
             "n_parameters": n_params,
             "control": control,
-            "control_rule": (f"--control/--no-control given" if cfg.control is not None else
+            "control_rule": ("--control/--no-control given" if cfg.control is not None else
                              f"auto: on for models up to {CONTROL_MAX_PARAMS:.0e} parameters (this one has "
                              f"{n_params:.3g})"),
             "encoder": enc_path,
