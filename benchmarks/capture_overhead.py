@@ -64,7 +64,10 @@ def build_family_model(root: Path, family: str) -> Path:
 
     if family == "llava":
         return build_cpu_model(root)
-    return build_tiny(family, root / family, text=dict(SMALL_TEXT))
+    text = dict(SMALL_TEXT)
+    if family == "qwen3_5":  # one layer type per block: Qwen3.5's own pattern, softmax attention every fourth
+        text["layer_types"] = (["linear_attention"] * 3 + ["full_attention"]) * (text["num_hidden_layers"] // 4)
+    return build_tiny(family, root / family, text=text)
 
 
 def timed(fn) -> float:

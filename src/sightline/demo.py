@@ -305,7 +305,7 @@ def _steer_section(ctx: DemoContext) -> tuple[dict, Section]:
     res = run_steering(SteerConfig(
         model=ctx.model_path, directions=str(ctx.store_path), label="facts.objects.0.shape", data=str(data),
         out=str(ctx.out / "steer"), pairs=("circle:star", "square:heart"), layers="0,1,2,3",
-        scales=(0, 2, 4, 6, 8, 10, 12), images_per_class=20, batch_size=64, max_new_tokens=8, progress=cfg.progress))
+        scales=(0, 3, 6, 9, 12), images_per_class=20, batch_size=64, max_new_tokens=8, progress=cfg.progress))
     h = headline(res)
     from sightline.report.files import read_json
 

@@ -394,6 +394,8 @@ class Adapter:
             )
         finally:
             tok.padding_side = old_side
+        # PaliGemma's processor adds training labels; a forward given them would compute a loss for nothing
+        inputs.pop("labels", None)
         ids = inputs["input_ids"].numpy()
         mask = inputs["attention_mask"].numpy() if "attention_mask" in inputs else np.ones_like(ids)
         lengths = mask.sum(1).astype(int).tolist()
