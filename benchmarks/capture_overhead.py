@@ -67,6 +67,9 @@ def build_family_model(root: Path, family: str) -> Path:
     text = dict(SMALL_TEXT)
     if family == "qwen3_5":  # one layer type per block: Qwen3.5's own pattern, softmax attention every fourth
         text["layer_types"] = (["linear_attention"] * 3 + ["full_attention"]) * (text["num_hidden_layers"] // 4)
+    if family == "glm4v":  # M-RoPE sections for the widened head (64 dims, half rotated: 16 frequency pairs)
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 4, 8],
+                                   "partial_rotary_factor": 0.5}
     return build_tiny(family, root / family, text=text)
 
 
@@ -85,7 +88,7 @@ def overhead(adapter, batches, repeats: int, store_root: Path, shard_examples: i
     from sightline.store import StoreWriter
 
     model = adapter.model
-    sites = resolve_sites("resid,keys,values", "all", adapter.n_layers, adapter.n_vision_layers)
+    sites = resolve_sites("resid,keys,values", "all", adapter.n_layers, adapter.n_vision_layers, adapter.kv_layers)
     cap = Capture(adapter, sites, dtype=torch.float16)
     shapes = {s: site_shape(s, adapter) for s in sites}
     dev = adapter.device
