@@ -378,7 +378,7 @@ def _sae_section(ctx: DemoContext) -> tuple[dict, Section]:
         # latents never fired; this setting measured 0-3% per layer at the same cost (tests/test_demo.py).
         folders += train_saes(SAETrainConfig(
             store=str(ctx.store_path), site=f"resid.{L}", out=str(ctx.out / "sae" / f"resid.{L}"), modality="both",
-            batch_size=1024, epochs=12, dead_tokens=4096,
+            batch_size=1024, epochs=8, dead_tokens=4096,
             saes=(SAEConfig(arch="topk", width=256, k=32, aux_coeff=0.25),)), progress=cfg.progress)["paths"]
     res = analyze_sae(SAEAnalyzeConfig(saes=tuple(str(f) for f in folders), store=str(ctx.store_path),
                                        out=str(ctx.out / "sae-analysis"), n_loss=32, loss_batch_size=32, n_features=12,
@@ -417,7 +417,7 @@ def _sae_section(ctx: DemoContext) -> tuple[dict, Section]:
     return summary, sec
 
 
-PERCEPTION_REPS = ("values", "projector", "vision", "encoder")
+PERCEPTION_REPS = ("values", "projector", "encoder")  # values of all KV heads together; `perceive` reads more
 
 
 def _perception_section(ctx: DemoContext) -> tuple[dict, Section]:
@@ -426,7 +426,7 @@ def _perception_section(ctx: DemoContext) -> tuple[dict, Section]:
 
     cfg = ctx.config
     res = run_perceive(PerceiveConfig(
-        model=ctx.model_path, out=str(ctx.out / "perceive"), reps=PERCEPTION_REPS,
+        model=ctx.model_path, out=str(ctx.out / "perceive"), reps=PERCEPTION_REPS, heads="concat",
         synthetic_units=cfg.perception_units, seed=cfg.seed, progress=cfg.progress))
     tasks = read_json(ctx.out / "perceive" / "results.json")["summary"]["tasks"]
 
