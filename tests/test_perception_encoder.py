@@ -12,7 +12,6 @@ from PIL import Image
 
 from sightline.errors import UserError
 from sightline.models.layout import mask_to_tokens, point_to_token, tokens_to_pixels
-from sightline.organism import VISION_STAGE1
 from sightline.perception.encoder import Encoder, grid_layout
 
 SIDE, PATCH = 28, 7  # a 4 x 4 patch grid
@@ -225,7 +224,6 @@ def _tower(weights: dict) -> dict:
             for k, v in weights.items() if "vision_tower." in k}
 
 
-@pytest.mark.skipif(not (VISION_STAGE1 / "config.json").exists(), reason="the organism's stage-1 tower is not shipped yet")
 def test_shipped_stage1_tower_is_the_organisms_tower_before_stage2():
     from safetensors.torch import load_file
 
