@@ -918,10 +918,11 @@ def summarize_task(run: _TaskRun, extra: dict) -> tuple[list[dict], dict]:
 
 
 # ============================================================================= the job
-def run_perceive(cfg: PerceiveConfig, task_data: Mapping[str, Any] | None = None) -> RunResult:
+def run_perceive(cfg: PerceiveConfig, task_data: Mapping[str, Any] | None = None, adapter=None) -> RunResult:
     """Run every task of `cfg` and write `cfg.out` (module docstring; docs/outputs.md).
 
-    `task_data`: task -> TaskData to score instead of loading `cfg.data` (Python use, tests)."""
+    `task_data`: task -> TaskData to score instead of loading `cfg.data` (Python use, tests). `adapter`: the
+    model of `cfg.model` already loaded (Python callers that run several analyses); None loads it."""
     from sightline.models import load_model
     from sightline.perception.represent import Featurizer, parameter_count, parse_reps, random_weights_like
     from sightline.runtime import resolve_placement
@@ -935,8 +936,9 @@ def run_perceive(cfg: PerceiveConfig, task_data: Mapping[str, Any] | None = None
     model_path, organism = _model_path(cfg)
     enc_path, enc_why = _encoder_path(cfg, organism)
     device, model_dtype = resolve_placement(cfg.device, cfg.model_dtype, cfg.device_map)
-    adapter = load_model(model_path, dtype=model_dtype, device=device, device_map=cfg.device_map,
-                         revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, progress=cfg.progress)
+    if adapter is None:
+        adapter = load_model(model_path, dtype=model_dtype, device=device, device_map=cfg.device_map,
+                             revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, progress=cfg.progress)
     asked = [r.strip() for x in cfg.reps for r in str(x).split(",") if r.strip()]
     skipped: dict[str, str] = {}
     if "encoder" in asked and enc_path is None:

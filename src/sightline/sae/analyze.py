@@ -672,8 +672,9 @@ def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokeniz
     return RunResult(out, summary)
 
 
-def analyze_sae(config: SAEAnalyzeConfig) -> dict[str, Any]:
-    """Load the SAEs and the store named by the config and analyse them (see the module docstring)."""
+def analyze_sae(config: SAEAnalyzeConfig, adapter=None) -> dict[str, Any]:
+    """Load the SAEs and the store named by the config and analyse them (see the module docstring).
+    `adapter`: the store's model already loaded (for loss recovered); None loads it when needed."""
     from sightline.sae.models import SAE
     from sightline.store import ActivationStore
 
@@ -681,4 +682,4 @@ def analyze_sae(config: SAEAnalyzeConfig) -> dict[str, Any]:
     store = ActivationStore.open(config.store)
     dev = resolve_device(config.device)
     saes = [SAE.from_pretrained(str(f)).to(dev).eval() for f in folders]
-    return analyze_saes(saes, store, config, training=[training_record(f) for f in folders])
+    return analyze_saes(saes, store, config, adapter=adapter, training=[training_record(f) for f in folders])

@@ -456,11 +456,13 @@ def _held_out_warning(cfg: SteerConfig, data: _Data) -> list[str]:
     return []
 
 
-def run_steering(cfg: SteerConfig, damage_rule: Mapping[str, Sequence[str]] | None = None) -> RunResult:
+def run_steering(cfg: SteerConfig, damage_rule: Mapping[str, Sequence[str]] | None = None,
+                 adapter=None) -> RunResult:
     """Run the sweep and write `cfg.out` (see the module docstring and docs/outputs.md).
 
     `damage_rule` maps the steered attribute of a synthetic dataset to the question types that measure
-    damage; None: the world's own rule (`sightline.data.synthetic.DAMAGE_QTYPES`)."""
+    damage; None: the world's own rule (`sightline.data.synthetic.DAMAGE_QTYPES`). `adapter`: the model of
+    `cfg.model` already loaded (Python callers that run several analyses); None loads it."""
     import torch
 
     from sightline.models import load_model
@@ -482,9 +484,10 @@ def run_steering(cfg: SteerConfig, damage_rule: Mapping[str, Sequence[str]] | No
         "caption": cfg.caption_prompt or (WORLD_CAPTION_PROMPT if synthetic else PAPER_CAPTION_PROMPT),
     }
 
-    device, model_dtype = resolve_placement(cfg.device, cfg.model_dtype, cfg.device_map)
-    adapter = load_model(cfg.model, dtype=model_dtype, device=device, device_map=cfg.device_map,
-                         revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, progress=cfg.progress)
+    if adapter is None:
+        device, model_dtype = resolve_placement(cfg.device, cfg.model_dtype, cfg.device_map)
+        adapter = load_model(cfg.model, dtype=model_dtype, device=device, device_map=cfg.device_map,
+                             revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, progress=cfg.progress)
     sites, directions = _sites_and_directions(cfg, adapter)
 
     items_of: dict[str, list[Item]] = {}
