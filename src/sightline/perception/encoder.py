@@ -72,7 +72,8 @@ class Encoder:
         self.image_size = int(model.config.image_size)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None, dtype: str = "float32", layer: int = -1) -> Encoder:
+    def load(cls, path: str | Path, device: str | None = None, dtype: str = "float32", layer: int = -1,
+             progress: bool = True) -> Encoder:
         """The vision part of a local CLIP/SigLIP checkpoint folder and its image processor.
 
         `layer` indexes the hidden states as HF's `vision_feature_layer` does (0 = the embeddings,
@@ -108,8 +109,11 @@ class Encoder:
             raise UserError(f"{what}: image processor {type(processor).__name__} is not a CLIP or SigLIP one; "
                             "save a CLIPImageProcessor or SiglipImageProcessor config into the folder")
         dev, dt = resolve_placement(device or "auto", dtype)
-        model = getattr(transformers, VISION_MODELS[kind]).from_pretrained(
-            folder, local_files_only=True, trust_remote_code=False, dtype=getattr(torch, dt))
+        from sightline.models.base import quiet_loading
+
+        with quiet_loading(progress):
+            model = getattr(transformers, VISION_MODELS[kind]).from_pretrained(
+                folder, local_files_only=True, trust_remote_code=False, dtype=getattr(torch, dt))
         return cls(model.to(dev), processor, layer=layer, path=str(path))
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:

@@ -954,7 +954,8 @@ def run_perceive(cfg: PerceiveConfig, task_data: Mapping[str, Any] | None = None
     if enc_path is not None and any(r.kind == "encoder" for r in reps):
         from sightline.perception.encoder import Encoder
 
-        encoder = Encoder.load(enc_path, device=device, dtype="float32", layer=cfg.encoder_layer)
+        encoder = Encoder.load(enc_path, device=device, dtype="float32", layer=cfg.encoder_layer,
+                               progress=cfg.progress)
     n_params = parameter_count(adapter)
     control = cfg.control if cfg.control is not None else n_params <= CONTROL_MAX_PARAMS
     kw = dict(prompt=cfg.prompt, query_prompt=cfg.query_prompt, prefix=cfg.prefix, view=cfg.view,
