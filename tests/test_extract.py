@@ -125,11 +125,15 @@ def test_kill_and_resume_is_exact(tiny_checkpoint, tmp_path):
     assert not list(out.rglob("*.tmp-*")), "leftover temporary files"
 
 
+N_INTERRUPT = 300
+
+
 @pytest.fixture(scope="module")
 def interrupt_case(tiny_checkpoint, tmp_path_factory):
-    """A 60-image dataset, the extract arguments, and the store of an uninterrupted run."""
+    """A 300-image dataset, the extract arguments, and the store of an uninterrupted run. (60 images took
+    0.5 s on an idle machine: the run could finish before the signal was sent.)"""
     root = tmp_path_factory.mktemp("interrupt")
-    data = make_folder(root / "data", 60, sizes=((56, 56), (70, 50)))
+    data = make_folder(root / "data", N_INTERRUPT, sizes=((56, 56), (70, 50)))
     args = ["extract", "--model", tiny_checkpoint("llava"), "--data", data, "--sites", "resid,values",
             "--batch-size", "2"]
     clean = root / "clean"
@@ -172,14 +176,14 @@ def test_interrupt_keeps_finished_examples(interrupt_case, tmp_path, sig):
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("sightline: interrupted:") and "--resume" in last and "Traceback" not in stderr, stderr[-2000:]
     kept = len(ActivationStore.open(out))
-    assert 6 <= kept < 60, f"the interrupt did not land mid-run ({kept} kept)"
-    assert f"{kept} of 60 examples are kept" in last, last
+    assert 6 <= kept < N_INTERRUPT, f"the interrupt did not land mid-run ({kept} kept)"
+    assert f"{kept} of {N_INTERRUPT} examples are kept" in last, last
     r = cli(*args, "--out", out, "--resume", "--progress")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert _progress(r.stderr)[-1] == (60 - kept, 60 - kept), "the resume did not compute only the rest"
+    assert _progress(r.stderr)[-1] == (N_INTERRUPT - kept, N_INTERRUPT - kept), "the resume did not compute only the rest"
     s, got = _read_all(out)
     c, ref = _read_all(clean)
-    assert s.complete and [e["example"] for e in s.examples] == list(range(60))
+    assert s.complete and [e["example"] for e in s.examples] == list(range(N_INTERRUPT))
     assert np.array_equal(s.index, c.index)
     for site in ref:
         assert torch.equal(got[site], ref[site]), site

@@ -30,10 +30,12 @@ def every_task(tmp_path_factory):
 
 def test_rows_for_every_rep_layer_head(every_task, organism):
     res, results = every_task
-    reps = parse_reps(("values", "keys", "resid", "projector", "vision"), "1,3", "all", n_layers=organism.n_layers,
-                      n_kv_heads=organism.n_kv_heads, n_vision_layers=organism.n_vision_layers, vision_layers="3")
-    # 2 layers x (concat + 2 KV heads) x {values, keys} + resid 1, 3 + projector + vision 3
-    assert len(reps) == 2 * 3 * 2 + 2 + 1 + 1
+    reps = parse_reps(("values", "keys", "resid", "projector", "vision", "encoder"), "1,3", "all",
+                      n_layers=organism.n_layers, n_kv_heads=organism.n_kv_heads,
+                      n_vision_layers=organism.n_vision_layers, vision_layers="3", encoder=True)
+    # 2 layers x (concat + 2 KV heads) x {values, keys} + resid 1, 3 + projector + vision 3 + the organism's
+    # stage-1 tower as the encoder
+    assert len(reps) == 2 * 3 * 2 + 2 + 1 + 1 + 1
     assert res.summary["reps"] == [r.name for r in reps]
     rows = results["rows"]
     for task in TASKS:
@@ -41,7 +43,9 @@ def test_rows_for_every_rep_layer_head(every_task, organism):
         for kind in ("model", "control"):
             got = {(r["rep"], r["layer"], r["head"]) for r in rows
                    if r["task"] == task and r["kind"] == kind and r["metric"] == PRIMARY[task]}
-            assert got == {(r.name, r.layer, r.head) for r in want}, (task, kind)
+            # the control is the VLM with random weights: it has no external encoder
+            expect = {(r.name, r.layer, r.head) for r in want if not (kind == "control" and r.kind == "encoder")}
+            assert got == expect, (task, kind)
         for metric in METRICS[task]:
             assert any(r["task"] == task and r["metric"] == metric and r["kind"] == "model" for r in rows)
         s = res.summary["tasks"][task]
