@@ -157,8 +157,11 @@ def test_interrupt_keeps_finished_examples(interrupt_case, tmp_path, sig):
 
     args, clean = interrupt_case
     out = tmp_path / "s"
+    # a job started in the background by a non-interactive shell inherits SIGINT ignored; a user's
+    # extraction in a terminal has the default handler, which is what this test is about
     proc = subprocess.Popen([sys.executable, "-m", "sightline.cli", *map(str, args), "--out", str(out), "--progress"],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     chunks: list[bytes] = []
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stderr.read1(4096), b"")), daemon=True)
     reader.start()
