@@ -541,9 +541,9 @@ def _load_refcoco(root: Path, split: str | None, dataset: str, seed: int, limit:
         return _load_refcoco_parquet(folder, parquet, split, dataset, seed, limit, fraction)
     pickles = sorted(folder.glob("refs(*).p"))
     if pickles:
-        raise UserError(f"{pickles[0]} is a pickle, which sightline never loads: convert it once to JSON "
-                        f"(python -c \"import pickle, json; json.dump(pickle.load(open('{pickles[0].name}', 'rb')), "
-                        f"open('{pickles[0].stem}.json', 'w'))\") in {folder}, or use lmms-lab's parquet export")
+        raise UserError(f"{pickles[0]} is a pickle, which sightline never loads (unpickling can run code): "
+                        f"convert it once to JSON, {pickles[0].stem}.json in {folder} holding the same list of refs, "
+                        "on a machine where you trust the file, or use lmms-lab's parquet export")
     raise UserError(f"no RefCOCO annotations in {folder}: expected {dataset}/instances.json with refs(unc|umd).json, "
                     f"or parquet files as lmms-lab/{dataset.replace('+', 'plus').replace('refcoco', 'RefCOCO')} ships them")
 
