@@ -12,7 +12,8 @@ import torch
 from sightline.cli import main
 from sightline.errors import UserError
 from sightline.perception.represent import Featurizer, Rep, parse_reps
-from sightline.perception.run import METRICS, PRIMARY, PerceiveConfig, bootstrap_interval, run_perceive
+from sightline.perception.run import (METRICS, PRIMARY, PerceiveConfig, bootstrap_interval, primary_metric,
+                                      run_perceive)
 from sightline.perception.tasks import TASKS
 
 TEXT = ("textseg", "refseg")
@@ -42,7 +43,7 @@ def test_rows_for_every_rep_layer_head(every_task, organism):
         want = [r for r in reps if r.has_text_query] if task in TEXT else reps
         for kind in ("model", "control"):
             got = {(r["rep"], r["layer"], r["head"]) for r in rows
-                   if r["task"] == task and r["kind"] == kind and r["metric"] == PRIMARY[task]}
+                   if r["task"] == task and r["kind"] == kind and r["metric"] == res.summary["tasks"][task]["primary_metric"]}
             # the control is the VLM with random weights: it has no external encoder
             expect = {(r.name, r.layer, r.head) for r in want if not (kind == "control" and r.kind == "encoder")}
             assert got == expect, (task, kind)
@@ -64,11 +65,18 @@ def test_oracle_at_least_every_rep(every_task):
     _, results = every_task
     rows = results["rows"]
     for task in TASKS:
+        primary = results["summary"]["tasks"][task]["primary_metric"]
         oracle = next(r["value"] for r in rows if r["task"] == task and r["kind"] == "oracle" and r["rep"] == "tokens"
-                      and r["metric"] == PRIMARY[task])
+                      and r["metric"] == primary)
         for r in rows:
-            if r["task"] == task and r["kind"] in ("model", "control") and r["metric"] == PRIMARY[task]:
+            if r["task"] == task and r["kind"] in ("model", "control") and r["metric"] == primary:
                 assert r["value"] <= oracle + 1e-9, (task, r["rep"], r["value"], oracle)
+
+
+def test_primary_metric_of_semcorr_depends_on_the_data():
+    assert primary_metric("semcorr", "spair") == PRIMARY["semcorr"] == "pck_bbox"
+    assert primary_metric("semcorr", "synthetic") == "pck_img"
+    assert all(primary_metric(t, f) == PRIMARY[t] for t in TASKS if t != "semcorr" for f in ("synthetic", None))
 
 
 def test_bootstrap_interval_brackets_and_is_seeded():

@@ -424,7 +424,7 @@ PERCEPTION_TASKS = ("fgseg", "coseg", "textseg", "refseg", "semcorr")
 
 
 def _perception_section(ctx: DemoContext) -> tuple[dict, Section]:
-    from sightline.perception.run import PRIMARY, PerceiveConfig, run_perceive
+    from sightline.perception.run import PerceiveConfig, run_perceive
     from sightline.report.files import read_json
 
     cfg = ctx.config
@@ -443,7 +443,7 @@ def _perception_section(ctx: DemoContext) -> tuple[dict, Section]:
         chance = t.get("chance") or {}
         chance_best = max((v for v in (score(c) for c in chance.values()) if v is not None), default=None)
         per_task[task] = {
-            "metric": PRIMARY[task], "best_values_rep": bv.get("rep"), "best_values": score(bv),
+            "metric": t["primary_metric"], "best_values_rep": bv.get("rep"), "best_values": score(bv),
             "best_values_ci95": list(bv.get("ci") or [None, None]), "projector": score(t.get("projector")),
             "encoder": score(t.get("encoder")), "oracle": score(orc), "control_best_values": score(ctl),
             "chance": chance_best, "lm_gain": t.get("lm_gain"), "n_units": t.get("n_units"),

@@ -83,7 +83,8 @@ SYNTHETIC_OPTIONS: dict[str, Any] = {
     "n": None,  # units: episodes / sets / items / pairs / clips
     "set_size": 6,  # coseg: images per set
     "n_frames": 8,  # tempcorr: frames per clip
-    "modes": PAIR_MODES,  # semcorr: pair modes, cycled
+    "modes": ("scene",),  # semcorr: pair modes, cycled (PAIR_MODES). "scene": two unrelated scenes that share a shape,
+    # as SPair pairs two instances of a category; "transform" (one scene moved, same colours) is geometric matching
     "image_size": None,  # side or (height, width); None: WorldConfig's default (112)
     "world": {},  # other WorldConfig fields (n_objects, shapes, styles, ...)
 }
