@@ -39,7 +39,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -345,10 +345,11 @@ def explain_directions(config: ExplainDirectionConfig) -> RunResult:
         for name, v in chosen.items():
             r = explain_direction(sae, v, config.max_latents, config.n_random, config.seed, rand)
             for e in r["latents"]:  # relative to OUT, as the page links it
-                e["page"] = (f"{os.path.relpath(page[0].resolve(), out.resolve().parent / out.name)}#latent{e['latent']}"
+                e["page"] = (f"{os.path.relpath(page[0].resolve(), out.resolve())}#latent{e['latent']}"
                              if page is not None and e["latent"] in page[1] else None)
             fig = f"figures/{_file_name(name)}.png"
-            plot_direction_omp(r, tmp / fig, title=f"{name} at {site}: OMP over {sae.W_dec.shape[0]} decoder directions")
+            plot_direction_omp(r, tmp / fig,
+                               title=f"{name} at {site}: OMP over {sae.W_dec.shape[0]} decoder directions")
             r["figure"] = fig
             results[name] = r
         summary = to_jsonable({
@@ -396,8 +397,8 @@ def _write_index(tmp: Path, summary: dict, results: dict[str, dict], cfg: Explai
                   e["cosine"]] for e in r["latents"][:30]]
         sections.append(Section(
             f"Direction {name}", images=[(r["figure"], f"{name}: cosine against latents used")],
-            tables=[("latents in the order chosen (linked to their feature page where it shows them); coefficients "
-                     "of the full fit", ["rank", "latent", "coefficient", "cosine after it"], lrows)]))
+            tables=[(("latents in the order chosen (linked to their feature page where it shows them); coefficients "
+                      "of the full fit"), ["rank", "latent", "coefficient", "cosine after it"], lrows)]))
     sections.append(Section("Files", links=[("results.json", "results.json"), ("config.json", "config.json")]))
     write_page(tmp / "index.html", "Directions in the SAE basis", f"SAE {cfg.sae}", sections)
 

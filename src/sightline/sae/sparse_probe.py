@@ -188,8 +188,8 @@ def fit_dense(x_nd: torch.Tensor, y: np.ndarray, n_classes: int, train: np.ndarr
     est.fit(x_nd[tr], y[train], x_nd[va] if len(val) else None, y[val] if len(val) else None, n_classes=n_classes)
     pred = est.predict(x_nd[te]).cpu().numpy()
     y_te = y[test]
-    return {"top1": float((pred == y_te).mean()), "balanced": float(np.nanmean(per_class_accuracy(pred, y_te, n_classes))),
-            "l2": float(est.l2_)}
+    balanced = float(np.nanmean(per_class_accuracy(pred, y_te, n_classes)))
+    return {"top1": float((pred == y_te).mean()), "balanced": balanced, "l2": float(est.l2_)}
 
 
 # ----------------------------------------------------------------------------------------------- job
@@ -239,7 +239,7 @@ def sparse_probe(config: SparseProbeConfig) -> RunResult:
     n_classes, width = len(classes), f.shape[1]
     scores = separation_scores(f[torch.from_numpy(train)], y[train], n_classes)
     ks = sorted({min(int(k), width) for k in config.ks})
-    fit_kw = dict(l2_grid=config.l2_grid, seed=config.seed, max_iter=config.max_iter)
+    fit_kw = {"l2_grid": config.l2_grid, "seed": config.seed, "max_iter": config.max_iter}
     curve = []
     for k in ks:
         r = fit_sparse(f, y, n_classes, train, val, test, k, scores, **fit_kw)
@@ -253,8 +253,9 @@ def sparse_probe(config: SparseProbeConfig) -> RunResult:
                         "binary_balanced": c["binary_balanced"][i]} for c in curve] for i, cls in enumerate(classes)}
     carriers = {cls: scores[i].argsort(descending=True)[:5].tolist() for i, cls in enumerate(classes)}
     summary = to_jsonable({
-        "out": str(out), "html": str(out / "index.html"), "sae": str(config.sae), "site": site, "label": config.label,
-        "classes": classes, "n_latents": width, "split_sizes": {"train": len(train), "val": len(val), "test": len(test)},
+        "out": str(out), "html": str(out / "index.html"), "sae": str(config.sae), "site": site,
+        "label": config.label, "classes": classes, "n_latents": width,
+        "split_sizes": {"train": len(train), "val": len(val), "test": len(test)},
         "ks": ks, "top1": [c["top1"] for c in curve], "balanced": [c["balanced"] for c in curve],
         "dense_top1": dense["top1"], "all_latents_top1": every["top1"], "chance": chance,
         "smallest_k_within_5_points": within[0] if within else None,
@@ -298,7 +299,8 @@ def _write_index(tmp: Path, summary: dict, per_class: dict, cfg: SparseProbeConf
         e = next(x for x in entries if x["k"] == k_show)
         crow.append([cls, ", ".join(f"{j} ({s:.2f})" for j, s in zip(e["latents"], e["scores"])),
                      e["binary_balanced"]])
-    write_page(tmp / "index.html", f"Sparse probes over SAE latents: {cfg.label}", f"SAE {cfg.sae}, store {cfg.store}", [
+    write_page(tmp / "index.html", f"Sparse probes over SAE latents: {cfg.label}",
+               f"SAE {cfg.sae}, store {cfg.store}", [
         Section("What this run found", found, images=[("figures/accuracy_vs_k.png", "held-out top-1 against k")],
                 tables=[("held-out accuracy against latents per class", ["k", "top-1", "balanced"], rows)]),
         Section("Latents that carry each class",
