@@ -19,7 +19,7 @@ from sightline.sae.directions import (
     omp,
     unit_dictionary,
 )
-from sightline.sae.sparse_probe import SparseProbeConfig, separation_scores, sparse_probe, top_latents
+from sightline.sae.sparse_probe import SparseProbeConfig, run_sparse_probes, separation_scores, top_latents
 
 LABEL = "facts.objects.0.shape"
 SITE = "resid.2"  # the middle of the organism's 4 blocks (as tests/test_sae_analysis.py), fixed before measuring
@@ -181,7 +181,7 @@ def test_organism_sparse_probe_reads_shape_with_few_latents(organism):
     k <= 4 minus the dense probe +0.04, +0.06, +0.06, +0.08 (k = 1 alone: +0.04, +0.06, 0.00, +0.08); dense
     probe 0.925, 0.938, 0.925, 0.913 on 80 test images."""
     out = organism["root"] / "sparse"
-    res = sparse_probe(SparseProbeConfig(sae=organism["sae"], store=organism["store"], label=LABEL, ks=(1, 2, 4, 8),
+    res = run_sparse_probes(SparseProbeConfig(sae=organism["sae"], store=organism["store"], label=LABEL, ks=(1, 2, 4, 8),
                                          out=str(out), progress=False))
     assert res["ks"] == [1, 2, 4, 8] and res["split_sizes"]["test"] >= 70
     assert res["dense_top1"] >= 0.85  # the dense probe itself reads shape (measured 0.913-0.938)

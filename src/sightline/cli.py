@@ -169,7 +169,7 @@ COMMANDS: dict[str, Command] = {
                                      "sightline.sae.directions:explain_directions", _show_explain_direction),
     "sae sparse-probe": Command("probes that read only k SAE latents per class, beside the dense residual probe",
                                 "sightline.sae.sparse_probe:SparseProbeConfig",
-                                "sightline.sae.sparse_probe:sparse_probe", _show_sparse_probe),
+                                "sightline.sae.sparse_probe:run_sparse_probes", _show_sparse_probe),
     "store info": Command("sites, shapes, examples, tokens and completeness of a store",
                           "sightline.store.info:StoreInfoConfig", "sightline.store.info:run_store_info",
                           _show_store_info),

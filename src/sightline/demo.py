@@ -432,13 +432,13 @@ def _sae_basis(ctx: DemoContext, folders: list) -> tuple[dict, str, list[tuple[s
     with the SAE the section trained at SAE_BASIS_SITE: (summary keys, HTML tables, figures)."""
     from sightline.report.html import table
     from sightline.sae.directions import ExplainDirectionConfig, explain_directions
-    from sightline.sae.sparse_probe import SparseProbeConfig, sparse_probe
+    from sightline.sae.sparse_probe import SparseProbeConfig, run_sparse_probes
 
     sae = next(str(f) for f in folders if Path(f).parent.name == SAE_BASIS_SITE)
     d = explain_directions(ExplainDirectionConfig(
         sae=sae, store=str(ctx.store_path), label="facts.objects.0.shape", classes=("circle:star", "square:heart"),
         features=str(ctx.out / "sae-analysis"), out=str(ctx.out / "sae-directions"), progress=False))
-    p = sparse_probe(SparseProbeConfig(sae=sae, store=str(ctx.store_path), label="facts.objects.0.shape",
+    p = run_sparse_probes(SparseProbeConfig(sae=sae, store=str(ctx.store_path), label="facts.objects.0.shape",
                                        ks=(1, 2, 4, 8), out=str(ctx.out / "sae-sparse-probe"), progress=False))
     dirs = {name: {"latents_for_0.7": r["needed"]["0.7"], "random_latents_for_0.7": r["random_needed"]["0.7"],
                    "cosine_at_20": r["cosine_at"].get("20"), "random_cosine_at_20": r["random_cosine_at"].get("20"),

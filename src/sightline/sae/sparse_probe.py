@@ -193,7 +193,7 @@ def fit_dense(x_nd: torch.Tensor, y: np.ndarray, n_classes: int, train: np.ndarr
 
 
 # ----------------------------------------------------------------------------------------------- job
-def sparse_probe(config: SparseProbeConfig) -> RunResult:
+def run_sparse_probes(config: SparseProbeConfig) -> RunResult:
     """Fit k-sparse probes over an SAE's latents and the dense probes beside them (see the module docstring);
     writes the run folder config.out."""
     from sightline.probes.features import pool_features, resolve_labels, select_examples
