@@ -24,7 +24,8 @@ from sightline.errors import UserError
 WITH_CONFIG = sorted(name for name, c in COMMANDS.items() if c.config is not None)
 # values for required fields (no default), so that a config can be built without a real model
 REQUIRED = {"model": "m", "data": "d", "out": "o", "store": "s", "image": "i.png", "path": "p", "directions": "dirs",
-            "saes": ("sae-a", "sae-b"), "site": "resid.1", "runs": ("run-a", "run-b"), "scores": (61.5, 58.0)}
+            "saes": ("sae-a", "sae-b"), "sae": "sae-a", "site": "resid.1", "runs": ("run-a", "run-b"),
+            "scores": (61.5, 58.0)}
 
 
 def _config_class(name):

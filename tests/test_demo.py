@@ -117,7 +117,16 @@ def test_page_shows_figures_and_example_generations(demo):
     thumbs = [r for r in refs.refs if r.startswith("steer_data/")]
     assert len(thumbs) >= 8  # image, linked: 4 per pair and two pairs, each twice (img + link)
     assert "sae-analysis/index.html" in refs.refs
-    for run in ("probes", "steer", "sae-analysis", "sae/resid.0"):  # every analysis wrote its run folder whole
+    # the SAE section's directions in the SAE basis and sparse probes (validated in tests/test_sae_directions.py)
+    _, s = demo
+    basis, sp = s["sae"]["directions"], s["sae"]["sparse_probe"]
+    assert basis["site"] == sp["site"] == "resid.2" and set(basis["pairs"]) == {"circle:star", "square:heart"}
+    for e in basis["pairs"].values():
+        assert e["figure"] in refs.refs and (out / e["figure"]).stat().st_size > 5000
+        assert 1 <= e["latents_for_0.7"] <= e["random_latents_for_0.7"]
+    assert sp["ks"] == [1, 2, 4, 8] and len(sp["top1"]) == 4 and all(0 <= a <= 1 for a in sp["top1"])
+    assert "sae-sparse-probe/figures/accuracy_vs_k.png" in refs.refs
+    for run in ("probes", "steer", "sae-analysis", "sae/resid.0", "sae-directions", "sae-sparse-probe"):  # every analysis wrote its run folder whole
         assert {"config.json", "results.json", "figures", "index.html"} <= {p.name for p in (out / run).iterdir()}, run
 
 

@@ -96,6 +96,18 @@ def _show_sae_analyze(cfg, res) -> str:
                        for k in ("out", "html", "shared_by_layer") if k in res}, indent=2)
 
 
+def _show_explain_direction(cfg, res) -> str:
+    parts = [f"{name} cos@20 {d['cosine_at'].get('20', d['cosine_at'][max(d['cosine_at'], key=int)]):.3f} "
+             f"(random {(d['random_cosine_at'] or {}).get('20', float('nan')):.3f})"
+             for name, d in res["directions"].items()]
+    return f"wrote {cfg.out}: " + "; ".join(parts)
+
+
+def _show_sparse_probe(cfg, res) -> str:
+    curve = ", ".join(f"k={k} {a:.3f}" for k, a in zip(res["ks"], res["top1"]))
+    return f"wrote {cfg.out}: {curve}; dense probe on {res['site']} {res['dense_top1']:.3f}"
+
+
 def _show_perceive(cfg, res) -> str:
     parts = []
     for task, s in res["tasks"].items():
@@ -152,6 +164,12 @@ COMMANDS: dict[str, Command] = {
     "sae analyze": Command("metrics by modality, loss recovered, modality sharing, feature pages",
                            "sightline.sae.analyze:SAEAnalyzeConfig", "sightline.sae.analyze:analyze_sae",
                            _show_sae_analyze),
+    "sae explain-direction": Command("a class direction's sparse approximation by SAE decoder directions (OMP), "
+                                     "beside random directions", "sightline.sae.directions:ExplainDirectionConfig",
+                                     "sightline.sae.directions:explain_directions", _show_explain_direction),
+    "sae sparse-probe": Command("probes that read only k SAE latents per class, beside the dense residual probe",
+                                "sightline.sae.sparse_probe:SparseProbeConfig",
+                                "sightline.sae.sparse_probe:run_sparse_probes", _show_sparse_probe),
     "store info": Command("sites, shapes, examples, tokens and completeness of a store",
                           "sightline.store.info:StoreInfoConfig", "sightline.store.info:run_store_info",
                           _show_store_info),
@@ -163,7 +181,7 @@ COMMANDS: dict[str, Command] = {
     "organism train": Command("train an organism from scratch (resumes an interrupted run)",
                               "sightline.organism.train:TrainConfig", "sightline.organism.train:train", _show_trained),
 }
-GROUPS = {"sae": "sparse autoencoders on image and text tokens: train, analyze",
+GROUPS = {"sae": "sparse autoencoders on image and text tokens: train, analyze, explain-direction, sparse-probe",
           "store": "look at an ActivationStore",
           "organism": "the built-in model organism: path, eval, train"}
 PROG = "sightline"

@@ -398,6 +398,8 @@ def _sae_section(ctx: DemoContext) -> tuple[dict, Section]:
                           "loss_recovered_note": None if e.get("loss_recovered") is not None else
                           (lr.get("note") or m.get("loss_note") or "not measured")})
     summary = {"shared_by_layer": res["shared_by_layer"], "saes": per_sae}
+    basis, basis_rows, basis_figs = _sae_basis(ctx, folders)
+    summary.update(basis)
     sec = Section(
         "Sparse autoencoders on image and text tokens",
         "A TopK SAE (256 latents, k = 32, AuxK against dead latents) per layer on the residual stream over image and "
@@ -411,11 +413,58 @@ def _sae_section(ctx: DemoContext) -> tuple[dict, Section]:
                  [(e["site"], e["fvu_image"], e["fvu_text"], e["l0_image"], frac_count(e["frac_dead"], e["n_dead"]),
                    loss_recovered_text(e["loss_recovered"], e["loss_recovered_note"]), e["image_only"],
                    e["text_only"], e["shared"]) for e in per_sae])],
-        images=[("sae-analysis/figures/shared_by_layer.png", "shared fraction of live latents per layer")],
+        images=[("sae-analysis/figures/shared_by_layer.png", "shared fraction of live latents per layer"),
+                *basis_figs],
         links=[("sae-analysis/index.html", "feature pages (top image tokens as heatmaps, top text contexts)"),
-               ("sae-analysis/results.json", "results.json")],
+               ("sae-analysis/results.json", "results.json"),
+               ("sae-directions/index.html", "steering directions in the SAE basis"),
+               ("sae-sparse-probe/index.html", "sparse probes over SAE latents")],
+        html=basis_rows,
     )
     return summary, sec
+
+
+SAE_BASIS_SITE = "resid.2"  # the middle layer: where tests/test_sae_directions.py validates both on the organism
+
+
+def _sae_basis(ctx: DemoContext, folders: list) -> tuple[dict, str, list[tuple[str, str]]]:
+    """The steering pairs' directions in the SAE basis (OMP) and k-sparse shape probes over the latents, both
+    with the SAE the section trained at SAE_BASIS_SITE: (summary keys, HTML tables, figures)."""
+    from sightline.report.html import table
+    from sightline.sae.directions import ExplainDirectionConfig, explain_directions
+    from sightline.sae.sparse_probe import SparseProbeConfig, run_sparse_probes
+
+    sae = next(str(f) for f in folders if Path(f).parent.name == SAE_BASIS_SITE)
+    d = explain_directions(ExplainDirectionConfig(
+        sae=sae, store=str(ctx.store_path), label="facts.objects.0.shape", classes=("circle:star", "square:heart"),
+        features=str(ctx.out / "sae-analysis"), out=str(ctx.out / "sae-directions"), progress=False))
+    p = run_sparse_probes(SparseProbeConfig(sae=sae, store=str(ctx.store_path), label="facts.objects.0.shape",
+                                       ks=(1, 2, 4, 8), out=str(ctx.out / "sae-sparse-probe"), progress=False))
+    dirs = {name: {"latents_for_0.7": r["needed"]["0.7"], "random_latents_for_0.7": r["random_needed"]["0.7"],
+                   "cosine_at_20": r["cosine_at"].get("20"), "random_cosine_at_20": r["random_cosine_at"].get("20"),
+                   "top_latents": r["top_latents"], "figure": f"sae-directions/{r['figure']}"}
+            for name, r in d["directions"].items()}
+    summary = {
+        "directions": {"site": d["site"], "n_latents": d["n_latents"], "pairs": dirs},
+        "sparse_probe": {k: p[k] for k in ("site", "ks", "top1", "dense_top1", "all_latents_top1",
+                                           "smallest_k_within_5_points", "top_latent_per_class")},
+    }
+    html_text = (
+        f"<p>Steering directions in the SAE basis (Line of Sight's figure of steering vectors as sparse sums of SAE "
+        f"latents): each shape pair's steering vector at {d['site']} (difference of class means) approximated by "
+        f"orthogonal matching pursuit over the {d['n_latents']} decoder directions, against random directions of "
+        "the same norm (mean of 8).</p>"
+        + table(["direction", "latents for cosine 0.7", "random: latents for 0.7", "cosine at 20 latents",
+                 "random at 20", "first latents chosen"],
+                [[n, e["latents_for_0.7"], e["random_latents_for_0.7"], e["cosine_at_20"], e["random_cosine_at_20"],
+                  ", ".join(map(str, e["top_latents"][:5]))] for n, e in dirs.items()])
+        + f"<p>Sparse probes (the paper's L0-constrained probes over SAE latents; here k latents per class chosen by "
+        f"class separation, then a logistic probe on them): held-out shape accuracy at {p['site']} against k, the "
+        f"dense probe on the residual {p['dense_top1']:.3f}.</p>"
+        + table(["latents per class (k)", "held-out top-1"], [[k, a] for k, a in zip(p["ks"], p["top1"])]))
+    figs = [(e["figure"], f"{n} in the SAE basis: cosine against latents used") for n, e in dirs.items()]
+    figs.append(("sae-sparse-probe/figures/accuracy_vs_k.png", "k-sparse probes over SAE latents against k"))
+    return summary, html_text, figs
 
 
 PERCEPTION_REPS = ("values", "projector", "encoder")  # values of all KV heads together; `perceive` reads more

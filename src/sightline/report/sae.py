@@ -125,3 +125,52 @@ def plot_feature_images(images: Sequence[np.ndarray], heatmaps: Sequence[np.ndar
     Image.fromarray((row * 255).round().astype(np.uint8)).save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
+
+
+def plot_direction_omp(result: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
+    """Cosine reached against the number of SAE latents used (orthogonal matching pursuit): the direction's
+    curve beside the mean (band: min to max) of random directions of the same norm."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    cos = np.asarray(result["cosine"], dtype=float)
+    xs = np.arange(1, len(cos) + 1)
+    rnd = result.get("random")
+    if rnd:
+        ax.fill_between(xs, rnd["min"], rnd["max"], color="#8a91a3", alpha=0.25, lw=0,
+                        label=f"random (min-max of {len(rnd['seeds'])})")
+        ax.plot(xs, rnd["mean"], "--", color="#5b6170", lw=1.4, label="random, mean")
+    ax.plot(xs, cos, "-", color="#7b2cbf", lw=2, label="class direction")
+    ax.axhline(0.7, color="#bbb", lw=0.8, ls=":")
+    ax.set_xlabel("latents used")
+    ax.set_ylabel("cosine with the direction")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlim(0, len(cos) + 1)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=8, loc="lower right")
+    ax.set_title(title or "direction in the SAE basis", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_sparse_probe(ks: Sequence[int], accuracy: Sequence[float], dense: float | None, path: str | os.PathLike,
+                      all_latents: float | None = None, chance: float | None = None, title: str = "") -> Path:
+    """Held-out accuracy of k-sparse probes over SAE latents against k, beside the dense probe on the residual
+    (and on every latent) and chance."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    ax.plot(list(ks), list(accuracy), "o-", color="#7b2cbf", lw=2, label="k latents per class")
+    if dense is not None:
+        ax.axhline(dense, color="#e07a1f", ls="--", lw=1.4, label=f"dense probe, residual ({dense:.3f})")
+    if all_latents is not None:
+        ax.axhline(all_latents, color="#2a7ab0", ls="-.", lw=1.2, label=f"every latent ({all_latents:.3f})")
+    if chance is not None:
+        ax.axhline(chance, color="#999", ls=":", lw=1, label=f"chance ({chance:.3f})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(ks))
+    ax.set_xticklabels([str(k) for k in ks])
+    ax.set_xlabel("latents per class (k)")
+    ax.set_ylabel("held-out top-1")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=8, loc="lower right")
+    ax.set_title(title or "sparse probes over SAE latents", fontsize=9)
+    return _save(fig, path)

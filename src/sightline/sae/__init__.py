@@ -1,4 +1,5 @@
-"""Sparse autoencoders on image and text tokens: architectures (models.py) and the trainer (train.py).
+"""Sparse autoencoders on image and text tokens: architectures (models.py), the trainer (train.py), directions in
+the SAE basis (directions.py) and sparse probes over latents (sparse_probe.py).
 
 Names are imported on first use, so that `python -m sightline.sae.train` (e.g. under torchrun)
 does not import the trainer twice.
@@ -10,6 +11,10 @@ from typing import Any
 
 _EXPORTS = {
     "ARCHITECTURES": "sightline.sae.models",
+    "ExplainDirectionConfig": "sightline.sae.directions",
+    "explain_directions": "sightline.sae.directions",
+    "SparseProbeConfig": "sightline.sae.sparse_probe",
+    "run_sparse_probes": "sightline.sae.sparse_probe",
     "SAE": "sightline.sae.models",
     "SAEConfig": "sightline.sae.models",
     "register_architecture": "sightline.sae.models",
