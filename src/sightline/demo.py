@@ -96,17 +96,15 @@ def chance_levels(seed: int, n: int, image_size: int) -> dict[str, dict]:
     questions of 1 / the number of answers the world allows for that question (8 shapes, 8 colours, 3
     sizes, left/right or top/bottom, yes/no, zero to the most objects a scene holds), and `majority`, the
     share of the most common true answer; caption (free text) has none."""
-    from sightline.data.synthetic import COLOURS, NUMBERS, SHAPES, SIZES, WorldConfig
+    from sightline.data.synthetic import WorldConfig, answer_family
     from sightline.organism.evaluate import eval_items
 
-    counts = NUMBERS[: len(WorldConfig().count_probs) + 1]
-    families = (SHAPES, COLOURS, SIZES, ("left", "right"), ("top", "bottom"), ("yes", "no"), counts)
     answers: dict[str, list[str]] = {}
     for _, _, answer, qtype in eval_items(seed, n, image_size):
         answers.setdefault(qtype, []).append(answer)
     out = {}
     for qtype, ans in answers.items():
-        fams = [next((f for f in families if a in f), None) for a in ans]
+        fams = [answer_family(a, len(WorldConfig().count_probs)) for a in ans]
         if qtype == "caption" or any(f is None for f in fams):
             out[qtype] = {"uniform": None, "majority": None, "answers": None}
             continue
