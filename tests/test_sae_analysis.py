@@ -547,7 +547,8 @@ def test_organism_sae_probing_and_sharing_curve(tmp_path_factory):
                                           modality="both", batch_size=1024, epochs=12.0, threads=2,
                                           saes=(SAEConfig(arch="topk", expansion=8, k=32, lr=1e-3),)), progress=False)
         saes.append(SAE.from_pretrained(run["paths"][0]))
-    cfg = SAEAnalyzeConfig(saes=(), store=str(store.path), out=str(root / "analysis"), data=str(qa), progress=False)
+    cfg = SAEAnalyzeConfig(saes=(), store=str(store.path), out=str(root / "analysis"), data=str(qa), tasks=False,
+                           progress=False)  # task accuracy: tested on its own below
     res = analyze_saes(saes, store, cfg, adapter=ad)
     report = {s["site"]: s for s in res["saes"]}
     print(json.dumps({"out": res["out"], "shared_by_layer": res["shared_by_layer"],
