@@ -201,6 +201,47 @@ def test_caption_nll_equals_hf_loss_with_and_without_the_edit(tiny_adapter):
     assert caption_nll(ad, ims[1:], prompts[1:], caps[1:], "resid.2", v, 6.0)[0] == pytest.approx(got[1], rel=1e-5)
 
 
+def test_judge_options_are_seeded_balanced_and_hold_source_target_and_two_others():
+    from sightline.steer.measure import judge_options
+
+    classes = ["circle", "square", "triangle", "star", "hexagon", "diamond", "cross", "heart"]
+    opts = judge_options(classes, "circle", "star", 400, seed=3)
+    assert opts == judge_options(classes, "circle", "star", 400, seed=3)  # the same on every run
+    assert opts != judge_options(classes, "circle", "star", 400, seed=4)
+    for o in opts:
+        assert len(o) == 4 and len(set(o)) == 4 and {"circle", "star"} <= set(o) and set(o) <= set(classes)
+    where = np.bincount([o.index("star") for o in opts], minlength=4)
+    assert where.min() >= 70, where  # no position owns the target (100 each on average)
+    assert len({tuple(sorted(o)) for o in opts}) > 10  # the distractors vary across items
+    assert [sorted(o) for o in judge_options(["a", "b", "c"], "a", "b", 2)] == [["a", "b", "c"]] * 2  # one other
+
+
+def test_judge_reads_the_letter_with_the_highest_next_token_probability(tiny_adapter):
+    """The judge's choice and probabilities equal a hand computation: the prompt with the answer and the lettered
+    options, rendered, one unpadded forward beside a blank image, softmax over the letters' tokens."""
+    from PIL import Image
+
+    from sightline.steer.measure import JUDGE_PROMPT, judge_answers, judge_text
+
+    ad = tiny_adapter("llava")
+    answers = ["a star", "a red circle on the left", ""]
+    options = [["star", "circle", "cross", "heart"], ["heart", "circle", "star", "cross"], ["a", "b", "c", "d"]]
+    images = [gradient_image(60, 80), gradient_image(48, 48, seed=1), gradient_image(48, 48)]
+    choice, probs = judge_answers(ad, images, answers, ["What is shown?"] * 3, options, JUDGE_PROMPT, batch_size=2)
+    assert choice[2] == -1 and np.isnan(probs[2]).all()  # an empty answer is not judged
+    for r in range(2):
+        text, letters = judge_text(JUDGE_PROMPT, answers[r], "What is shown?", options[r])
+        assert letters == ["A", "B", "C", "D"] and f"B. {options[r][1]}" in text and answers[r] in text
+        ids = [first_answer_token(ad, text, x) for x in letters]
+        blank = Image.new("RGB", images[r].size, (128, 128, 128))
+        batch = ad.prepare([blank], [ad.render_prompt(text)])
+        with torch.no_grad():
+            logits = ad.model(**batch.inputs).logits[0, -1].double()
+        p = torch.softmax(logits, -1)[ids]
+        np.testing.assert_allclose(probs[r], (p / p.sum()).numpy(), rtol=1e-4)
+        assert choice[r] == int(p.argmax())
+
+
 def test_mentions_whole_words_only():
     assert mentions("A Star.", "star") and mentions("two stars", "star") and mentions("crosses", "cross")
     assert not mentions("starfish", "star") and not mentions("mustard", "star")
