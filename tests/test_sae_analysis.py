@@ -460,7 +460,7 @@ def test_analysis_run_folder_follows_the_output_convention(tiny, tmp_path, monke
     store = tiny["store"]
     saes = [make_sae(store, "resid.1", seed=3)]
     cfg = SAEAnalyzeConfig(saes=("a", "b"), store=str(store.path), out=str(tmp_path / "an"), loss=False,
-                           n_features=2, top_images=2, top_texts=2, batch_size=50, progress=False)
+                           tasks=False, n_features=2, top_images=2, top_texts=2, batch_size=50, progress=False)
     res = analyze_saes(saes, store, cfg)
     out = tmp_path / "an"
     assert SAEAnalyzeConfig.from_dict(json.loads((out / "config.json").read_text())) == cfg
@@ -485,7 +485,7 @@ def test_analyze_sae_loads_folders_and_rejects_mismatches(tiny, tmp_path):
     for site in ("resid.0", "resid.2"):
         make_sae(store, site).save_pretrained(tmp_path / "saes" / site)
     cfg = SAEAnalyzeConfig(saes=(str(tmp_path / "saes"),), store=str(store.path), out=str(tmp_path / "an"),
-                           loss=False, n_features=2, top_images=2, top_texts=2, progress=False)
+                           loss=False, tasks=False, n_features=2, top_images=2, top_texts=2, progress=False)
     res = analyze_sae(cfg)
     assert [s["site"] for s in res["saes"]] == ["resid.0", "resid.2"]
     assert res["saes"][0]["loss_recovered"] is None
@@ -570,8 +570,8 @@ def test_two_saes_at_one_site_get_distinct_labels(tiny, tmp_path):
     store = tiny["store"]
     saes = [make_sae(store, "resid.1", width=48, seed=3), make_sae(store, "resid.1", width=32, seed=4),
             make_sae(store, "resid.2", seed=5)]
-    cfg = SAEAnalyzeConfig(saes=(), store=str(store.path), out=str(tmp_path / "an"), loss=False, n_features=2,
-                           top_images=2, top_texts=2, batch_size=50, progress=False)
+    cfg = SAEAnalyzeConfig(saes=(), store=str(store.path), out=str(tmp_path / "an"), loss=False, tasks=False,
+                           n_features=2, top_images=2, top_texts=2, batch_size=50, progress=False)
     res = analyze_saes(saes, store, cfg)
     out = tmp_path / "an"
     names = [s["name"] for s in res["saes"]]
@@ -610,7 +610,8 @@ def test_untrained_and_too_short_saes_are_flagged(tiny, tmp_path):
                                     saes=(SAEConfig(arch="topk", width=64, k=4),)), progress=False)
     assert run["too_short"] and run["steps"] == 1
     res = analyze_sae(SAEAnalyzeConfig(saes=(str(tmp_path / "sae"),), store=str(store.path), out=str(tmp_path / "an"),
-                                       loss=False, n_features=2, top_images=1, top_texts=1, progress=False))
+                                       loss=False, tasks=False, n_features=2, top_images=1, top_texts=1,
+                                       progress=False))
     (s,) = res["saes"]
     assert s["flagged"] and s["flags"][0].startswith("its training run was too short (1 steps")
     assert len(res["warnings"]) == 1 and "looks untrained" in res["warnings"][0]

@@ -550,3 +550,13 @@ def test_organism_on_a_plain_folder_is_asked_the_worlds_question(tmp_path):
     assert res["best_site"] is None or res["caption_nll_increase"] <= 1.0
     big = r["pairs"][0]["layers"]["resid.0"]
     assert big["flip_rate"][-1] >= 0.5 and big["efficacy"][-1] > 0.5 > big["efficacy"][0]  # k = 6 does swap
+
+
+def test_judge_prompt_must_show_the_answer_and_use_only_known_fields(tmp_path):
+    base = dict(model=str(tmp_path / "m"), directions=str(tmp_path / "d"), data=str(tmp_path / "x"),
+                out=str(tmp_path / "out"))
+    with pytest.raises(UserError, match=r"must show the answer it judges: put \{answer\} in it"):
+        run_steering(SteerConfig(**base, judge_prompt="Which shape? {options}"))
+    with pytest.raises(UserError, match=r"may use only \{answer\}, \{question\} and \{options\}"):
+        run_steering(SteerConfig(**base, judge_prompt="{answer} {src}"))
+    assert not (tmp_path / "out").exists()

@@ -3,13 +3,16 @@
 `run_steering(SteerConfig(...))` loads the model, the directions (see `sightline.steer.vectors` for
 the format) and an image dataset (ImageNet layout: one subfolder per class; the images of each
 source class are steered), and for every (source, target, layer, k) measures efficacy, the flip rate
-of the free answer and the damage (see `sightline.steer.measure`). It writes into `out`:
+of the free answer, the damage, and (with `judge`, the default) the judged swaps: each free answer judged by
+the unsteered model as a four-way choice and scored for coherence (see `sightline.steer.measure`). It
+writes into `out`:
 
     config.json          the config it ran with
     results.json         every number: per pair, per layer, per k; a summary with the best (layer, k)
     generations.jsonl    every free and damage answer, one JSON line each (clean ones have site null)
     figures/steer_resid.L.png    efficacy and damage against k at that layer
     figures/steer_overview.png   flip rate and efficacy against k, one line per layer
+    figures/steer_judged.png     judged-target/-source rates and coherence of the free answers against k
     index.html           what the run found, and the figures
 
 The folder is written under OUT.partial and renamed when complete: never half-written (docs/outputs.md).
@@ -576,6 +579,11 @@ def _write_page(folder: Path, cfg: SteerConfig, result: dict) -> None:
                  f"in {h['flip_rate']:.0%} of images (clean: {h['clean_flip_rate'] or 0:.0%}); efficacy "
                  f"({h['efficacy_metric']}) {h['efficacy'] if h['efficacy'] is not None else float('nan'):.3g}, "
                  f"unrelated-question accuracy {h['damage_accuracy']} (clean {h['clean_damage_accuracy']}).")
+        if h.get("judged_target_rate") is not None:
+            found += (f" The unsteered model, judging each answer as a four-way choice beside a blank image, picks the "
+                      f"target for {h['judged_target_rate']:.0%} of them "
+                      f"(clean {h['clean_judged_target_rate'] or 0:.0%}); "
+                      f"their coherence is {_nats(h['coherence'])} (clean answers {_nats(h['clean_coherence'])}).")
     else:
         found = (h.get("best_note") or "No (layer, k) kept the damage within its bounds").capitalize() + "."
     import html
@@ -587,13 +595,19 @@ def _write_page(folder: Path, cfg: SteerConfig, result: dict) -> None:
                 f"Steered {len(h['pairs'])} pair(s) ({', '.join(h['pairs'])}) at {', '.join(h['sites'])} over "
                 f"{len(h['scales'])} values of k, {cfg.normalize} vectors, {cfg.mode} edits. " + found,
                 figures={k: h[k] for k in ("best_site", "best_scale", "flip_rate", "efficacy", "damage_accuracy",
-                                           "caption_nll_increase", "clean_flip_rate", "clean_damage_accuracy")},
+                                           "caption_nll_increase", "judged_target_rate", "coherence",
+                                           "clean_flip_rate", "clean_damage_accuracy", "clean_judged_target_rate",
+                                           "clean_coherence")},
                 images=[("figures/steer_overview.png", "flip rate, efficacy and damage against k, per layer")]),
         Section("Figures", images=figure_images(folder)),
         Section("Files", links=[("results.json", "results.json"), ("config.json", "config.json"),
                                 ("generations.jsonl", "generations.jsonl")]),
     ]
     write_page(folder / "index.html", "Steering", f"{cfg.model} · {cfg.data}", sections)
+
+
+def _nats(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g} nats/token"
 
 
 def _fmt(template: str | None, src: str, tgt: str) -> str | None:
@@ -607,7 +621,6 @@ def _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, effica
     from sightline.steer.measure import (
         answer_logprobs,
         caption_nlls,
-        blank_like,
         efficacy_from_logprobs,
         first_answer_token,
         judge_answers,
