@@ -67,12 +67,21 @@ def test_headline_figures_on_the_organism(demo):
     assert st["clean_flip_rate"] == 0.0  # measured 0.0 on every seed
     assert st["flip_rate"] >= 0.8  # measured [0.85, 1.0] (seed 7: 0.85; kept at 0.8)
     assert st["damage_accuracy"] >= 0.9  # measured [0.921, 1.0] (seed 13: 0.921; kept at 0.9)
+    # the model's own four-way judgement of the steered answers follows the flip rate (seed 7: 0.906 and 0.906;
+    # tests/test_steer.py measured a gap of at most 0.05 on five data seeds), and finds no target in clean answers
+    assert abs(st["judged_target_rate"] - st["flip_rate"]) <= 0.15
+    assert st["clean_judged_target_rate"] <= 0.1 and st["clean_coherence"] < st["coherence"]
     curve = s["sae"]["shared_by_layer"]
     assert [c["layer"] for c in curve] == list(range(s["organism"]["n_layers"] + 1))
     # image-only early, more shared deeper: first layer measured [0.121, 0.164], last [0.441, 0.481],
     # gap [0.296, 0.360]
     assert curve[0]["shared"] + 0.1 < curve[-1]["shared"]
     saes = s["sae"]["saes"]
+    # resid.0's SAE spliced in keeps the shape answers, zeros there lose them (seed 7, 16 questions: clean 1.0,
+    # spliced 1.0, zero 0.0; tests/test_sae_analysis.py measured drops <= 0.04 and zero 0.0 on four seeds)
+    shape0 = saes[0]["task_accuracy"]["shape"]
+    assert shape0["n"] == 16 and shape0["sae"] >= shape0["clean"] - 0.2
+    assert shape0["zero"] <= shape0["chance"] + 0.15
     assert all(e["fvu_image"] < 0.03 for e in saes), [e["fvu_image"] for e in saes]  # measured max 0.0116
     # dead latents per layer resid.0..4, measured max over seeds 0.031 (resid.0 the worst: [0.020, 0.031]);
     # 0.043 at seed 7 with the 6-epoch setting
@@ -111,6 +120,7 @@ def test_page_shows_figures_and_example_generations(demo):
     for ref in refs.refs:  # every image and link of the page opens from disk
         assert (out / ref).exists(), ref
     for fig in ("probes/figures/accuracy_vs_layer.png", "steer/figures/steer_overview.png",
+                "steer/figures/steer_judged.png",
                 "sae-analysis/figures/shared_by_layer.png"):
         assert fig in refs.refs and (out / fig).stat().st_size > 5000
     assert "example generations" in page

@@ -1,7 +1,9 @@
 """SAE analysis: AUROC against scikit-learn, metrics and modality split against a direct computation over the
 whole store, top activations against brute force, token ids against the processor, answer NLL against HF's
-own loss, loss recovered at its two ends, the analysis job's files, and the organism validation (sparse
-probing of shapes and colours, shared-latent fraction at every layer)."""
+own loss, loss recovered at its two ends, task accuracy with the SAE spliced in (choice scoring against HF's
+loss, an exact reconstruction changing no answer, zeros dropping the organism's shape answers to chance), the
+analysis job's files, and the organism validation (sparse probing of shapes and colours, shared-latent
+fraction at every layer)."""
 
 from __future__ import annotations
 
@@ -27,12 +29,16 @@ from sightline.sae.features import (
 )
 from sightline.sae.metrics import (
     SparseScores,
+    TaskItem,
     answer_items,
     answer_nll,
     auroc,
     loss_recovered,
     reconstruction_metrics,
     sparse_probe,
+    task_accuracy,
+    task_answers,
+    task_items,
 )
 from sightline.sae.models import ARCHITECTURES, SAEConfig
 from sightline.sae.modality import ModalityStats, example_concepts, sharing
@@ -302,6 +308,119 @@ def test_loss_recovered_is_one_for_an_exact_and_zero_for_a_zero_reconstruction(t
     assert zero["loss_recovered"] == pytest.approx(0.0, abs=1e-9)
 
 
+# ---------------------------------------------------------------------------------- task accuracy
+def test_task_items_read_qtypes_and_choices_and_refuse_a_bad_choice_list(tiny, tmp_path):
+    lines = [json.loads(x) for x in tiny["manifest"].read_text().splitlines()]
+    items = task_items(str(tiny["manifest"]), per_qtype=3)
+    assert sum(it.qtype == "shape" for it in items) == 3 and sum(it.qtype == "colour" for it in items) == 3
+    colour = task_items(str(tiny["manifest"]), qtypes=("colour",))
+    assert [(it.question, it.answer) for it in colour] == [(r["prompt"], r["label"]) for r in lines
+                                                           if r["qtype"] == "colour"]
+    from_store = task_items(store=tiny["store"])
+    assert [(it.question, it.answer, it.qtype) for it in from_store] == [
+        (it.question, it.answer, it.qtype) for it in task_items(str(tiny["manifest"]))]
+    image = str(tiny["manifest"].parent / "images" / "000000.png")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": image, "prompt": "Which?", "label": "cat", "choices": ["dog", "cow"]}) + "\n")
+    with pytest.raises(UserError, match="line 1: the answer 'cat' is not one of its \"choices\""):
+        task_items(str(bad))
+    with pytest.raises(UserError, match="question type 'count' is not in the data"):
+        task_items(str(tiny["manifest"]), qtypes=("count",))
+
+
+def test_choice_scoring_picks_the_choice_with_the_lowest_hf_loss(tiny):
+    """Choice scoring (clean and with zeros spliced in at resid.1) equals picking, per item, the choice whose
+    answer tokens (+ end) have the lowest summed cross-entropy by HF's own loss."""
+    from sightline.capture.edit import Edit, apply_edits, replace_with
+    from sightline.data import load_image
+    from sightline.sae.metrics import _end_token
+
+    ad = tiny["adapter"]
+    shapes = ["circle", "square", "star", "heart"]
+    items = [TaskItem(it.image, it.question, it.answer if it.answer in shapes else "circle", "shape", tuple(shapes))
+             for it in task_items(str(tiny["manifest"]), qtypes=("shape",))[:4]]
+    for fn in (None, torch.zeros_like):
+        right, given = task_answers(ad, items, fn, "resid.1" if fn else None, batch_size=3)
+        for it, g in zip(items, given):
+            losses = []
+            for c in it.choices:  # one unpadded sequence per choice, labels on the answer and end tokens
+                image = load_image(it.image)
+                prompt = ad.render_prompt(it.question)
+                full = ad.prepare([image], [prompt + c + _end_token(ad)])
+                n_head = ad.prepare([image], [prompt]).lengths[0]
+                labels = torch.full_like(full.inputs["input_ids"], -100)
+                labels[0, n_head:] = full.inputs["input_ids"][0, n_head:]
+                edits = [Edit("resid.1", [full.layouts[0].image_positions], replace_with(fn))] if fn else []
+                with torch.no_grad(), apply_edits(ad, edits):
+                    loss = ad.model(**full.inputs, labels=labels).loss
+                losses.append(float(loss) * int((labels != -100).sum()))
+            assert g == it.choices[int(np.argmin(losses))]
+        assert list(right) == [g == it.answer for g, it in zip(given, items)]
+
+
+@pytest.fixture(scope="module")
+def organism_sae(tmp_path_factory):
+    """The organism, 96 single-object scenes asked their shape or colour (seed 2), a store of resid.0 over them and
+    a TopK SAE (256 latents, k = 32, the demo's setting) trained on it."""
+    from sightline.data.synthetic import WorldConfig, export_jsonl
+    from sightline.extract import ExtractConfig, extract
+    from sightline.organism import checkpoint_path, load_organism
+    from sightline.sae.models import SAE
+    from sightline.sae.train import SAETrainConfig, train_saes
+    from sightline.store import ActivationStore
+
+    root = tmp_path_factory.mktemp("organism_tasks")
+    data = export_jsonl(root / "data", seed=2, n=96, config=WorldConfig(n_objects=1), qtypes=("shape", "colour"),
+                        per_image=1)
+    store = extract(ExtractConfig(model=str(checkpoint_path()), data=str(data), out=str(root / "store"),
+                                  sites="resid", layers="0", positions="all", batch_size=48, progress=False))
+    paths = train_saes(SAETrainConfig(store=str(store), site="resid.0", out=str(root / "sae"), modality="both",
+                                      batch_size=1024, epochs=6, dead_tokens=4096, seed=2,
+                                      saes=(SAEConfig(arch="topk", width=256, k=32, aux_coeff=0.25),)),
+                       progress=False)["paths"]
+    return {"adapter": load_organism(), "data": data, "store": ActivationStore.open(store),
+            "sae": SAE.from_pretrained(str(paths[0])), "root": root}
+
+
+def test_organism_spliced_identity_changes_no_answer_and_zeros_drop_shape_to_chance(organism_sae):
+    """On the organism at resid.0: an exact reconstruction spliced in at the image positions leaves every answer as
+    it was; zeros there drop shape accuracy to chance (1/8) or below (measured 0.0 on data seeds 1-4: the
+    organism then answers "white white ..."; bound chance + 0.1), far from clean (measured 0.92-1.0)."""
+    ad = organism_sae["adapter"]
+    items = task_items(str(organism_sae["data"]))
+    res = task_accuracy(ad, IdentitySAE("resid.0"), items, batch_size=96, max_new_tokens=4)
+    assert res["n_answers_changed_by_sae"] == 0 and res["scoring"] == "exact"
+    shape = res["per_qtype"]["shape"]
+    assert shape["n"] >= 30 and shape["sae"] == shape["clean"] >= 0.85
+    assert shape["chance"] == 0.125 and res["per_qtype"]["colour"]["chance"] == 0.125
+    assert shape["zero"] <= shape["chance"] + 0.1
+    right, given = task_answers(ad, items, batch_size=96, max_new_tokens=4)  # clean, by itself
+    assert res["per_qtype"]["all"]["clean"] == pytest.approx(right.mean(), abs=1e-4)
+
+
+def test_organism_trained_sae_spliced_accuracy_is_reported(organism_sae):
+    """The analysis job reports, per question type, clean / SAE-spliced / zero accuracy and chance beside loss
+    recovered. Measured for the trained SAE at resid.0 (data and SAE seeds 1-4): shape 0.90-1.0 spliced against
+    0.92-1.0 clean (largest drop 0.04), colour 1.0 against 1.0; bound: within 0.1 of clean."""
+    from sightline.report.files import read_json
+
+    o = organism_sae
+    cfg = SAEAnalyzeConfig(saes=(), store=str(o["store"].path), out=str(o["root"] / "analysis"), data=str(o["data"]),
+                           n_loss=16, loss_batch_size=48, n_task=48, max_new_tokens=4, n_features=2, top_images=2,
+                           top_texts=2, progress=False)
+    res = analyze_saes([o["sae"]], o["store"], cfg, adapter=o["adapter"])
+    ta = res["saes"][0]["task_accuracy"]
+    assert set(ta) == {"shape", "colour", "all"}
+    for q in ("shape", "colour"):
+        assert ta[q]["sae"] >= ta[q]["clean"] - 0.1, ta
+        assert ta[q]["zero"] < ta[q]["sae"] - 0.5, ta
+    full = read_json(o["root"] / "analysis" / "results.json")["metrics"]["saes"]["resid.0"]
+    assert full["task_accuracy"]["per_qtype"]["shape"]["majority"] is not None
+    assert full["loss_recovered"]["loss_recovered"] is not None
+    page = (o["root"] / "analysis" / "resid.0" / "features.html").read_text()
+    assert "SAE spliced in" in page and "zero at image positions" in page
+
+
 # ------------------------------------------------------------------------------------- the whole job
 def test_analysis_job_writes_a_complete_report(tiny, tmp_path):
     store, ad = tiny["store"], tiny["adapter"]
@@ -341,7 +460,7 @@ def test_analysis_run_folder_follows_the_output_convention(tiny, tmp_path, monke
     store = tiny["store"]
     saes = [make_sae(store, "resid.1", seed=3)]
     cfg = SAEAnalyzeConfig(saes=("a", "b"), store=str(store.path), out=str(tmp_path / "an"), loss=False,
-                           n_features=2, top_images=2, top_texts=2, batch_size=50, progress=False)
+                           tasks=False, n_features=2, top_images=2, top_texts=2, batch_size=50, progress=False)
     res = analyze_saes(saes, store, cfg)
     out = tmp_path / "an"
     assert SAEAnalyzeConfig.from_dict(json.loads((out / "config.json").read_text())) == cfg
@@ -366,7 +485,7 @@ def test_analyze_sae_loads_folders_and_rejects_mismatches(tiny, tmp_path):
     for site in ("resid.0", "resid.2"):
         make_sae(store, site).save_pretrained(tmp_path / "saes" / site)
     cfg = SAEAnalyzeConfig(saes=(str(tmp_path / "saes"),), store=str(store.path), out=str(tmp_path / "an"),
-                           loss=False, n_features=2, top_images=2, top_texts=2, progress=False)
+                           loss=False, tasks=False, n_features=2, top_images=2, top_texts=2, progress=False)
     res = analyze_sae(cfg)
     assert [s["site"] for s in res["saes"]] == ["resid.0", "resid.2"]
     assert res["saes"][0]["loss_recovered"] is None
@@ -428,7 +547,8 @@ def test_organism_sae_probing_and_sharing_curve(tmp_path_factory):
                                           modality="both", batch_size=1024, epochs=12.0, threads=2,
                                           saes=(SAEConfig(arch="topk", expansion=8, k=32, lr=1e-3),)), progress=False)
         saes.append(SAE.from_pretrained(run["paths"][0]))
-    cfg = SAEAnalyzeConfig(saes=(), store=str(store.path), out=str(root / "analysis"), data=str(qa), progress=False)
+    cfg = SAEAnalyzeConfig(saes=(), store=str(store.path), out=str(root / "analysis"), data=str(qa), tasks=False,
+                           progress=False)  # task accuracy: tested on its own below
     res = analyze_saes(saes, store, cfg, adapter=ad)
     report = {s["site"]: s for s in res["saes"]}
     print(json.dumps({"out": res["out"], "shared_by_layer": res["shared_by_layer"],
@@ -450,8 +570,8 @@ def test_two_saes_at_one_site_get_distinct_labels(tiny, tmp_path):
     store = tiny["store"]
     saes = [make_sae(store, "resid.1", width=48, seed=3), make_sae(store, "resid.1", width=32, seed=4),
             make_sae(store, "resid.2", seed=5)]
-    cfg = SAEAnalyzeConfig(saes=(), store=str(store.path), out=str(tmp_path / "an"), loss=False, n_features=2,
-                           top_images=2, top_texts=2, batch_size=50, progress=False)
+    cfg = SAEAnalyzeConfig(saes=(), store=str(store.path), out=str(tmp_path / "an"), loss=False, tasks=False,
+                           n_features=2, top_images=2, top_texts=2, batch_size=50, progress=False)
     res = analyze_saes(saes, store, cfg)
     out = tmp_path / "an"
     names = [s["name"] for s in res["saes"]]
@@ -490,7 +610,8 @@ def test_untrained_and_too_short_saes_are_flagged(tiny, tmp_path):
                                     saes=(SAEConfig(arch="topk", width=64, k=4),)), progress=False)
     assert run["too_short"] and run["steps"] == 1
     res = analyze_sae(SAEAnalyzeConfig(saes=(str(tmp_path / "sae"),), store=str(store.path), out=str(tmp_path / "an"),
-                                       loss=False, n_features=2, top_images=1, top_texts=1, progress=False))
+                                       loss=False, tasks=False, n_features=2, top_images=1, top_texts=1,
+                                       progress=False))
     (s,) = res["saes"]
     assert s["flagged"] and s["flags"][0].startswith("its training run was too short (1 steps")
     assert len(res["warnings"]) == 1 and "looks untrained" in res["warnings"][0]

@@ -138,9 +138,9 @@ def _reference_decode(ad, image, prompt, v, k, L, n, every_step):
 
 
 def _until_stop(ad, toks):
-    from sightline.steer.generate import _stop_ids
+    from sightline.capture.edit import stop_ids
 
-    stop = _stop_ids(ad)
+    stop = stop_ids(ad)
     out = []
     for t in toks:
         if t in stop:
@@ -201,6 +201,47 @@ def test_caption_nll_equals_hf_loss_with_and_without_the_edit(tiny_adapter):
     assert caption_nll(ad, ims[1:], prompts[1:], caps[1:], "resid.2", v, 6.0)[0] == pytest.approx(got[1], rel=1e-5)
 
 
+def test_judge_options_are_seeded_balanced_and_hold_source_target_and_two_others():
+    from sightline.steer.measure import judge_options
+
+    classes = ["circle", "square", "triangle", "star", "hexagon", "diamond", "cross", "heart"]
+    opts = judge_options(classes, "circle", "star", 400, seed=3)
+    assert opts == judge_options(classes, "circle", "star", 400, seed=3)  # the same on every run
+    assert opts != judge_options(classes, "circle", "star", 400, seed=4)
+    for o in opts:
+        assert len(o) == 4 and len(set(o)) == 4 and {"circle", "star"} <= set(o) and set(o) <= set(classes)
+    where = np.bincount([o.index("star") for o in opts], minlength=4)
+    assert where.min() >= 70, where  # no position owns the target (100 each on average)
+    assert len({tuple(sorted(o)) for o in opts}) > 10  # the distractors vary across items
+    assert [sorted(o) for o in judge_options(["a", "b", "c"], "a", "b", 2)] == [["a", "b", "c"]] * 2  # one other
+
+
+def test_judge_reads_the_letter_with_the_highest_next_token_probability(tiny_adapter):
+    """The judge's choice and probabilities equal a hand computation: the prompt with the answer and the lettered
+    options, rendered, one unpadded forward beside a blank image, softmax over the letters' tokens."""
+    from PIL import Image
+
+    from sightline.steer.measure import JUDGE_PROMPT, judge_answers, judge_text
+
+    ad = tiny_adapter("llava")
+    answers = ["a star", "a red circle on the left", ""]
+    options = [["star", "circle", "cross", "heart"], ["heart", "circle", "star", "cross"], ["a", "b", "c", "d"]]
+    images = [gradient_image(60, 80), gradient_image(48, 48, seed=1), gradient_image(48, 48)]
+    choice, probs = judge_answers(ad, images, answers, ["What is shown?"] * 3, options, JUDGE_PROMPT, batch_size=2)
+    assert choice[2] == -1 and np.isnan(probs[2]).all()  # an empty answer is not judged
+    for r in range(2):
+        text, letters = judge_text(JUDGE_PROMPT, answers[r], "What is shown?", options[r])
+        assert letters == ["A", "B", "C", "D"] and f"B. {options[r][1]}" in text and answers[r] in text
+        ids = [first_answer_token(ad, text, x) for x in letters]
+        blank = Image.new("RGB", images[r].size, (128, 128, 128))
+        batch = ad.prepare([blank], [ad.render_prompt(text)])
+        with torch.no_grad():
+            logits = ad.model(**batch.inputs).logits[0, -1].double()
+        p = torch.softmax(logits, -1)[ids]
+        np.testing.assert_allclose(probs[r], (p / p.sum()).numpy(), rtol=1e-4)
+        assert choice[r] == int(p.argmax())
+
+
 def test_mentions_whole_words_only():
     assert mentions("A Star.", "star") and mentions("two stars", "star") and mentions("crosses", "cross")
     assert not mentions("starfish", "star") and not mentions("mustard", "star")
@@ -259,7 +300,7 @@ def test_run_steering_writes_results_generations_and_figures(tmp_path, tiny_chec
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "figures", "generations.jsonl", "index.html",
                                                      "results.json"]
     assert sorted(p.name for p in (out / "figures").iterdir()) == [
-        "steer_overview.png", "steer_resid.1.png", "steer_resid.2.png"]
+        "steer_judged.png", "steer_overview.png", "steer_resid.1.png", "steer_resid.2.png"]
     assert SteerConfig.from_dict(json.loads((out / "config.json").read_text())) == cfg
     saved = json.loads((out / "results.json").read_text())
     assert saved["summary"] == res.summary and saved["prompts"]["damage_qtypes"] == ["colour"]
@@ -270,7 +311,15 @@ def test_run_steering_writes_results_generations_and_figures(tmp_path, tiny_chec
     assert lay["scales"] == [0.0, 8.0] and lay["caption_nll_increase"][0] == 0.0  # k = 0 is the clean run
     assert lay["efficacy"][0] == pytest.approx(saved["pairs"][0]["clean"]["efficacy"], abs=1e-6)
     assert lay["vector_norm"] == pytest.approx(saved["ref_norms"]["resid.1"], rel=1e-5)
+    # judged swaps: k = 0 answers are the clean ones, so their judgement and coherence are the clean answers'
+    for key in ("judged_target_rate", "judged_source_rate", "coherence"):
+        assert lay[key][0] == pytest.approx(saved["pairs"][0]["clean"][key], abs=1e-6), key
+    assert all(t + s <= 1 + 1e-9 for t, s in zip(lay["judged_target_rate"], lay["judged_source_rate"]))
+    options = saved["pairs"][0]["judge_options"]
+    assert len(options) == n and all(sorted(o) == ["circle", "star"] for o in options)  # 2 classes: no distractor
     lines = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
+    opens = [g for g in lines if g["kind"] == "open"]
+    assert all("judged" in g and (g["judged"] is None or g["judged"] in ("circle", "star")) for g in opens)
     n_q = saved["pairs"][0]["n_damage_questions"]
     assert len(lines) == (n + n_q) * (1 + 2 * 2)  # (open + damage) x (clean + 2 layers x 2 scales)
     with pytest.raises(UserError, match="exists and is not empty"):
@@ -330,9 +379,10 @@ def _organism_run(tmp_path, layers: str, scales, extract_layers: str = "all") ->
     held_out = export_imagefolder(tmp_path / "held_out", seed=12, n=200, config=world)
     store = extract(ExtractConfig(model=str(ckpt), data=str(train), out=str(tmp_path / "store"), sites="resid",
                                   layers=extract_layers, dtype="float32", batch_size=40, progress=False))
-    return run_steering(SteerConfig(model=str(ckpt), directions=str(store), data=str(held_out),
-                                    out=str(tmp_path / "out"), pairs=("circle:star",), layers=layers, scales=scales,
-                                    images_per_class=20, batch_size=64, max_new_tokens=8, progress=False)).results
+    res = run_steering(SteerConfig(model=str(ckpt), directions=str(store), data=str(held_out),
+                                   out=str(tmp_path / "out"), pairs=("circle:star",), layers=layers, scales=scales,
+                                   images_per_class=20, batch_size=64, max_new_tokens=8, progress=False))
+    return {**res.results, "out": res.path}
 
 
 def _check_organism_validation(res: dict) -> dict:
@@ -348,13 +398,54 @@ def _check_organism_validation(res: dict) -> dict:
     return best
 
 
-def test_organism_shape_steering_flips_answers_and_spares_colour(tmp_path):
+@pytest.fixture(scope="module")
+def organism_steer(tmp_path_factory) -> dict:
+    """circle -> star on the organism at resid.0 and resid.1, k in (0, 3, 4, 6, 8): one run for the tests below."""
+    return _organism_run(tmp_path_factory.mktemp("organism_steer"), "0,1", (0.0, 3.0, 4.0, 6.0, 8.0),
+                         extract_layers="0,1")
+
+
+def test_organism_shape_steering_flips_answers_and_spares_colour(organism_steer):
     """At the best layer some k flips >= 80% of 20 held-out circles to "star" while >= 90% of the colour
     answers stay right. (Measured on the shipped organism: resid.0, k = 6 with unit vectors flips 100% with
     every colour answer right; image
     tokens at resid.1 and later no longer carry the shape the answer reads, see the slow test.)"""
-    best = _check_organism_validation(_organism_run(tmp_path, "0,1", (0.0, 6.0, 7.0, 8.0), extract_layers="0,1"))
+    best = _check_organism_validation(organism_steer)
     assert best["site"] == "resid.0"
+
+
+def test_organism_judged_swaps_rank_k_as_the_flip_rate(organism_steer, organism):
+    """The model's own four-way judgement of its steered answers (source, target, two distractor shapes, read
+    beside a blank image) ranks k as the flip rate does at resid.0, and the coherence of the k = 0 answers is
+    the NLL of the clean answers computed directly.
+
+    Measured (resid.0, 20 circles, k = 0, 3, 4, 6, 8; train/held-out scene seeds 21/22, 31/32, 41/42, 51/52):
+    Spearman rho 1.0 on all four, judged-target rate equal to the flip rate at every k; with k = 0, 2, 3, 4, 5,
+    6, 8 and seeds 11/12, rho 0.972, the largest gap 0.05 (one answer at k = 8). Bounds: rho >= 0.9, gap <= 0.15."""
+    from scipy.stats import spearmanr
+
+    from sightline.steer.measure import caption_nll
+
+    pair = organism_steer["pairs"][0]
+    lay = pair["layers"]["resid.0"]
+    flips, judged = lay["flip_rate"], lay["judged_target_rate"]
+    assert flips[0] == judged[0] == 0.0 and max(flips) >= 0.8  # the sweep does cross over
+    assert spearmanr(flips, judged).statistic >= 0.9, (flips, judged)
+    assert max(abs(a - b) for a, b in zip(flips, judged)) <= 0.15, (flips, judged)
+    assert lay["judged_source_rate"][0] >= 0.7 > lay["judged_source_rate"][-1]  # the circle is judged gone
+    # every item's options: source, target and two other shapes, each once
+    assert all(len(set(o)) == 4 and {"circle", "star"} <= set(o) for o in pair["judge_options"])
+    # coherence at k = 0 = the clean answers' NLL under the unsteered model, computed here directly
+    out = organism_steer["out"]
+    clean = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
+    clean = [g for g in clean if g["kind"] == "open" and g["site"] is None]
+    from sightline.data import load_image
+
+    nll = caption_nll(organism, [load_image(g["path"]) for g in clean], [g["prompt"] for g in clean],
+                      [g["answer"] for g in clean])
+    assert lay["coherence"][0] == pytest.approx(float(np.mean(nll)), abs=1e-5)
+    assert pair["clean"]["coherence"] == pytest.approx(lay["coherence"][0], abs=1e-9)
+    assert lay["coherence"][-1] > lay["coherence"][0] + 1.0  # naming a star on a circle costs nats
 
 
 @pytest.mark.slow
@@ -459,3 +550,13 @@ def test_organism_on_a_plain_folder_is_asked_the_worlds_question(tmp_path):
     assert res["best_site"] is None or res["caption_nll_increase"] <= 1.0
     big = r["pairs"][0]["layers"]["resid.0"]
     assert big["flip_rate"][-1] >= 0.5 and big["efficacy"][-1] > 0.5 > big["efficacy"][0]  # k = 6 does swap
+
+
+def test_judge_prompt_must_show_the_answer_and_use_only_known_fields(tmp_path):
+    base = dict(model=str(tmp_path / "m"), directions=str(tmp_path / "d"), data=str(tmp_path / "x"),
+                out=str(tmp_path / "out"))
+    with pytest.raises(UserError, match=r"must show the answer it judges: put \{answer\} in it"):
+        run_steering(SteerConfig(**base, judge_prompt="Which shape? {options}"))
+    with pytest.raises(UserError, match=r"may use only \{answer\}, \{question\} and \{options\}"):
+        run_steering(SteerConfig(**base, judge_prompt="{answer} {src}"))
+    assert not (tmp_path / "out").exists()

@@ -79,7 +79,8 @@ def _show_steer(cfg, res) -> str:
 
     h = headline(res)
     return (f"wrote {cfg.out}: best {h['best_site']} k={h['best_scale']}: flip rate {h['flip_rate']}, "
-            f"efficacy {h['efficacy']}, unrelated-question accuracy {h['damage_accuracy']}")
+            f"efficacy {h['efficacy']}, unrelated-question accuracy {h['damage_accuracy']}"
+            + (f", judged-target rate {h['judged_target_rate']}" if h.get("judged_target_rate") is not None else ""))
 
 
 def _show_sae_train(cfg, res) -> str | None:
@@ -92,8 +93,11 @@ def _show_sae_train(cfg, res) -> str | None:
 
 
 def _show_sae_analyze(cfg, res) -> str:
-    return json.dumps({k: str(res[k]) if k in ("out", "html") else res[k]
-                       for k in ("out", "html", "shared_by_layer") if k in res}, indent=2)
+    out = {k: str(res[k]) if k in ("out", "html") else res[k] for k in ("out", "html", "shared_by_layer") if k in res}
+    spliced = {s["name"]: (s.get("task_accuracy") or {}).get("all") for s in res.get("saes", [])}
+    if any(spliced.values()):  # answer accuracy over every question: clean, SAE spliced in, zeros there
+        out["task_accuracy"] = spliced
+    return json.dumps(out, indent=2)
 
 
 def _show_explain_direction(cfg, res) -> str:

@@ -96,17 +96,15 @@ def chance_levels(seed: int, n: int, image_size: int) -> dict[str, dict]:
     questions of 1 / the number of answers the world allows for that question (8 shapes, 8 colours, 3
     sizes, left/right or top/bottom, yes/no, zero to the most objects a scene holds), and `majority`, the
     share of the most common true answer; caption (free text) has none."""
-    from sightline.data.synthetic import COLOURS, NUMBERS, SHAPES, SIZES, WorldConfig
+    from sightline.data.synthetic import WorldConfig, answer_family
     from sightline.organism.evaluate import eval_items
 
-    counts = NUMBERS[: len(WorldConfig().count_probs) + 1]
-    families = (SHAPES, COLOURS, SIZES, ("left", "right"), ("top", "bottom"), ("yes", "no"), counts)
     answers: dict[str, list[str]] = {}
     for _, _, answer, qtype in eval_items(seed, n, image_size):
         answers.setdefault(qtype, []).append(answer)
     out = {}
     for qtype, ans in answers.items():
-        fams = [next((f for f in families if a in f), None) for a in ans]
+        fams = [answer_family(a, len(WorldConfig().count_probs)) for a in ans]
         if qtype == "caption" or any(f is None for f in fams):
             out[qtype] = {"uniform": None, "majority": None, "answers": None}
             continue
@@ -322,10 +320,15 @@ def _steer_section(ctx: DemoContext) -> tuple[dict, Section]:
         "norm; k * v is added at the image positions during the prefill only, then the answer is generated "
         "greedily from the edited KV cache: the steering protocol of Line of Sight (Rajaram et al. 2025, "
         "arXiv 2506.04706; settings in PAPERS.md). Flip rate: the free answer to 'What shape is shown?' names "
-        "the target; damage: accuracy on the colour question of the same images.",
+        "the target; damage: accuracy on the colour question of the same images. Judged swap: the unsteered "
+        "model itself, beside a blank image, picks which of four shapes (source, target, two distractors) the "
+        "answer names; coherence: the answer's NLL per token under the unsteered model (Line of Sight's judged "
+        "swaps and coherence, here by the model rather than an external judge).",
         figures={**{k.replace("_", " "): h[k] for k in ("best_site", "best_scale", "flip_rate", "efficacy",
-                                                         "damage_accuracy", "caption_nll_increase", "clean_flip_rate",
-                                                         "clean_damage_accuracy") if h.get(k) is not None},
+                                                         "damage_accuracy", "caption_nll_increase",
+                                                         "judged_target_rate", "coherence", "clean_flip_rate",
+                                                         "clean_damage_accuracy", "clean_judged_target_rate",
+                                                         "clean_coherence") if h.get(k) is not None},
                  **{f"highest flip rate at {site} (any k)": v for site, v in h["max_flip_rate_by_site"].items()}},
         tables=[(f"example generations: clean, and steered at {h.get('best_site')}, k = {h.get('best_scale')}",
                  ["image", "source -> target", "open answer, clean", "open answer, steered", "colour, steered",
@@ -383,9 +386,10 @@ def _sae_section(ctx: DemoContext) -> tuple[dict, Section]:
             saes=(SAEConfig(arch="topk", width=256, k=32, aux_coeff=0.25),)), progress=cfg.progress)["paths"]
     res = analyze_sae(SAEAnalyzeConfig(saes=tuple(str(f) for f in folders), store=str(ctx.store_path),
                                        out=str(ctx.out / "sae-analysis"), n_loss=32, loss_batch_size=32, n_features=6,
+                                       task_qtypes=("shape", "colour"), n_task=16, max_new_tokens=4,
                                        progress=cfg.progress), adapter=ctx.adapter)
-    keep = ("site", "fvu_image", "fvu_text", "l0_image", "l0_text", "frac_dead", "loss_recovered", "image_only",
-            "text_only", "shared", "probe_coverage")
+    keep = ("site", "fvu_image", "fvu_text", "l0_image", "l0_text", "frac_dead", "loss_recovered", "task_accuracy",
+            "image_only", "text_only", "shared", "probe_coverage")
     from sightline.report.files import read_json
 
     metrics = read_json(ctx.out / "sae-analysis" / "results.json")["metrics"]["saes"]
@@ -407,12 +411,17 @@ def _sae_section(ctx: DemoContext) -> tuple[dict, Section]:
         "image-only or text-only when at least 90% of its mean activation per token falls on that modality, "
         "shared otherwise (docs/report.md). Dead: share of latents that fire on no token (count in brackets). "
         "Loss recovered = 1 - (NLL_SAE - NLL_clean) / (NLL_zero - NLL_clean) on answer tokens, the reconstruction "
-        "spliced in at the image positions; 1 = as good as the model's own activations.",
+        "spliced in at the image positions; 1 = as good as the model's own activations. Answer accuracy: the same "
+        "splice during the prefill, the answer then generated (exact match) on the shape and colour questions of "
+        "the held-out scenes, clean / SAE spliced in / zeros there, chance 1/8 (Line of Sight's benchmark accuracy "
+        "with the SAE spliced in).",
         tables=[("per layer", ["site", "FVU image", "FVU text", "L0 image", "dead (count)", "loss recovered",
-                               "image-only", "text-only", "shared"],
+                               "shape: clean / SAE / zero", "colour: clean / SAE / zero", "image-only", "text-only",
+                               "shared"],
                  [(e["site"], e["fvu_image"], e["fvu_text"], e["l0_image"], frac_count(e["frac_dead"], e["n_dead"]),
-                   loss_recovered_text(e["loss_recovered"], e["loss_recovered_note"]), e["image_only"],
-                   e["text_only"], e["shared"]) for e in per_sae])],
+                   loss_recovered_text(e["loss_recovered"], e["loss_recovered_note"]),
+                   _spliced_text(e["task_accuracy"], "shape"), _spliced_text(e["task_accuracy"], "colour"),
+                   e["image_only"], e["text_only"], e["shared"]) for e in per_sae])],
         images=[("sae-analysis/figures/shared_by_layer.png", "shared fraction of live latents per layer"),
                 *basis_figs],
         links=[("sae-analysis/index.html", "feature pages (top image tokens as heatmaps, top text contexts)"),
@@ -465,6 +474,14 @@ def _sae_basis(ctx: DemoContext, folders: list) -> tuple[dict, str, list[tuple[s
     figs = [(e["figure"], f"{n} in the SAE basis: cosine against latents used") for n, e in dirs.items()]
     figs.append(("sae-sparse-probe/figures/accuracy_vs_k.png", "k-sparse probes over SAE latents against k"))
     return summary, html_text, figs
+
+
+def _spliced_text(task_accuracy: dict | None, qtype: str) -> str:
+    """'0.94 / 0.94 / 0.00' (clean / SAE spliced in / zeros) for one question type, or 'n/a'."""
+    r = (task_accuracy or {}).get(qtype)
+    if not r or r.get("sae") is None:
+        return "n/a"
+    return f"{r['clean']:.2f} / {r['sae']:.2f} / {r['zero']:.2f} (n = {r['n']})"
 
 
 PERCEPTION_REPS = ("values", "projector", "encoder")  # values of all KV heads together; `perceive` reads more
@@ -535,6 +552,10 @@ def findings(summary: dict) -> list[str]:
         text = (f"Steering works at {best}: adding k = {st['best_scale']:g} times the shape direction at the image "
                 f"tokens flips {st['flip_rate']:.0%} of answers to the target shape (clean {st['clean_flip_rate']:.0%}), "
                 f"while colour answers stay {st['damage_accuracy']:.0%} right.")
+        if st.get("judged_target_rate") is not None:
+            text += (f" Asked itself which of four shapes each steered answer names (beside a blank image), the "
+                     f"unsteered model picks the target for {st['judged_target_rate']:.0%} of them (clean answers: "
+                     f"{st.get('clean_judged_target_rate') or 0:.0%}).")
         fail = {s: v for s, v in flips.items() if s != best and v is not None and v < 0.5}
         if fail:
             accs = [probe_sites[s]["test_top1"] for s in fail if s in probe_sites]
@@ -572,6 +593,13 @@ def findings(summary: dict) -> list[str]:
         text += (f", peaking at {peak['site']} ({peak['shared']:.0%})."
                  if peak['shared'] > max(lo["shared"], hi["shared"]) + 0.01 else ".")
         out.append(text)
+    spliced = [(e["site"], (e.get("task_accuracy") or {}).get("shape")) for e in sae.get("saes", [])]
+    spliced = [(site, r) for site, r in spliced if r and r.get("sae") is not None]
+    if spliced:
+        site, r = spliced[0]
+        out.append(f"With the {site} SAE's reconstruction spliced in at the image positions the organism still names "
+                   f"{r['sae']:.0%} of shapes (clean {r['clean']:.0%}, zeros there {r['zero']:.0%}, chance "
+                   f"{r['chance']:.0%}; {r['n']} questions).")
     out += _perception_findings(summary.get("perception", {}).get("tasks", {}))
     acc, ci, chance = org.get("accuracy", {}), org.get("accuracy_ci95", {}), org.get("chance", {})
     above, at = [], []

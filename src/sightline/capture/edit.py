@@ -17,6 +17,9 @@ per step from the KV cache).
         out = adapter.model.generate(**inputs, max_new_tokens=5)   # steered prefill, clean decoding
     with apply_edits(adapter, [BlockAttention(range(adapter.n_layers), keys=[img_pos], queries=[txt_pos])]):
         out = adapter.model(**inputs)                              # text cannot see the image
+
+`generate` appends columns on the right, so a batch that generates is left-padded (`left_pad`): an
+example's sequence position p then sits in column p + pad, and its edits address those columns.
 """
 
 from __future__ import annotations
@@ -218,6 +221,37 @@ class _Blocker:
             return a, {**kw, "attention_mask": new}
 
         return pre
+
+
+def left_pad(adapter, images, texts: Sequence[str]):
+    """(inputs, pads, batch): the adapter's batch with every per-token tensor moved to left padding.
+
+    `pads[i]` columns of padding precede example i; `batch.layouts[i]` still counts positions from
+    the example's first real token (so column = position + pads[i])."""
+    batch = adapter.prepare(list(images), list(texts))
+    ids = batch.inputs["input_ids"]
+    B, S = ids.shape
+    pads = [S - n for n in batch.lengths]
+    inputs = {}
+    for k, v in batch.inputs.items():
+        if torch.is_tensor(v) and v.dim() == 2 and tuple(v.shape) == (B, S) and not k.startswith(("pixel", "image")):
+            # right padding holds the pad values at the end: rolling each row right by its padding
+            # puts them in front, exactly what the processor's left padding would produce
+            v = torch.stack([torch.roll(v[i], pads[i]) if pads[i] else v[i] for i in range(B)])
+        inputs[k] = v
+    return inputs, pads, batch
+
+
+def stop_ids(adapter) -> set[int]:
+    """Token ids that end a generated answer: the generation config's eos ids and the padding ids."""
+    gc = adapter.model.generation_config
+    eos = gc.eos_token_id
+    ids = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
+    if gc.pad_token_id is not None:
+        ids.add(int(gc.pad_token_id))
+    if adapter.tokenizer.pad_token_id is not None:
+        ids.add(int(adapter.tokenizer.pad_token_id))
+    return ids
 
 
 def _check(adapter, edit: Edit) -> Site:

@@ -1,4 +1,5 @@
-"""Figures of a steering run: efficacy and damage against the scale k, per layer and across layers."""
+"""Figures of a steering run: efficacy and damage against the scale k, per layer and across layers, and the
+judged swaps (four-way judgement and coherence of the free answers) against k."""
 
 from __future__ import annotations
 
@@ -84,5 +85,43 @@ def plot_overview(results: dict, path: str | os.PathLike) -> Path:
     best = results["summary"].get("best")
     if best:
         axes[0].plot([best["scale"]], [best["flip_rate"]], marker="*", ms=14, color="crimson", ls="none")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_judged(results: dict, path: str | os.PathLike) -> Path:
+    """Judged-target rate (solid) and judged-source rate (dashed) against k, and the coherence of the free
+    answers (NLL per token under the unsteered model) against k, one colour per layer (means over pairs);
+    the clean answers' values as grey lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = results["summary"]["per_layer"]
+    clean = results["summary"].get("clean") or {}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    cmap = plt.get_cmap("viridis")
+    for j, (site, s) in enumerate(per.items()):
+        col = cmap(j / max(len(per) - 1, 1))
+        a.plot(s["scales"], _nan(s.get("judged_target_rate") or [None] * len(s["scales"])), color=col, lw=1.8,
+               marker="o", ms=3, label=f"{site}: target")
+        a.plot(s["scales"], _nan(s.get("judged_source_rate") or [None] * len(s["scales"])), color=col, lw=1.2,
+               ls="--", label=f"{site}: source")
+        b.plot(s["scales"], _nan(s.get("coherence") or [None] * len(s["scales"])), color=col, lw=1.8, marker="o",
+               ms=3, label=site)
+    if clean.get("coherence") is not None:
+        b.axhline(clean["coherence"], color="0.5", lw=1, ls=":", label="clean answers")
+    xlabel = ("k (multiple of the unit steering vector, residual-stream units)" if results.get("normalize") == "unit"
+              else "k (scale of the steering vector)")
+    a.set_title("four-way judgement of the free answer")
+    a.set_ylabel("share of answers judged as that class")
+    a.set_ylim(-0.03, 1.03)
+    b.set_title("coherence of the free answer")
+    b.set_ylabel("NLL per token, unsteered model (nats)")
+    for ax in (a, b):
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return _save(fig, path)

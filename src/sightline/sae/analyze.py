@@ -6,7 +6,8 @@ activations, concept scores), so memory does not grow with the store. Output (do
 under OUT.partial, then renamed into place):
 
     OUT/config.json            the SAEAnalyzeConfig it ran with
-    OUT/results.json           summary; metrics (per SAE: reconstruction by modality, loss recovered);
+    OUT/results.json           summary; metrics (per SAE: reconstruction by modality, loss recovered, answer
+                               accuracy per question type with the SAE spliced in);
                                modality (per SAE: sharing, concept probing, cross-modal latents; the
                                shared-fraction curve across layers)
     OUT/figures/shared_by_layer.png   the curve (the Line of Sight headline figure)
@@ -44,7 +45,16 @@ from sightline.sae.features import (
     load_tokenizer,
     per_example_max,
 )
-from sightline.sae.metrics import DENSE_THRESHOLD, ReconStats, answer_items, answer_nll, loss_recovered
+from sightline.sae.metrics import (
+    DENSE_THRESHOLD,
+    ReconStats,
+    answer_items,
+    answer_nll,
+    loss_recovered,
+    task_accuracy,
+    task_answers,
+    task_items,
+)
 from sightline.sae.modality import (
     CONCEPT_AUROC,
     SHARE_THRESHOLD,
@@ -71,11 +81,21 @@ class SAEAnalyzeConfig:
     model: str | None = None
     """Model for loss recovered; None: the model the store was extracted from."""
     data: str | None = None
-    """JSONL of (image, prompt, label) for loss recovered; None: the store's own examples with a prompt and label."""
+    """JSONL of (image, prompt, label[, qtype, choices]) for loss recovered and task accuracy; None: the store's own
+    examples with a prompt and label."""
     n_loss: int = 64
     """Sequences scored for loss recovered."""
     loss_batch_size: int = 8
-    """Sequences per forward for loss recovered."""
+    """Sequences per forward for loss recovered and task accuracy."""
+    tasks: bool = True
+    """Measure answer accuracy per question type clean, with the SAE spliced in at the image positions and with
+    zeros there (runs the model; --no-tasks skips it)."""
+    n_task: int = 32
+    """Questions per question type for task accuracy (the first ones of each type)."""
+    task_qtypes: tuple[str, ...] = ()
+    """Question types asked for task accuracy (the data's qtype field); empty: every type."""
+    max_new_tokens: int = 8
+    """Tokens generated per answer at most (task accuracy by exact match)."""
     model_dtype: str = "auto"
     """auto (bfloat16 on GPU, float32 on CPU), float32, float16 or bfloat16."""
     device: str = "auto"
@@ -441,6 +461,12 @@ def _write_sae_page(folder: Path, figdir: Path, sae, store, site: str, rec: dict
                                lr.get("loss_recovered"), lr.get("n_answer_tokens")]]))
     elif rec.get("loss_note"):
         recon.html = f"<p class='note'>{html.escape(rec['loss_note'])}</p>"
+    ta = rec.get("task_accuracy")
+    if ta:
+        recon.tables.append((f"answer accuracy, {ta['scoring']} scoring ({ta['n_answers_changed_by_sae']} of "
+                             f"{ta['n_questions']} answers changed by the SAE)", TASK_HEADER, task_rows(ta)))
+    elif rec.get("task_note"):
+        recon.html += f"<p class='note'>{html.escape(rec['task_note'])}</p>"
     sections = [recon, Section(
         "Modality",
         f"{s['n_alive']} live latents: {fmt(s['image_only'], 3)} image-only, {fmt(s['text_only'], 3)} text-only, "
@@ -488,6 +514,22 @@ def _write_sae_page(folder: Path, figdir: Path, sae, store, site: str, rec: dict
                nav=[("../index.html", "all SAEs")], toc=False)
 
 
+TASK_HEADER = ["question type", "questions", "clean", "SAE spliced in", "zero at image positions", "chance",
+               "majority answer"]
+
+
+def task_rows(ta: dict) -> list[list]:
+    """Table rows of a task-accuracy record: per question type (then all) n, clean, SAE, zero, chance, majority."""
+    return [[q, r["n"], r["clean"], r["sae"], r["zero"], r["chance"] if r["chance"] is not None else "n/a",
+             r["majority"]] for q, r in ta["per_qtype"].items()]
+
+
+def _accuracy_text(all_row: dict) -> str:
+    if not all_row or all_row.get("sae") is None:
+        return "n/a"
+    return f"{all_row['sae']:.3f} ({all_row['clean']:.3f}, {all_row['zero']:.3f})"
+
+
 def _write_index(tmp: Path, results: list[dict], curve: list[dict], cfg: SAEAnalyzeConfig) -> None:
     """OUT/index.html: what the analysis found, one row per SAE (linked to its feature page), the figures."""
     from sightline.report.html import Link, Section, figure_images, frac_count, loss_recovered_text, write_page
@@ -496,13 +538,16 @@ def _write_index(tmp: Path, results: list[dict], curve: list[dict], cfg: SAEAnal
     for r in results:
         m, s, lr = r["metrics"], r["sharing"], r.get("loss_recovered") or {}
         cov = ((r["concepts"].get("probing") or {}).get("coverage"))
+        ta = ((r.get("task_accuracy") or {}).get("per_qtype") or {}).get("all") or {}
         rows.append([Link(f"{r['name']}/features.html", r["name"] + (" (untrained?)" if r["quality"]["flagged"] else "")),
                      m["image"]["fvu"], m["text"]["fvu"], m["image"]["l0"], m["text"]["l0"],
                      frac_count(m["all"]["frac_dead"], m["all"]["n_dead"]),
                      loss_recovered_text(lr.get("loss_recovered"), lr.get("note") or r.get("loss_note")),
+                     _accuracy_text(ta),
                      s["image_only"], s["text_only"], s["shared"], cov,
                      len(r["concepts"].get("cross_modal", []))])
-    header = ["SAE", "FVU image", "FVU text", "L0 image", "L0 text", "dead (count)", "loss recovered", "image-only",
+    header = ["SAE", "FVU image", "FVU text", "L0 image", "L0 text", "dead (count)", "loss recovered",
+              "accuracy spliced (clean, zero)", "image-only",
               "text-only", "shared", "probe coverage", "cross-modal concepts"]
     if curve:
         lo, hi = curve[0], curve[-1]
@@ -539,6 +584,18 @@ def _loss_items(cfg: SAEAnalyzeConfig, store) -> tuple[list, str | None]:
     return items[: cfg.n_loss], None
 
 
+def _task_items(cfg: SAEAnalyzeConfig, store) -> tuple[list, str | None]:
+    if cfg.n_task < 1:
+        raise UserError(f"--n-task must be at least 1, not {cfg.n_task}")
+    if not cfg.data and (store.manifest.get("config") or {}).get("raw_prompt"):
+        return [], ("task accuracy skipped: the store was extracted with a raw prompt; pass --data (a JSONL of "
+                    "image, prompt, label)")
+    items = task_items(cfg.data or None, None if cfg.data else store, cfg.n_task, cfg.task_qtypes)
+    if not items:
+        return [], "task accuracy skipped: no example has a question and an answer; pass --data"
+    return items, None
+
+
 def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokenizer=None,
                  training: list[dict | None] | None = None) -> RunResult:
     """Analyse loaded SAEs over an open store (see the module docstring); writes the run folder cfg.out
@@ -563,12 +620,14 @@ def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokeniz
         tokenizer = load_tokenizer(store, cfg.model, adapter)
     tokens = StoreTokens(store, tokenizer) if tokenizer is not None else None
     items, loss_note = ([], "loss recovered not asked for") if not cfg.loss else _loss_items(cfg, store)
-    if items and adapter is None:
+    tasks, task_note = ([], "task accuracy not asked for") if not cfg.tasks else _task_items(cfg, store)
+    if (items or tasks) and adapter is None:
         from sightline.models import load_model
 
         model = cfg.model or ((store.manifest.get("config") or {}).get("model"))
         if not model:
-            raise UserError(f"store {store.path} does not name its model; pass --model for loss recovered (or --no-loss)")
+            raise UserError(f"store {store.path} does not name its model; pass --model for loss recovered and task "
+                            "accuracy (or --no-loss --no-tasks)")
         dev, dtype = resolve_placement(cfg.device, cfg.model_dtype)
         adapter = load_model(model, dtype=dtype, device=dev, progress=cfg.progress)
         if tokens is None:
@@ -580,6 +639,8 @@ def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokeniz
     training = list(training) if training is not None else [None] * len(saes)
     warnings: list[str] = []
     clean_nll: tuple[float, int] | None = None
+    task_clean = None  # answers without an edit: once per run
+    task_zero: dict[str, tuple] = {}  # answers with zeros at a site's image positions: once per site
     with RunFolder(out, overwrite=cfg.overwrite) as tmp:
         write_json(tmp / "config.json", to_dict(cfg))
         for sae, site, label, trained in zip(saes, sites, labels, training):
@@ -619,6 +680,16 @@ def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokeniz
                                                        clean=clean_nll)
             else:
                 rec["loss_note"] = loss_note
+            if tasks:
+                kw = dict(batch_size=cfg.loss_batch_size, max_new_tokens=cfg.max_new_tokens, progress=cfg.progress)
+                if task_clean is None:
+                    task_clean = task_answers(adapter, tasks, desc="tasks (clean)", **kw)
+                if site not in task_zero:
+                    task_zero[site] = task_answers(adapter, tasks, torch.zeros_like, site, desc="tasks (zero)", **kw)
+                rec["task_accuracy"] = task_accuracy(adapter, sae, tasks, site, clean=task_clean,
+                                                     zero=task_zero[site], **kw)
+            else:
+                rec["task_note"] = task_note
             mean = p.modality.mean_activation()
             save_file({"image_share": torch.as_tensor(share, dtype=torch.float32),
                        "freq_image": torch.as_tensor(freq["image"], dtype=torch.float32),
@@ -643,6 +714,8 @@ def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokeniz
                 "l0_image": r["metrics"]["image"]["l0"], "l0_text": r["metrics"]["text"]["l0"],
                 "frac_dead": r["metrics"]["all"]["frac_dead"],
                 "loss_recovered": (r.get("loss_recovered") or {}).get("loss_recovered"),
+                "task_accuracy": {q: {k: v[k] for k in ("n", "clean", "sae", "zero", "chance")}
+                                  for q, v in ((r.get("task_accuracy") or {}).get("per_qtype") or {}).items()} or None,
                 "image_only": r["sharing"]["image_only"], "text_only": r["sharing"]["text_only"],
                 "shared": r["sharing"]["shared"],
                 "probe_coverage": (r["concepts"].get("probing") or {}).get("coverage"),
@@ -656,6 +729,7 @@ def analyze_saes(saes: list, store, cfg: SAEAnalyzeConfig, adapter=None, tokeniz
             "metrics": {"store": str(store.path), "saes": {
                 r["name"]: {"site": r["site"], "layer": r["layer"], "sae": r["sae_cfg"],
                             "reconstruction": r["metrics"], "loss_recovered": r.get("loss_recovered"),
+                            "task_accuracy": r.get("task_accuracy"), "task_note": r.get("task_note"),
                             "quality": r["quality"],
                             "loss_note": r.get("loss_note"), "definitions": "see sightline.sae.metrics"}
                 for r in results}},

@@ -13,12 +13,22 @@ text = text tokens, special = chat-template/special tokens, all = every stored t
   over answer tokens of teacher-forced (image, question, answer) sequences, NLL_sae with the SAE's
   reconstruction replacing the activations at the image positions of its site, NLL_zero with zeros
   there (zero-ablation of the residual at image positions, as Line of Sight).
+- task accuracy (Line of Sight's benchmark accuracy with the SAE spliced in): the share of labelled
+  questions answered right clean, with the SAE's reconstruction replacing the site's activations at the
+  image positions during the prefill (the answer then decoded from that cache), and with zeros there;
+  per question type, beside chance. An answer is right by exact match (the greedy answer, lower-cased,
+  stripped of spaces and a final full stop, equals the label) or, for a question with `choices`, when
+  the label is the choice the model gives the highest probability (the sum of log-probabilities of the
+  choice's tokens and the end-of-answer token, teacher-forced). Chance: 1 / the number of choices, or
+  for the synthetic world's short answers 1 / the number of answers the world allows
+  (`sightline.data.synthetic.answer_family`); none for other free answers.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -294,10 +304,10 @@ def _end_token(adapter) -> str:
 
 
 @torch.no_grad()
-def answer_nll(adapter, items: Sequence[tuple[Any, str, str]], edits_for=None, batch_size: int = 8,
-               progress: bool = False, desc: str = "answer nll") -> tuple[float, int]:
-    """(sum of NLL over answer tokens, number of answer tokens) of teacher-forced sequences
-    render_prompt(question) + answer + end token, for (image, question, answer) items.
+def answer_nlls(adapter, items: Sequence[tuple[Any, str, str]], edits_for=None, batch_size: int = 8,
+                progress: bool = False, desc: str = "answer nll") -> tuple[np.ndarray, np.ndarray]:
+    """Per item (sum of NLL over its answer tokens [n], number of answer tokens [n]) of teacher-forced
+    sequences render_prompt(question) + answer + end token, for (image, question, answer) items.
 
     edits_for(batch) -> list of Edits applied during the forward (None: clean). The answer tokens are
     those after the rendered prompt's own tokens (the common prefix of the two tokenisations)."""
@@ -307,7 +317,7 @@ def answer_nll(adapter, items: Sequence[tuple[Any, str, str]], edits_for=None, b
     from sightline.data import load_image
 
     end = _end_token(adapter)
-    total, count = 0.0, 0
+    sums, counts = np.zeros(len(items)), np.zeros(len(items), np.int64)
     dev = adapter.device
     for s in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
         chunk = items[s : s + batch_size]
@@ -336,9 +346,28 @@ def answer_nll(adapter, items: Sequence[tuple[Any, str, str]], edits_for=None, b
                 continue
             rows = tgt_pos - 1 - (first - 1)
             tgt = ids[i, tgt_pos].to(dev)
-            total -= float(logp[i, rows.to(dev), tgt].sum())
-            count += len(tgt_pos)
-    return total, count
+            sums[s + i] = -float(logp[i, rows.to(dev), tgt].sum())
+            counts[s + i] = len(tgt_pos)
+    return sums, counts
+
+
+def answer_nll(adapter, items: Sequence[tuple[Any, str, str]], edits_for=None, batch_size: int = 8,
+               progress: bool = False, desc: str = "answer nll") -> tuple[float, int]:
+    """(sum of NLL over answer tokens, number of answer tokens) of teacher-forced sequences
+    render_prompt(question) + answer + end token, for (image, question, answer) items (`answer_nlls`, summed)."""
+    sums, counts = answer_nlls(adapter, items, edits_for, batch_size, progress, desc)
+    return float(sums.sum()), int(counts.sum())
+
+
+def reconstruction_fn(sae) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x [n, d] -> the SAE's reconstruction of x (computed in float32 on the SAE's device, returned as x was)."""
+    dev_sae = next(iter(sae.parameters())).device
+
+    def recon(x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(device=dev_sae, dtype=torch.float32)
+        return sae.decode(sae.encode(x32)).to(device=x.device, dtype=x.dtype)
+
+    return recon
 
 
 def loss_recovered(adapter, sae, items: Sequence[tuple[Any, str, str]], site: str | None = None,
@@ -352,11 +381,7 @@ def loss_recovered(adapter, sae, items: Sequence[tuple[Any, str, str]], site: st
     from sightline.capture.edit import Edit, replace_with
 
     site = site or sae.cfg.site
-    dev_sae = next(iter(sae.parameters())).device
-
-    def recon(x: torch.Tensor) -> torch.Tensor:
-        x32 = x.to(device=dev_sae, dtype=torch.float32)
-        return sae.decode(sae.encode(x32)).to(device=x.device, dtype=x.dtype)
+    recon = reconstruction_fn(sae)
 
     def with_fn(fn):
         return lambda batch: [Edit(site, [lay.image_positions for lay in batch.layouts], replace_with(fn))]
@@ -375,3 +400,206 @@ def loss_recovered(adapter, sae, items: Sequence[tuple[Any, str, str]], site: st
         out["note"] = (f"zero-ablating {site} at image positions leaves the answer loss unchanged (e.g. the last "
                        "block's output, which reaches no other position), so loss recovered is undefined")
     return out
+
+
+# ------------------------------------------------------------------------------------ task accuracy
+@dataclass(frozen=True)
+class TaskItem:
+    """One labelled question about an image (a JSONL line: image, prompt = the question, label = the answer,
+    optional qtype and choices)."""
+
+    image: Any  # a path or a PIL image
+    question: str
+    answer: str
+    qtype: str = "all"
+    choices: tuple[str, ...] = ()  # empty: exact match of the greedy answer
+
+
+def _task_item(image, question, answer, meta: dict, where: str) -> TaskItem:
+    choices = meta.get("choices") or ()
+    if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
+        raise UserError(f'{where}: "choices" must be a list of strings, e.g. ["cat", "dog"]')
+    if choices and answer not in choices:
+        raise UserError(f'{where}: the answer {answer!r} is not one of its "choices" {list(choices)}; '
+                        "list the right answer among them")
+    return TaskItem(image, str(question), str(answer), str(meta.get("qtype") or "all"), tuple(choices))
+
+
+def task_items(data: str | None = None, store=None, per_qtype: int | None = None,
+               qtypes: Sequence[str] = ()) -> list[TaskItem]:
+    """Labelled questions from a JSONL manifest (one line per question: "image", "prompt" = the question,
+    "label" = the answer, optional "qtype" to group by and "choices" for choice scoring; the layout of
+    `sightline.data.synthetic.export_jsonl`) or else from a store's examples; only the question types
+    `qtypes` (empty: all), the first `per_qtype` of each (None: all). Lines without a question or an answer
+    are skipped."""
+    items: list[TaskItem] = []
+    if data is not None:
+        from sightline.data import open_dataset
+
+        for ex in open_dataset(data):
+            if ex.prompt and ex.label:
+                items.append(_task_item(ex.path, ex.prompt, ex.label, ex.meta or {}, f"{data} line {ex.id + 1}"))
+        if not items:
+            raise UserError(f"{data} has no line with both a question (\"prompt\") and an answer (\"label\"); "
+                            "task accuracy needs (image, question, answer) lines")
+    elif store is not None:
+        for e in store.examples:
+            if e.get("prompt") and e.get("label") and e.get("path"):
+                items.append(_task_item(e["path"], e["prompt"], e["label"], e.get("meta") or {},
+                                        f"store example {e['example']}"))
+    if qtypes:
+        have = sorted({it.qtype for it in items})
+        missing = [q for q in qtypes if q not in have]
+        if missing:
+            raise UserError(f"question type {missing[0]!r} is not in the data (it has {', '.join(have) or 'none'}); "
+                            "pick from those")
+        items = [it for it in items if it.qtype in qtypes]
+    if per_qtype is None:
+        return items
+    seen: dict[str, int] = {}
+    out = []
+    for it in items:
+        if seen.get(it.qtype, 0) < per_qtype:
+            seen[it.qtype] = seen.get(it.qtype, 0) + 1
+            out.append(it)
+    return out
+
+
+def normalize_answer(text: str) -> str:
+    """An answer as exact match compares it: lower case, surrounding spaces and a final full stop removed."""
+    return text.strip().lower().rstrip(".").strip()
+
+
+def image_edit(site: str, fn: Callable[[torch.Tensor], torch.Tensor], layouts, pads: Sequence[int] | None = None):
+    """The Edit replacing `site` by fn(activations) at every image position of each example (prefill only);
+    `pads`: left padding per example (generation), whose columns shift the positions."""
+    from sightline.capture.edit import Edit, replace_with
+
+    pads = [0] * len(layouts) if pads is None else pads
+    return Edit(site, [lay.image_positions + p for lay, p in zip(layouts, pads)], replace_with(fn))
+
+
+@torch.no_grad()
+def greedy_answers(adapter, items: Sequence[TaskItem], fn=None, site: str | None = None, batch_size: int = 8,
+                   max_new_tokens: int = 8, progress: bool = False, desc: str = "answers") -> list[str]:
+    """The model's greedy answer to each item's question (decoded, stripped), clean or with `site` replaced by
+    fn(activations) at the image positions during the prefill (then decoded from that cache)."""
+    from tqdm.auto import tqdm
+
+    from sightline.capture.edit import apply_edits, left_pad, stop_ids
+    from sightline.data import load_image
+
+    tok = adapter.tokenizer
+    gen = dict(max_new_tokens=max_new_tokens, do_sample=False)
+    if adapter.model.generation_config.pad_token_id is None and tok.pad_token_id is not None:
+        gen["pad_token_id"] = tok.pad_token_id
+    stop = stop_ids(adapter)
+    out: list[str] = []
+    for s in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
+        chunk = items[s : s + batch_size]
+        images = [it.image if not isinstance(it.image, str) else load_image(it.image) for it in chunk]
+        inputs, pads, batch = left_pad(adapter, images, [adapter.render_prompt(it.question) for it in chunk])
+        inputs = {k: v.to(adapter.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        S = inputs["input_ids"].shape[1]
+        edits = [image_edit(site, fn, batch.layouts, pads)] if fn is not None else []
+        with apply_edits(adapter, edits):
+            ids = adapter.model.generate(**inputs, **gen)[:, S:].tolist()
+        for row in ids:
+            keep = []
+            for t in row:
+                if t in stop:
+                    break
+                keep.append(t)
+            out.append(tok.decode(keep, skip_special_tokens=True).strip())
+    return out
+
+
+def chosen_answers(adapter, items: Sequence[TaskItem], fn=None, site: str | None = None, batch_size: int = 8,
+                   progress: bool = False, desc: str = "choices") -> list[str]:
+    """For each item with choices, the choice whose tokens (and the end token) the model finds most likely,
+    teacher-forced, clean or with `site` replaced by fn(activations) at the image positions."""
+    rows = [(it.image, it.question, c) for it in items for c in it.choices]
+    edits_for = (lambda b: [image_edit(site, fn, b.layouts)]) if fn is not None else None
+    sums, _ = answer_nlls(adapter, rows, edits_for, batch_size, progress, desc)
+    out, k = [], 0
+    for it in items:
+        n = len(it.choices)
+        out.append(it.choices[int(np.argmin(sums[k : k + n]))])
+        k += n
+    return out
+
+
+def task_answers(adapter, items: Sequence[TaskItem], fn=None, site: str | None = None, batch_size: int = 8,
+                 max_new_tokens: int = 8, progress: bool = False, desc: str = "tasks") -> tuple[np.ndarray, list[str]]:
+    """(right [n] bool, the answer given [n]) for every item: exact match of the greedy answer, or the chosen
+    choice for items with choices (see the module docstring), clean or with `site` replaced by fn at the
+    image positions."""
+    given: list[str | None] = [None] * len(items)
+    free = [i for i, it in enumerate(items) if not it.choices]
+    multi = [i for i, it in enumerate(items) if it.choices]
+    if free:
+        for i, a in zip(free, greedy_answers(adapter, [items[i] for i in free], fn, site, batch_size,
+                                             max_new_tokens, progress, desc)):
+            given[i] = a
+    if multi:
+        for i, a in zip(multi, chosen_answers(adapter, [items[i] for i in multi], fn, site, batch_size, progress,
+                                              desc)):
+            given[i] = a
+    right = np.array([normalize_answer(g) == normalize_answer(it.answer) for g, it in zip(given, items)], bool)
+    return right, [str(g) for g in given]
+
+
+def task_chance(items: Sequence[TaskItem]) -> dict[str, dict[str, Any]]:
+    """Per question type (and "all"): `chance` (the mean of 1 / the number of choices, or of answers the
+    synthetic world allows; None where a free answer has no such set) and `majority` (the share of the
+    most common right answer)."""
+    from sightline.data.synthetic import answer_family
+
+    groups: dict[str, list[TaskItem]] = {}
+    for it in items:
+        groups.setdefault(it.qtype, []).append(it)
+    groups["all"] = list(items)
+    out = {}
+    for q, its in groups.items():
+        per = []
+        for it in its:
+            fam = it.choices or answer_family(normalize_answer(it.answer))
+            per.append(1 / len(fam) if fam else None)
+        answers = [normalize_answer(it.answer) for it in its]
+        top = max(set(answers), key=answers.count) if answers else None
+        out[q] = {"chance": None if not per or any(p is None for p in per) else round(float(np.mean(per)), 4),
+                  "majority": round(answers.count(top) / len(answers), 4) if answers else None}
+    return out
+
+
+def task_accuracy(adapter, sae, items: Sequence[TaskItem], site: str | None = None, batch_size: int = 8,
+                  max_new_tokens: int = 8, progress: bool = False,
+                  clean: tuple[np.ndarray, list[str]] | None = None,
+                  zero: tuple[np.ndarray, list[str]] | None = None) -> dict[str, Any]:
+    """Accuracy per question type clean, with the SAE's reconstruction spliced in at the image positions of its
+    site, and with zeros there, beside chance (see the module docstring).
+
+    `clean` / `zero`: what `task_answers` already gave for the same items without an edit / with zeros at
+    this site (neither depends on the SAE, so one pass serves every SAE of a run, or of a site)."""
+    site = site or sae.cfg.site
+    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+    clean = clean if clean is not None else task_answers(adapter, items, desc="tasks (clean)", **kw)
+    spliced = task_answers(adapter, items, reconstruction_fn(sae), site, desc="tasks (sae)", **kw)
+    zero = zero if zero is not None else task_answers(adapter, items, torch.zeros_like, site, desc="tasks (zero)",
+                                                      **kw)
+    chance = task_chance(items)
+    qtypes = [*dict.fromkeys(it.qtype for it in items), "all"]
+    per = {}
+    for q in qtypes:
+        rows = np.array([q == "all" or it.qtype == q for it in items], bool)
+        per[q] = {"n": int(rows.sum()),
+                  **{name: round(float(r[0][rows].mean()), 4) if rows.any() else None
+                     for name, r in (("clean", clean), ("sae", spliced), ("zero", zero))},
+                  **chance[q]}
+    changed = [i for i, (a, b) in enumerate(zip(clean[1], spliced[1])) if a != b]
+    n_choice = sum(bool(it.choices) for it in items)
+    return {"site": site, "n_questions": len(items),
+            "scoring": "choice" if n_choice == len(items) else "exact" if n_choice == 0 else "mixed",
+            "per_qtype": per, "n_answers_changed_by_sae": len(changed),
+            "examples": [{"question": items[i].question, "answer": items[i].answer, "clean": clean[1][i],
+                          "sae": spliced[1][i], "zero": zero[1][i]} for i in changed[:5]]}

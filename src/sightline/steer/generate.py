@@ -9,8 +9,8 @@ Two modes (`mode`):
                   language models. With positions="image" the two modes differ only through this,
                   since the image tokens are computed once, in the prefill.
 
-Batches are left-padded (generation appends columns on the right), so an example's sequence
-position p sits in column p + pad of the padded tensor; edits address those columns. Each row of a
+Batches are left-padded (`sightline.capture.edit.left_pad`: generation appends columns on the right), so
+an example's sequence position p sits in column p + pad of the padded tensor; edits address those columns. Each row of a
 batch can carry its own k, so a sweep over k runs as one batch of (image, k) rows.
 """
 
@@ -21,30 +21,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from sightline.capture.edit import Edit
+from sightline.capture.edit import Edit, left_pad, stop_ids
 from sightline.errors import UserError
 
 MODES = ("prefill", "every_step")
 POSITION_CHOICES = ("image", "text", "all", "last")
-
-
-def left_pad(adapter, images, texts: Sequence[str]):
-    """(inputs, pads, batch): the adapter's batch with every per-token tensor moved to left padding.
-
-    `pads[i]` columns of padding precede example i; `batch.layouts[i]` still counts positions from
-    the example's first real token."""
-    batch = adapter.prepare(list(images), list(texts))
-    ids = batch.inputs["input_ids"]
-    B, S = ids.shape
-    pads = [S - n for n in batch.lengths]
-    inputs = {}
-    for k, v in batch.inputs.items():
-        if torch.is_tensor(v) and v.dim() == 2 and tuple(v.shape) == (B, S) and not k.startswith(("pixel", "image")):
-            # right padding holds the pad values at the end: rolling each row right by its padding
-            # puts them in front, exactly what the processor's left padding would produce
-            v = torch.stack([torch.roll(v[i], pads[i]) if pads[i] else v[i] for i in range(B)])
-        inputs[k] = v
-    return inputs, pads, batch
 
 
 def steer_positions(layouts, pads: Sequence[int], positions: str | Sequence[np.ndarray] = "image") -> list[np.ndarray]:
@@ -113,7 +94,7 @@ def generate_ids(adapter, images, prompts: Sequence[str], site: str | None = Non
     with apply_edits(adapter, edits):
         out = adapter.model.generate(**inputs, **gen)
     new = out[:, S:].tolist()
-    stop = _stop_ids(adapter)
+    stop = stop_ids(adapter)
     result = []
     for row in new:
         keep = []
@@ -123,17 +104,6 @@ def generate_ids(adapter, images, prompts: Sequence[str], site: str | None = Non
             keep.append(t)
         result.append(keep)
     return result
-
-
-def _stop_ids(adapter) -> set[int]:
-    gc = adapter.model.generation_config
-    eos = gc.eos_token_id
-    ids = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
-    if gc.pad_token_id is not None:
-        ids.add(int(gc.pad_token_id))
-    if adapter.tokenizer.pad_token_id is not None:
-        ids.add(int(adapter.tokenizer.pad_token_id))
-    return ids
 
 
 def steered_generate(adapter, images, prompts: Sequence[str], site: str | None = None,

@@ -11,11 +11,25 @@
   mentions the expected answer), and the increase in caption NLL: the mean negative
   log-likelihood per caption token, teacher-forced after the caption prompt with the edit applied
   (prefill positions; with mode="every_step" the caption tokens too), minus the same without edit.
+- Judged swap (Line of Sight's four-way judgement, made by the model itself): each free answer is put
+  to the UNSTEERED model under a fixed prompt (`JUDGE_PROMPT`; on the synthetic world `WORLD_JUDGE_PROMPT`)
+  beside a blank grey image of the same size, so that only the text can decide, with four options:
+  the source class, the target class and two distractor classes drawn from the other classes
+  (`judge_options`: seeded, the order shuffled per item, so no class owns a position). The choice is
+  the option whose first answer token has the highest next-token probability: over the letters A-D
+  when the prompt lists the options ({options}), else over the class words themselves (the organism
+  cannot read a listed choice; it names a shape after its question). An empty answer is judged as
+  none of them. Rates count over every answer.
+- Coherence: the mean NLL per token of the free answer as the answer to its own prompt about the
+  clean image under the unsteered model, teacher-forced (`caption_nlls` with no edit); lower is more
+  fluent. A swapped class word costs nats here by design; `coherence_other` leaves the class words'
+  tokens out.
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -176,3 +190,81 @@ def _prompt_only(layouts, n_cap: Sequence[int], which: str) -> list[np.ndarray]:
             p = lay.positions(which)
             out.append(p[p < end])
     return out
+
+
+# ------------------------------------------------------------------------------------ judged swaps
+JUDGE_PROMPT = ('Here is what a model answered about an image: "{answer}"\nWhich of these does the answer say the '
+                'image shows?\n{options}\nAnswer with the letter only.')
+WORLD_JUDGE_PROMPT = "{answer} {question}"
+JUDGE_LETTERS = "ABCDEFGH"
+JUDGE_FIELDS = ("answer", "question", "options")
+
+
+def judge_options(classes: Sequence[str], src: str, tgt: str, n_items: int, seed: int = 0,
+                  n_options: int = 4) -> list[list[str]]:
+    """Per item, the options of its judgement: source, target and n_options - 2 distractors drawn without
+    replacement from the other classes (fewer when there are fewer), in an order shuffled per item; drawn
+    from numpy's default_rng([seed, crc32("src->tgt"), item]), so the same on every run and machine."""
+    others = [c for c in classes if c not in (src, tgt)]
+    pair = zlib.crc32(f"{src}->{tgt}".encode())
+    out = []
+    for i in range(n_items):
+        rng = np.random.default_rng([seed, pair, i])
+        k = min(max(n_options - 2, 0), len(others))
+        picked = [others[j] for j in sorted(rng.choice(len(others), size=k, replace=False))] if k else []
+        opts = [src, tgt, *picked]
+        out.append([opts[j] for j in rng.permutation(len(opts))])
+    return out
+
+
+def judge_text(template: str, answer: str, question: str, options: Sequence[str]) -> tuple[str, list[str]]:
+    """(the judge's prompt, the strings the choice is read over): with {options} in the template the options
+    are listed as "A. word" lines and read as letters, else they are read as the words themselves."""
+    if "{options}" in template:
+        letters = list(JUDGE_LETTERS[: len(options)])
+        listed = "\n".join(f"{a}. {w}" for a, w in zip(letters, options))
+        return template.format(answer=answer, question=question, options=listed), letters
+    return template.format(answer=answer, question=question, options=""), list(options)
+
+
+def blank_like(image):
+    """A uniform grey image of the same size (the judge's image: nothing to see, so only the text decides)."""
+    from PIL import Image
+
+    return Image.new("RGB", image.size, (128, 128, 128))
+
+
+@torch.no_grad()
+def judge_answers(adapter, images, answers: Sequence[str], questions: Sequence[str],
+                  options: Sequence[Sequence[str]], template: str = JUDGE_PROMPT,
+                  batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen option index per row [n], -1 for an empty answer or options that share a first token; the
+    options' probabilities renormalised over them [n, n_options], NaN where not judged), the judge being the
+    unsteered model reading each answer beside a blank image of `images[row]`'s size (module docstring)."""
+    n = len(answers)
+    width = max((len(o) for o in options), default=0)
+    choice = np.full(n, -1, dtype=np.int64)
+    probs = np.full((n, width), np.nan)
+    rows, texts, ids = [], [], []
+    for r in range(n):
+        if not answers[r].strip():
+            continue
+        text, read = judge_text(template, answers[r], questions[r], options[r])
+        first = [caption_token_ids(adapter, text, w)[:1] for w in read]
+        if any(not f for f in first) or len({f[0] for f in first}) < len(first):
+            continue  # an option adds no token, or two start alike: no choice to read
+        rows.append(r)
+        texts.append(adapter.render_prompt(text))
+        ids.append([f[0] for f in first])
+    for k in range(0, len(rows), batch_size):
+        sl = rows[k : k + batch_size]
+        inputs, _, _ = left_pad(adapter, [blank_like(images[r]) for r in sl], texts[k : k + batch_size])
+        inputs = {kk: v.to(adapter.device) if torch.is_tensor(v) else v for kk, v in inputs.items()}
+        logits = adapter.model(**inputs, logits_to_keep=1, return_dict=True).logits[:, -1].float()
+        logp = torch.log_softmax(logits, -1).cpu().numpy()
+        for j, r in enumerate(sl):
+            lp = logp[j, ids[k + j]]
+            p = np.exp(lp - lp.max())
+            probs[r, : len(p)] = p / p.sum()
+            choice[r] = int(np.argmax(lp))
+    return choice, probs

@@ -3,13 +3,16 @@
 `run_steering(SteerConfig(...))` loads the model, the directions (see `sightline.steer.vectors` for
 the format) and an image dataset (ImageNet layout: one subfolder per class; the images of each
 source class are steered), and for every (source, target, layer, k) measures efficacy, the flip rate
-of the free answer and the damage (see `sightline.steer.measure`). It writes into `out`:
+of the free answer, the damage, and (with `judge`, the default) the judged swaps: each free answer judged by
+the unsteered model as a four-way choice and scored for coherence (see `sightline.steer.measure`). It
+writes into `out`:
 
     config.json          the config it ran with
     results.json         every number: per pair, per layer, per k; a summary with the best (layer, k)
     generations.jsonl    every free and damage answer, one JSON line each (clean ones have site null)
     figures/steer_resid.L.png    efficacy and damage against k at that layer
     figures/steer_overview.png   flip rate and efficacy against k, one line per layer
+    figures/steer_judged.png     judged-target/-source rates and coherence of the free answers against k
     index.html           what the run found, and the figures
 
 The folder is written under OUT.partial and renamed when complete: never half-written (docs/outputs.md).
@@ -135,6 +138,15 @@ class SteerConfig:
     """Store field (dotted path) holding the class, when the directions come from a store."""
     data_label: str = "label"
     """Dataset field (dotted path into the JSONL fields) holding each image's class."""
+    judge: bool = True
+    """Judge every free answer as a four-way choice (source, target, two distractor classes) by the unsteered model
+    and score its coherence (NLL per token under the unsteered model); --no-judge skips both."""
+    judge_prompt: str | None = None
+    """The judge's prompt, with {answer} (the free answer), optionally {question} (its prompt) and {options} (the
+    four classes as "A. word" lines, read as letters; without it the choice is read over the class words); None:
+    the default (sightline.steer.measure.JUDGE_PROMPT), or '{answer} {question}' on the synthetic world."""
+    judge_seed: int = 0
+    """Seed of each item's two distractor classes and of the order of its options."""
     max_new_tokens: int = 24
     """Tokens generated per answer at most."""
     batch_size: int = 16
@@ -177,9 +189,9 @@ class Item:
 
 
 HEADLINE_KEYS = ("pairs", "sites", "scales", "images_per_pair", "best_site", "best_scale", "flip_rate", "efficacy",
-                 "damage_accuracy", "caption_nll_increase", "clean_flip_rate", "clean_efficacy",
-                 "clean_damage_accuracy", "efficacy_metric", "normalize", "seconds", "best_note", "chance",
-                 "warnings")
+                 "damage_accuracy", "caption_nll_increase", "judged_target_rate", "coherence", "clean_flip_rate",
+                 "clean_efficacy", "clean_damage_accuracy", "clean_judged_target_rate", "clean_coherence",
+                 "efficacy_metric", "normalize", "seconds", "best_note", "chance", "warnings")
 
 
 def headline(result) -> dict:
@@ -207,9 +219,13 @@ def _headline_of(result: dict) -> dict:
         "efficacy": best.get("efficacy"),
         "damage_accuracy": best.get("damage_accuracy"),
         "caption_nll_increase": best.get("caption_nll_increase"),
+        "judged_target_rate": best.get("judged_target_rate"),
+        "coherence": best.get("coherence"),
         "clean_flip_rate": s["clean"]["flip_rate"],
         "clean_efficacy": s["clean"]["efficacy"],
         "clean_damage_accuracy": s["clean"]["damage_accuracy"],
+        "clean_judged_target_rate": s["clean"].get("judged_target_rate"),
+        "clean_coherence": s["clean"].get("coherence"),
         "efficacy_metric": result.get("efficacy_metric"),
         "normalize": result.get("normalize"),
         "seconds": result.get("seconds"),
@@ -296,6 +312,16 @@ def _check(cfg: SteerConfig) -> None:
         raise UserError("--scales needs one or more finite numbers, e.g. 0,2,4,8")
     if cfg.images_per_class < 1 or cfg.batch_size < 1 or cfg.max_new_tokens < 1:
         raise UserError("--images-per-class, --batch-size and --max-new-tokens must be at least 1")
+    if cfg.judge_prompt is not None:
+        from sightline.steer.measure import JUDGE_FIELDS
+
+        try:
+            cfg.judge_prompt.format(**{k: "x" for k in JUDGE_FIELDS})
+        except (KeyError, IndexError, ValueError):
+            raise UserError(f"--judge-prompt {cfg.judge_prompt!r} may use only {{answer}}, {{question}} and "
+                            "{options} as fields (write {{ and }} for braces)") from None
+        if "{answer}" not in cfg.judge_prompt:
+            raise UserError(f"--judge-prompt {cfg.judge_prompt!r} must show the answer it judges: put {{answer}} in it")
     for name in ("efficacy_prompt", "open_prompt", "caption_prompt"):
         text = getattr(cfg, name)
         if text is not None:
@@ -467,6 +493,7 @@ def run_steering(cfg: SteerConfig, damage_rule: Mapping[str, Sequence[str]] | No
 
     from sightline.models import load_model
     from sightline.runtime import resolve_placement
+    from sightline.steer.measure import JUDGE_PROMPT, WORLD_JUDGE_PROMPT
     from sightline.steer.vectors import mean_image_norms, normalize, steering_vector
 
     _check(cfg)
@@ -482,6 +509,7 @@ def run_steering(cfg: SteerConfig, damage_rule: Mapping[str, Sequence[str]] | No
         "efficacy": cfg.efficacy_prompt or (None if synthetic else PAPER_EFFICACY_PROMPT),
         "open": cfg.open_prompt or (None if synthetic else PAPER_OPEN_PROMPT),
         "caption": cfg.caption_prompt or (WORLD_CAPTION_PROMPT if synthetic else PAPER_CAPTION_PROMPT),
+        "judge": (cfg.judge_prompt or (WORLD_JUDGE_PROMPT if synthetic else JUDGE_PROMPT)) if cfg.judge else None,
     }
 
     if adapter is None:
@@ -514,7 +542,8 @@ def run_steering(cfg: SteerConfig, damage_rule: Mapping[str, Sequence[str]] | No
     with RunFolder(out, overwrite=cfg.overwrite) as tmp:
         write_json(tmp / "config.json", to_dict(cfg))
         with torch.no_grad():
-            result = _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, efficacy_metric, tmp)
+            result = _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, efficacy_metric, tmp,
+                            data.classes)
         result.update({
             "model": adapter.describe(),
             "data": {"root": str(data.dataset.root), "kind": data.dataset.kind, "classes": data.classes,
@@ -527,11 +556,13 @@ def run_steering(cfg: SteerConfig, damage_rule: Mapping[str, Sequence[str]] | No
             "seconds": round(time.perf_counter() - t0, 2),
         })
         result["summary"].update(_headline_of(result))
-        from sightline.report.steer import plot_layer, plot_overview
+        from sightline.report.steer import plot_judged, plot_layer, plot_overview
 
         for site in sites:
             plot_layer(result, site, tmp / "figures" / f"steer_{site}.png")
         plot_overview(result, tmp / "figures" / "steer_overview.png")
+        if cfg.judge:
+            plot_judged(result, tmp / "figures" / "steer_judged.png")
         result = {"summary": result.pop("summary"), **result}
         write_json(tmp / "results.json", result)
         _write_page(tmp, cfg, result)
@@ -548,6 +579,11 @@ def _write_page(folder: Path, cfg: SteerConfig, result: dict) -> None:
                  f"in {h['flip_rate']:.0%} of images (clean: {h['clean_flip_rate'] or 0:.0%}); efficacy "
                  f"({h['efficacy_metric']}) {h['efficacy'] if h['efficacy'] is not None else float('nan'):.3g}, "
                  f"unrelated-question accuracy {h['damage_accuracy']} (clean {h['clean_damage_accuracy']}).")
+        if h.get("judged_target_rate") is not None:
+            found += (f" The unsteered model, judging each answer as a four-way choice beside a blank image, picks the "
+                      f"target for {h['judged_target_rate']:.0%} of them "
+                      f"(clean {h['clean_judged_target_rate'] or 0:.0%}); "
+                      f"their coherence is {_nats(h['coherence'])} (clean answers {_nats(h['clean_coherence'])}).")
     else:
         found = (h.get("best_note") or "No (layer, k) kept the damage within its bounds").capitalize() + "."
     import html
@@ -559,7 +595,9 @@ def _write_page(folder: Path, cfg: SteerConfig, result: dict) -> None:
                 f"Steered {len(h['pairs'])} pair(s) ({', '.join(h['pairs'])}) at {', '.join(h['sites'])} over "
                 f"{len(h['scales'])} values of k, {cfg.normalize} vectors, {cfg.mode} edits. " + found,
                 figures={k: h[k] for k in ("best_site", "best_scale", "flip_rate", "efficacy", "damage_accuracy",
-                                           "caption_nll_increase", "clean_flip_rate", "clean_damage_accuracy")},
+                                           "caption_nll_increase", "judged_target_rate", "coherence",
+                                           "clean_flip_rate", "clean_damage_accuracy", "clean_judged_target_rate",
+                                           "clean_coherence")},
                 images=[("figures/steer_overview.png", "flip rate, efficacy and damage against k, per layer")]),
         Section("Figures", images=figure_images(folder)),
         Section("Files", links=[("results.json", "results.json"), ("config.json", "config.json"),
@@ -568,11 +606,15 @@ def _write_page(folder: Path, cfg: SteerConfig, result: dict) -> None:
     write_page(folder / "index.html", "Steering", f"{cfg.model} · {cfg.data}", sections)
 
 
+def _nats(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g} nats/token"
+
+
 def _fmt(template: str | None, src: str, tgt: str) -> str | None:
     return None if template is None else template.format(src=src, tgt=tgt)
 
 
-def _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, efficacy_metric, tmp) -> dict:
+def _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, efficacy_metric, tmp, classes) -> dict:
     from tqdm.auto import tqdm
 
     from sightline.steer.generate import steered_generate
@@ -581,6 +623,8 @@ def _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, effica
         caption_nlls,
         efficacy_from_logprobs,
         first_answer_token,
+        judge_answers,
+        judge_options,
         mentions,
         word_token_ids,
     )
@@ -653,9 +697,38 @@ def _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, effica
                                        site, v, rows_k, max_new_tokens=cfg.max_new_tokens, **kw)
                 return ans, rows_img, rows_k
 
+            options = judge_options([words[c] for c in classes], ws, wt, n, cfg.judge_seed)
+
+            seen: dict[tuple[int, str], tuple] = {}  # (image, answer) -> (picked, coherence, coherence_other)
+
+            def judged(ans, rows_img) -> dict:
+                """Per row: the class the judge picks (None: not judged), target/source (0/1), coherence. Each
+                distinct (image, answer) is judged and scored once per pair (answers repeat across k and layers)."""
+                if prompts["judge"] is None:
+                    return {}
+                todo = list(dict.fromkeys((int(i), a) for i, a in zip(rows_img, ans) if (int(i), a) not in seen))
+                if todo:
+                    idx, texts = [i for i, _ in todo], [a for _, a in todo]
+                    choice, _ = judge_answers(adapter, [images[i] for i in idx], texts, [open_prompts[i] for i in idx],
+                                              [options[i] for i in idx], prompts["judge"], cfg.batch_size)
+                    same = (f"{src}->{tgt}: some options of the judgement start with the same token; those answers "
+                            "count as judged neither source nor target")
+                    if any(c < 0 and a.strip() for c, a in zip(choice, texts)) and same not in warnings:
+                        warnings.append(same)
+                    coh, coh_other = caption_nlls(adapter, [images[i] for i in idx], [open_prompts[i] for i in idx],
+                                                  texts, batch_size=cfg.batch_size, exclude_ids=class_ids)
+                    for r, key in enumerate(todo):
+                        seen[key] = (options[key[0]][choice[r]] if choice[r] >= 0 else None, coh[r], coh_other[r])
+                got = [seen[int(i), a] for i, a in zip(rows_img, ans)]
+                picked = [g[0] for g in got]
+                return {"picked": picked, "target": np.array([p == wt for p in picked], float),
+                        "source": np.array([p == ws for p in picked], float),
+                        "coherence": np.array([g[1] for g in got]), "coherence_other": np.array([g[2] for g in got])}
+
             # clean reference for this pair
             e0 = efficacy()
-            ans0, _, _ = free()
+            ans0, rows0, _ = free()
+            j0 = judged(ans0, rows0)
             if not any(mentions(a, ws) or mentions(a, wt) for a in ans0):
                 warnings.append(f"{src}->{tgt}: no clean answer to the open question ({open_prompts[0]!r}) names "
                                 f"{ws!r} or {wt!r} (it answers e.g. {ans0[0]!r}), so the flip rate measures nothing; "
@@ -663,7 +736,7 @@ def _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, effica
                                 "a class word")
             for i, a in enumerate(ans0):
                 log(source=src, target=tgt, site=None, scale=None, path=items[i].path, kind="open",
-                    prompt=open_prompts[i], answer=a, flipped=bool(_flip(a, ws, wt)))
+                    prompt=open_prompts[i], answer=a, flipped=bool(_flip(a, ws, wt)), **_judged_fields(j0, i))
             for (i, q, a), g, c in zip(dq, clean["damage_answers"], clean["damage_correct"]):
                 log(source=src, target=tgt, site=None, scale=None, path=items[i].path, kind="damage", prompt=q,
                     answer=g, expected=a, correct=bool(c))
@@ -677,7 +750,9 @@ def _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, effica
                     "source_rate": _mean([_kept(a, ws, wt) for a in ans0]),
                     "damage_accuracy": _mean(clean["damage_correct"]) if dq else None,
                     "caption_nll": _mean(clean["caption_nll"][0]),
+                    **_judged_means(j0, np.arange(n)),
                 },
+                "judge_options": options if j0 else None,
                 "layers": {},
             }
             for site in sites:
@@ -686,9 +761,10 @@ def _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, effica
                 ans, rows_img, rows_k = free(site, v, scales)
                 flips = np.array([_flip(a, ws, wt) for a in ans], dtype=float).reshape(n, n_k)
                 kept = np.array([_kept(a, ws, wt) for a in ans], dtype=float).reshape(n, n_k)
-                for a, i, k in zip(ans, rows_img, rows_k):
+                jd = judged(ans, rows_img)
+                for r, (a, i, k) in enumerate(zip(ans, rows_img, rows_k)):
                     log(source=src, target=tgt, site=site, scale=float(k), path=items[i].path, kind="open",
-                        prompt=open_prompts[i], answer=a, flipped=bool(_flip(a, ws, wt)))
+                        prompt=open_prompts[i], answer=a, flipped=bool(_flip(a, ws, wt)), **_judged_fields(jd, r))
                 if dq:
                     d_img = np.repeat([i for i, _, _ in dq], n_k)
                     d_q = np.repeat(np.arange(len(dq)), n_k)
@@ -721,6 +797,8 @@ def _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, effica
                     "caption_nll": [_mean(c) for c in nll.T],
                     "caption_nll_increase": [_mean(c) for c in inc.T],
                     "caption_nll_increase_other": [_mean(c) for c in inc_other.T],
+                    **{key: [m[key] for m in (_judged_means(jd, np.flatnonzero(rows_k == k)) for k in scales)]
+                       for key in JUDGED_KEYS if jd},
                     "raw_norm": round(float(raw.norm()), 6),
                     "vector_norm": round(float(v.norm()), 6),
                 }
@@ -729,6 +807,25 @@ def _sweep(cfg, adapter, vectors, pairs, words, items_of, sites, prompts, effica
     bar.close()
     return {"pairs": out_pairs, "summary": summarize(out_pairs, sites, scales, cfg.max_damage_drop,
                                                      cfg.max_caption_nll_increase), "warnings": warnings}
+
+
+JUDGED_KEYS = ("judged_target_rate", "judged_source_rate", "coherence", "coherence_other")
+
+
+def _judged_means(j: dict, rows: np.ndarray) -> dict:
+    """Means over `rows` of a `judged` record: judged-target and judged-source rates, coherence (NLL/token)."""
+    if not j:
+        return {}
+    return {"judged_target_rate": _mean(j["target"][rows]), "judged_source_rate": _mean(j["source"][rows]),
+            "coherence": _mean(j["coherence"][rows]), "coherence_other": _mean(j["coherence_other"][rows])}
+
+
+def _judged_fields(j: dict, row: int) -> dict:
+    """The judgement of one answer for generations.jsonl."""
+    if not j:
+        return {}
+    coh = j["coherence"][row]
+    return {"judged": j["picked"][row], "coherence": None if not np.isfinite(coh) else round(float(coh), 6)}
 
 
 def _flip(answer: str, src: str, tgt: str) -> float:
@@ -752,7 +849,7 @@ def summarize(pairs: list[dict], sites: list[str], scales: list[float], max_dama
     mean flip rate, or the highest efficacy when nothing flips; ties go to the smaller k. None when no
     point qualifies (`best_note` says why)."""
     keys = ("efficacy", "efficacy_prob", "efficacy_share", "flip_rate", "source_rate", "damage_accuracy",
-            "caption_nll_increase", "caption_nll_increase_other")
+            "caption_nll_increase", "caption_nll_increase_other", *JUDGED_KEYS)
     per_layer = {}
     for site in sites:
         per_layer[site] = {"scales": scales}
@@ -783,7 +880,8 @@ def summarize(pairs: list[dict], sites: list[str], scales: list[float], max_dama
                 why_not["caption NLL"] += 1
                 continue
             ok.append({"site": site, "scale": k, "flip_rate": s["flip_rate"][j], "damage_accuracy": dmg,
-                       "efficacy": s["efficacy"][j], "caption_nll_increase": nll})
+                       "efficacy": s["efficacy"][j], "caption_nll_increase": nll,
+                       "judged_target_rate": s["judged_target_rate"][j], "coherence": s["coherence"][j]})
     flips = any((b["flip_rate"] or 0) > 0 for b in ok)
     key = "flip_rate" if flips else "efficacy"
     best = max(ok, key=lambda b: (b[key] if b[key] is not None else -1.0, -abs(b["scale"])), default=None)
@@ -796,8 +894,8 @@ def summarize(pairs: list[dict], sites: list[str], scales: list[float], max_dama
         note = (f"no steered (layer, k) keeps the damage acceptable: {why_not['damage accuracy']} lower the damage "
                 f"accuracy by more than {max_damage_drop:g}, {why_not['caption NLL']} raise the caption NLL by more "
                 f"than {max_caption_nll_increase:g} nats/token" if n_steered else "no steered (layer, k): every k is 0")
-    clean = {key: _mean([p["clean"][key] for p in pairs if p["clean"][key] is not None])
-             for key in ("efficacy", "flip_rate", "source_rate", "damage_accuracy", "caption_nll")}
+    clean = {key: _mean([p["clean"][key] for p in pairs if p["clean"].get(key) is not None])
+             for key in ("efficacy", "flip_rate", "source_rate", "damage_accuracy", "caption_nll", *JUDGED_KEYS)}
     return {"per_layer": per_layer, "clean": clean, "best": best, "best_note": note,
             "damage_bounds": {"max_damage_drop": max_damage_drop,
                               "max_caption_nll_increase": max_caption_nll_increase}}

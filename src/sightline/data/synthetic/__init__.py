@@ -75,6 +75,7 @@ from sightline.data.synthetic.vocab import (
     SIZE_FRACTIONS,
     SIZES,
     STYLES,
+    answer_family,
 )
 from sightline.data.synthetic.world import DAMAGE_QTYPES, World, WorldFacts, world_facts
 
@@ -115,6 +116,7 @@ __all__ = [
     "World",
     "WorldConfig",
     "WorldFacts",
+    "answer_family",
     "caption",
     "compose_scene",
     "davis_palette",

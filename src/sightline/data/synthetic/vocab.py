@@ -15,6 +15,7 @@ __all__ = [
     "SIZE_FRACTIONS",
     "SIZES",
     "STYLES",
+    "answer_family",
     "plural",
 ]
 
@@ -66,3 +67,13 @@ ANSWERS: tuple[str, ...] = SHAPES + COLOURS + SIZES + POSITIONS + NUMBERS + ("ye
 def plural(shape: str) -> str:
     """'crosses', 'circles', ...: the plural of a shape name."""
     return shape + ("es" if shape.endswith(("s", "x", "sh", "ch")) else "s")
+
+
+def answer_family(answer: str, max_count: int = 4) -> tuple[str, ...] | None:
+    """Every answer the world allows to a question with this short answer: its shapes, colours, sizes,
+    left/right, top/bottom, yes/no, or the counts zero..max_count (a scene holds at most max_count
+    objects; 4 by default, as WorldConfig's count_probs); None for a phrase (a caption) or a word outside
+    the world. Chance on a question is 1 / len(answer_family(answer))."""
+    families = (SHAPES, COLOURS, SIZES, ("left", "right"), ("top", "bottom"), ("yes", "no"),
+                NUMBERS[: max_count + 1])
+    return next((f for f in families if answer in f), None)
