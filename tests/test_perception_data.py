@@ -355,8 +355,10 @@ def test_synthetic_units_equal_the_world_for_every_task():
         assert np.array_equal(load_mask(sample.mask), scene.objects[sample.meta["object"]].mask.astype(np.uint8))
 
     corr = load_task("semcorr", "synthetic", None, synthetic=options)
-    assert [p.meta["mode"] for p in corr.units] == [PAIR_MODES[i % 2] for i in range(6)]
-    for pair_unit in corr.units:
+    assert [p.meta["mode"] for p in corr.units] == ["scene"] * 6  # the default: two scenes sharing a shape
+    both = load_task("semcorr", "synthetic", None, synthetic={**options, "modes": PAIR_MODES})
+    assert [p.meta["mode"] for p in both.units] == [PAIR_MODES[i % 2] for i in range(6)]
+    for pair_unit in [*corr.units, *both.units]:
         pair = render_pair(pair_unit.meta["pair_seed"], config, mode=pair_unit.meta["mode"])
         target = pair.target.objects[pair.target_index]
         for x, y in pair_unit.target_xy:  # every target keypoint shows the target object
