@@ -81,26 +81,24 @@ def lettered_prompt(question: str, choices: Sequence[str]) -> str:
 def parse_choice(text: str, choices: Sequence[str]) -> int | None:
     """The choice a generated answer picks, or None when it picks none or several.
 
-    In order: a parenthesised letter "(B)" (the first one); else a letter standing alone at the start
-    ("B", "B.", "B)", "B:"); else the one choice whose text the answer contains (case-insensitive;
-    when several do, the longest match wins only if it is the only one of that length). Letters past
-    the number of choices are not choices.
+    In order: a parenthesised letter "(B)" or "(b)" (the first one); else a capital letter standing alone at
+    the start ("B", "B.", "B)", "B:"; a lower-case "a" there is an article); else the one choice whose text
+    the answer contains (case-insensitive; a choice contained in another contained choice does not count).
+    Letters past the number of choices are not choices.
     """
     t = (text or "").strip()
     n = len(choices)
     m = re.search(r"\(\s*([A-Za-z])\s*\)", t)
     if m and LETTERS.find(m.group(1).upper()) in range(n):
         return LETTERS.find(m.group(1).upper())
-    m = re.match(r"([A-Za-z])(?:[\s.):,]|$)", t)
-    if m and LETTERS.find(m.group(1).upper()) in range(n):
-        return LETTERS.find(m.group(1).upper())
+    m = re.match(r"([A-Z])(?:[\s.):,]|$)", t)
+    if m and LETTERS.find(m.group(1)) in range(n):
+        return LETTERS.find(m.group(1))
     low = t.lower()
-    hits = [(len(c), k) for k, c in enumerate(choices) if c and c.strip().lower() in low]
-    if not hits:
-        return None
-    longest = max(h[0] for h in hits)
-    best = [k for length, k in hits if length == longest]
-    return best[0] if len(best) == 1 else None
+    hits = [k for k, c in enumerate(choices) if c.strip() and c.strip().lower() in low]
+    hits = [k for k in hits if not any(j != k and choices[k].strip().lower() in choices[j].strip().lower()
+                                       for j in hits)]
+    return hits[0] if len(hits) == 1 else None
 
 
 @functools.lru_cache(maxsize=4)

@@ -65,6 +65,9 @@ class SurfacingConfig:
     """Language-model layers of the bare kinds: all, 0,2 or 1-3."""
     organism_questions: bool = True
     """Run the presence and count study (organism only: it needs the synthetic world's questions)."""
+    kinds: str = "all"
+    """Question kinds of that study: all, or a comma list of presence_shape, presence_colour, presence_pair,
+    count_objects, count_shape, count_colour."""
     train_scenes: int = 600
     """Scenes the presence / count probes are fitted on."""
     test_scenes: int = 200
@@ -261,11 +264,16 @@ def _answer_word(kind: str, label: int) -> str:
 
 
 def organism_study(adapter, featurizer, seed: int = 0, train_scenes: int = 600, test_scenes: int = 200,
-                   batch_size: int = 32, max_new_tokens: int = 4, progress: bool = False) -> dict[str, Any]:
+                   batch_size: int = 32, max_new_tokens: int = 4, kinds: Sequence[str] = QUESTION_KINDS,
+                   progress: bool = False) -> dict[str, Any]:
     """Presence and count questions on held-out scenes: probes on pooled features (fitted on `train_scenes`)
     against the generated answers, scored on the world's truth. Returns {"kinds": {kind: {"n", "majority",
     "answer_accuracy", "reps": {rep: surface(...)}}}, "concepts": per-concept probe accuracy on every held-out
-    scene (the presence of each shape and colour, beside always answering the training majority)}."""
+    scene (the presence of each shape and colour, beside always answering the training majority)}. `kinds`: the
+    question kinds asked (QUESTION_KINDS)."""
+    bad = [k for k in kinds if k not in QUESTION_KINDS]
+    if bad or not kinds:
+        raise UserError(f"unknown question kind {bad[0] if bad else '(none given)'!r}: use {', '.join(QUESTION_KINDS)}")
     from sightline.data.synthetic import COLOURS, SHAPES, WorldConfig, derive_seed, questions, render_scene
     from sightline.organism.evaluate import answer
     from sightline.probes.linear import LogisticProbe
@@ -281,7 +289,7 @@ def organism_study(adapter, featurizer, seed: int = 0, train_scenes: int = 600, 
     y_test = [scene_labels(s) for s in test]
     pred: dict[str, np.ndarray] = {}  # kind -> [B reps, T concepts, n_test] predicted label
     majority: dict[str, np.ndarray] = {}  # kind -> [T] training majority label
-    for kind in QUESTION_KINDS:
+    for kind in dict.fromkeys([*kinds, "presence_shape", "presence_colour"]):  # the concept table needs both
         y = np.stack([ys[kind] for ys in y_train], 1)  # [T, n]
         k = 2 if kind.startswith("presence") else 5
         per_rep = []
@@ -295,14 +303,15 @@ def organism_study(adapter, featurizer, seed: int = 0, train_scenes: int = 600, 
     for i, s in enumerate(test):
         for q in questions(s, ("presence", "count")):
             kind, t = question_label(q.question)
-            asked.append((i, q, kind, t))
+            if kind in kinds:
+                asked.append((i, q, kind, t))
     generated: list[str] = []
     for start in range(0, len(asked), batch_size):
         chunk = asked[start:start + batch_size]
         generated += answer(adapter, [test[i].to_pil() for i, *_ in chunk], [q.question for _, q, *_ in chunk],
                             max_new_tokens=max_new_tokens)
-    kinds: dict[str, Any] = {}
-    for kind in QUESTION_KINDS:
+    by_kind: dict[str, Any] = {}
+    for kind in kinds:
         rows = [(i, q, t, g) for (i, q, kd, t), g in zip(asked, generated) if kd == kind]
         if not rows:
             continue
@@ -314,7 +323,7 @@ def organism_study(adapter, featurizer, seed: int = 0, train_scenes: int = 600, 
         for b, rep in enumerate(reps):
             got = np.array([pred[kind][b, t, i] for i, _, t, _ in rows])
             per_rep[rep] = surface(got == truth, answer_ok)
-        kinds[kind] = {"n": len(rows), "majority": float(np.mean(maj == truth)),
+        by_kind[kind] = {"n": len(rows), "majority": float(np.mean(maj == truth)),
                        "answer_accuracy": float(answer_ok.mean()), "reps": per_rep,
                        "examples": [{"question": q.question, "answer": q.answer, "generated": g}
                                     for _, q, _, g in rows[:3]]}
@@ -326,7 +335,7 @@ def organism_study(adapter, featurizer, seed: int = 0, train_scenes: int = 600, 
                 "majority": float(np.mean(truth[:, t] == majority[kind][t])),
                 "reps": {rep: float(np.mean(pred[kind][b, t] == truth[:, t])) for b, rep in enumerate(reps)}}
     return {"reps": reps, "train_scenes": train_scenes, "test_scenes": test_scenes, "n_questions": len(asked),
-            "kinds": kinds, "concepts": concepts}
+            "kinds": by_kind, "concepts": concepts}
 
 
 # ============================================================================= the job
@@ -348,6 +357,11 @@ def run_surfacing(cfg: SurfacingConfig, adapter=None) -> RunResult:
     for name in ("train_scenes", "test_scenes", "style_triples"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
+    kinds = QUESTION_KINDS if cfg.kinds.strip() in ("", "all") else tuple(
+        k.strip() for k in cfg.kinds.split(",") if k.strip())
+    bad = [k for k in kinds if k not in QUESTION_KINDS]
+    if bad or not kinds:
+        raise UserError(f"--kinds {cfg.kinds!r}: use all or a comma list of {', '.join(QUESTION_KINDS)}")
     organism = cfg.model is None or Path(cfg.model).expanduser().resolve() == checkpoint_path().resolve()
     if adapter is None:
         from sightline.models import load_model
@@ -370,7 +384,7 @@ def run_surfacing(cfg: SurfacingConfig, adapter=None) -> RunResult:
     study = None
     if organism and cfg.organism_questions:
         study = organism_study(adapter, featurizer, cfg.seed, cfg.train_scenes, cfg.test_scenes, cfg.batch_size,
-                               min(cfg.max_new_tokens, 4), cfg.progress)
+                               min(cfg.max_new_tokens, 4), kinds, cfg.progress)
     summary: dict[str, Any] = {"out": str(out), "model": adapter.name, "blink_source": source, "subtasks": {},
                                "organism": None, "warnings": []}
     for subtask, e in blink.items():
