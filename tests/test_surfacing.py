@@ -99,7 +99,7 @@ def test_surface_and_similarity_brute_force():
 
 def test_question_labels_match_world_truth():
     """Every presence / count question of the world maps to a probe label whose truth is the question's answer."""
-    from sightline.data.synthetic import WorldConfig, render_scene, questions
+    from sightline.data.synthetic import WorldConfig, questions, render_scene
     from sightline.kv.surfacing import _answer_word, question_label, scene_labels
 
     n = 0

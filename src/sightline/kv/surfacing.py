@@ -171,7 +171,7 @@ def score_blink(adapter, featurizer, questions: Mapping[str, Sequence], max_new_
     similarity readout's choice per rep; then `surface` per rep. Questions without an answer are skipped."""
     from tqdm.auto import tqdm
 
-    from sightline.data.blink import SIMILARITY_SUBTASKS
+    from sightline.data.blink import SIMILARITY_SUBTASKS, parse_choice
 
     out: dict[str, dict[str, Any]] = {}
     for subtask, qs in questions.items():
@@ -180,12 +180,10 @@ def score_blink(adapter, featurizer, questions: Mapping[str, Sequence], max_new_
             out[subtask] = {"n": 0, "note": "no question with a known answer (the test split hides them)"}
             continue
         readable = subtask in SIMILARITY_SUBTASKS
-        items, choices_by_rep = [], defaultdict(list)
+        items = []
         for q in tqdm(qs, desc=subtask, disable=not progress, dynamic_ncols=True):
             images = q.images()
             generated = answer_multi(adapter, images, q.prompt, max_new_tokens)
-            from sightline.data.blink import parse_choice
-
             chosen = parse_choice(generated, q.choices)
             item = {"id": q.id, "answer": q.answer, "generated": generated, "parsed": chosen,
                     "answer_correct": chosen == q.answer}
@@ -274,7 +272,14 @@ def organism_study(adapter, featurizer, seed: int = 0, train_scenes: int = 600, 
     bad = [k for k in kinds if k not in QUESTION_KINDS]
     if bad or not kinds:
         raise UserError(f"unknown question kind {bad[0] if bad else '(none given)'!r}: use {', '.join(QUESTION_KINDS)}")
-    from sightline.data.synthetic import COLOURS, SHAPES, WorldConfig, derive_seed, questions, render_scene
+    from sightline.data.synthetic import (
+        COLOURS,
+        SHAPES,
+        WorldConfig,
+        derive_seed,
+        questions,
+        render_scene,
+    )
     from sightline.organism.evaluate import answer
     from sightline.probes.linear import LogisticProbe
 

@@ -85,8 +85,8 @@ def write_surfacing_page(folder: str | os.PathLike, summary: Mapping[str, Any], 
             p = plot_surfacing(f"{subtask}: similarity readout vs answer", e["readout"], e["answer_accuracy"],
                                folder / "figures" / f"blink_{subtask}.png",
                                summary["subtasks"][subtask].get("paper_not_surfaced"), e.get("chance"))
-            images.append((p.relative_to(folder).as_posix(), f"{subtask}: readout accuracy and present-not-surfaced "
-                                                             "share per representation; the answer's accuracy"))
+            images.append((p.relative_to(folder).as_posix(), (f"{subtask}: readout accuracy and present-not-surfaced "
+                                                             "share per representation; the answer's accuracy")))
             tables.append(("", ["representation", "readout accuracy", "present, not surfaced", "surfaced, not present"],
                            [[r, v["readout_accuracy"], v["present_not_surfaced"], v["surfaced_not_present"]]
                             for r, v in sorted(e["readout"].items(), key=lambda kv: _order(kv[0]))]))
