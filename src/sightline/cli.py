@@ -134,6 +134,18 @@ def _show_perceive_compare(cfg, res) -> str:
     return f"wrote {cfg.out}: " + "; ".join(parts)
 
 
+def _show_surfacing(cfg, res) -> str:
+    def f(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    parts = [f"{t} answer {f(s.get('answer_accuracy'))}"
+             + (f", readout {s['best_rep']} {f(s['readout_accuracy'])}, not surfaced {f(s['present_not_surfaced'])}"
+                if s.get("best_rep") else "") for t, s in res["subtasks"].items()]
+    parts += [f"{k} answer {f(s['answer_accuracy'])}, probe {s['best_rep']} {f(s['readout_accuracy'])}, not surfaced "
+              f"{f(s['present_not_surfaced'])}" for k, s in (res.get("organism") or {}).items()]
+    return f"wrote {cfg.out}: " + "; ".join(parts)
+
+
 def _show_path(cfg, res) -> str:
     return str(res)
 
@@ -163,6 +175,9 @@ COMMANDS: dict[str, Command] = {
     "perceive-compare": Command("several models' perception runs: the LM's gain over its input against a score",
                                 "sightline.perception.compare:PerceiveCompareConfig",
                                 "sightline.perception.compare:compare_perception", _show_perceive_compare),
+    "surfacing": Command("perception present in the image representations but not in the answer (BLINK, organism)",
+                         "sightline.kv.surfacing:SurfacingConfig", "sightline.kv.surfacing:run_surfacing",
+                         _show_surfacing),
     "sae train": Command("train one or more SAEs on a site of a store, in one pass (resumable)",
                          "sightline.sae.train:SAETrainConfig", "sightline.sae.train:train_saes", _show_sae_train),
     "sae analyze": Command("metrics by modality, loss recovered, modality sharing, feature pages",
