@@ -215,7 +215,9 @@ def run_keys(cfg: KeysConfig, adapter=None) -> RunResult:
         "min_var_ratio": {k: float(scan.stats[k]["var_ratio"].min()) for k in scan.kinds},
         "blocked": block_what, "n_blocked": n_blocked, "block_layers": block_layers,
         "image_queries": cfg.image_queries, "organism": organism,
-        "accuracy": effects.get("accuracy"), "foreground_iou": effects.get("foreground_iou"),
+        "accuracy": effects.get("accuracy"),
+        "foreground_iou": {c: {str(L): v for L, v in per.items()} for c, per in effects["foreground_iou"].items()}
+        if "foreground_iou" in effects else None,
         "scan_seconds": round(t_scan, 3), "seconds": None, "warnings": warnings,
     }
     with RunFolder(out, overwrite=cfg.overwrite) as tmp:
@@ -282,7 +284,7 @@ def _write_page(folder: Path, cfg: KeysConfig, s: dict) -> None:
                        [[t, *[s["accuracy"][c][t] for c in conds]] for t in types]))
     if s["foreground_iou"]:
         conds = list(s["foreground_iou"])
-        ls = sorted(s["foreground_iou"][conds[0]])
+        ls = sorted(s["foreground_iou"][conds[0]], key=int)
         tables.append(("Foreground IoU of the value probe per layer", ["layer", *conds],
                        [[L, *[s["foreground_iou"][c][L] for c in conds]] for L in ls]))
     sections = []
