@@ -81,7 +81,7 @@ def main():
                 model(**b.inputs, use_cache=False, logits_to_keep=1)
 
         def round_():
-            t = dict(fwd=0.0, scan=0.0, bare=0.0, blocked=0.0)
+            t = {"fwd": 0.0, "scan": 0.0, "bare": 0.0, "blocked": 0.0}
             for b in batches:
                 t["fwd"] += timed(lambda b=b: bare(b, True))
                 t["bare"] += timed(lambda b=b: bare(b, False))

@@ -5,11 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import gradient_image
+
 from sightline.capture import apply_edits, cache_kwarg
-from sightline.kv.block import (block_edits, blocked_answers, left_padded, lowest_keys, query_heads,
-                                random_block_set)
+from sightline.kv.block import (
+    block_edits,
+    blocked_answers,
+    left_padded,
+    lowest_keys,
+    query_heads,
+    random_block_set,
+)
 
 BLOCK = {(1, 0): [10, 11], (1, 1): [10, 11], (2, 0): [3, 17, 40], (3, 1): [0, 5, 63]}  # layer 1: one edit, all heads
 

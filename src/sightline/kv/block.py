@@ -178,7 +178,7 @@ def foreground_readout(adapter, scenes: Sequence, layers: Sequence[int], blocks:
 
     reps = [Rep("values", int(L)) for L in layers]
     images = [s.to_pil() for s in scenes]
-    n_train = max(1, int(round(len(scenes) * train_fraction)))
+    n_train = max(1, round(len(scenes) * train_fraction))
     if n_train >= len(scenes):
         raise UserError(f"the foreground readout needs scenes to test on: {len(scenes)} scenes, {n_train} for training")
     probe = adapter.prepare(images[:1], [adapter.render_prompt("")])

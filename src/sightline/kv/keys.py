@@ -35,10 +35,9 @@ pre-RoPE is such a rotation artifact (`rope_only`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -59,7 +58,7 @@ class KeyMoments:
 
     def __init__(self, shape_lhpd: tuple[int, int, int, int], device: str | torch.device = "cpu"):
         L, H, P, d = shape_lhpd
-        z = dict(dtype=torch.float64, device=device)
+        z = {"dtype": torch.float64, "device": device}
         self.n = 0
         self.mean = torch.zeros(L, H, P, d, **z)
         self.m2 = torch.zeros(L, H, P, **z)  # sum_i ||k_i - mean||^2

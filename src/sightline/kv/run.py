@@ -143,7 +143,12 @@ def _is_organism(cfg: KeysConfig) -> bool:
 def run_keys(cfg: KeysConfig, adapter=None) -> RunResult:
     """Scan, flag, block and measure (module docstring); `adapter`: an already loaded model (else cfg.model)."""
     from sightline.capture import parse_layers
-    from sightline.kv.block import answer_accuracy, foreground_readout, lowest_keys, random_block_set
+    from sightline.kv.block import (
+        answer_accuracy,
+        foreground_readout,
+        lowest_keys,
+        random_block_set,
+    )
     from sightline.kv.keys import scan_keys
 
     _check(cfg)
@@ -271,10 +276,10 @@ def _write_page(folder: Path, cfg: KeysConfig, s: dict) -> None:
 
     from sightline.report.html import Section, figure_images, write_page
 
-    found = [f"{s['n_flagged']['keys']} of {s['n_keys']} image keys flagged post-RoPE and "
-             f"{s['n_flagged']['keys_prerope']} pre-RoPE (var_ratio < {s['threshold']:g}, {s['n_images']} images); "
-             f"{s['n_rope_only']} flagged only post-RoPE (a rotation effect); "
-             f"{s['n_flagged_where_input_varies']} flagged where the language model's input varies.",
+    found = [(f"{s['n_flagged']['keys']} of {s['n_keys']} image keys flagged post-RoPE and "
+              f"{s['n_flagged']['keys_prerope']} pre-RoPE (var_ratio < {s['threshold']:g}, {s['n_images']} images); "
+              f"{s['n_rope_only']} flagged only post-RoPE (a rotation effect); "
+              f"{s['n_flagged_where_input_varies']} flagged where the language model's input varies."),
              f"Blocked: {s['blocked']}, {s['n_blocked']} keys at layers {s['block_layers']}; control: as many random keys."]
     tables = []
     if s["accuracy"]:
