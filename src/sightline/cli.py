@@ -112,6 +112,12 @@ def _show_sparse_probe(cfg, res) -> str:
     return f"wrote {cfg.out}: {curve}; dense probe on {res['site']} {res['dense_top1']:.3f}"
 
 
+def _show_keys(cfg, res) -> str:
+    n = res["n_flagged"]
+    return (f"wrote {cfg.out}: {n['keys']} of {res['n_keys']} image keys input-agnostic post-RoPE, {n['keys_prerope']} "
+            f"pre-RoPE (var_ratio < {res['threshold']:g}); blocked {res['n_blocked']}")
+
+
 def _show_perceive(cfg, res) -> str:
     parts = []
     for task, s in res["tasks"].items():
@@ -175,6 +181,8 @@ COMMANDS: dict[str, Command] = {
     "perceive-compare": Command("several models' perception runs: the LM's gain over its input against a score",
                                 "sightline.perception.compare:PerceiveCompareConfig",
                                 "sightline.perception.compare:compare_perception", _show_perceive_compare),
+    "keys": Command("input-agnostic image keys per layer, KV head and position; block them and measure the effects",
+                    "sightline.kv.run:KeysConfig", "sightline.kv.run:run_keys", _show_keys),
     "surfacing": Command("perception present in the image representations but not in the answer (BLINK, organism)",
                          "sightline.kv.surfacing:SurfacingConfig", "sightline.kv.surfacing:run_surfacing",
                          _show_surfacing),

@@ -1,0 +1,206 @@
+"""Blocking chosen image keys from attention, and what it does: the model's answers and later layers' perception.
+
+A block set is {(layer, KV head): grid indices (row-major, the KeyScan's positions)}. `block_edits` turns it
+into the foundation's attention edits (`sightline.capture.BlockAttention`): at each chosen layer, the query
+heads that share that KV head stop attending to those keys, from the text and answer queries (every position
+after the image, generated tokens included) and, with `image_queries`, from the later image queries too. Keys
+that every head of a layer blocks go into one edit (one mask per layer).
+
+The control (`random_block_set`) blocks as many random image keys of the same layer-heads, none of them
+flagged. Effects:
+
+    answer_accuracy(adapter, items, block)        accuracy per question type of the greedy answers (organism)
+    foreground_readout(adapter, scenes, layers)   a per-token foreground probe on later layers' image values
+
+Image values depend only on the image and what precedes it, so blocking keys from the TEXT queries cannot
+change them: the perception readout moves only with `image_queries` (later image tokens read the image
+through those keys too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from sightline.capture import BlockAttention
+from sightline.errors import UserError
+
+BlockSet = Mapping[tuple[int, int], Sequence[int] | np.ndarray]
+
+
+def query_heads(adapter, kv_head: int) -> list[int]:
+    """The query heads that read KV head `kv_head` (grouped-query attention: n_heads / n_kv_heads each)."""
+    group = adapter.n_heads // adapter.n_kv_heads
+    return list(range(kv_head * group, (kv_head + 1) * group))
+
+
+def block_edits(adapter, grid_positions: Sequence[np.ndarray], after_image: Sequence[int], block: BlockSet, *,
+                n_columns: int, image_queries: bool = False, broadcast: bool = False) -> list[BlockAttention]:
+    """Attention edits that block `block`'s keys at their layers and heads.
+
+    grid_positions[i]: example i's sequence positions of the grid, row-major (a block's indices pick from them);
+    after_image[i]: its first position after the image; n_columns: the columns the queries may reach (the padded
+    prompt plus any generated tokens). Queries: after_image..n_columns, and with `image_queries` the grid too.
+    Blocks every call (prefill and generated tokens). An empty block set gives no edits. `broadcast`: one
+    example's positions that hold for every example of any batch (the same prompt and image size).
+    """
+    if broadcast and len(grid_positions) != 1:
+        raise ValueError("broadcast takes the positions of one example")
+    n_kv = adapter.n_kv_heads
+    by_layer: dict[int, dict[int, np.ndarray]] = {}
+    for (L, h), idx in block.items():
+        idx = np.unique(np.asarray(idx, dtype=np.int64).reshape(-1))
+        if not len(idx):
+            continue
+        if L not in adapter.kv_layers or not 0 <= h < n_kv:
+            raise UserError(f"cannot block keys at layer {L} KV head {h}: layers {adapter.kv_layers}, KV heads 0..{n_kv - 1}")
+        by_layer.setdefault(int(L), {})[int(h)] = idx
+    queries = []
+    for g, a in zip(grid_positions, after_image):
+        q = np.arange(int(a), int(n_columns), dtype=np.int64)
+        queries.append(np.concatenate([np.asarray(g, dtype=np.int64).reshape(-1), q]) if image_queries else q)
+    edits = []
+    for L, heads in sorted(by_layer.items()):
+        sets = list(heads.values())
+        if len(heads) == n_kv and all(np.array_equal(sets[0], s) for s in sets[1:]):
+            keys = [np.asarray(g).reshape(-1)[sets[0]] for g in grid_positions]
+            edits.append(BlockAttention(L, *_one(keys, queries, broadcast), prefill_only=False))
+            continue
+        for h, idx in sorted(heads.items()):
+            keys = [np.asarray(g).reshape(-1)[idx] for g in grid_positions]
+            edits.append(BlockAttention(L, *_one(keys, queries, broadcast), heads=query_heads(adapter, h),
+                                        prefill_only=False))
+    return edits
+
+
+def _one(keys, queries, broadcast):
+    return (keys[0], queries[0]) if broadcast else (keys, queries)
+
+
+def random_block_set(block: BlockSet, n_positions: int, seed: int = 0,
+                     exclude: BlockSet | None = None) -> dict[tuple[int, int], np.ndarray]:
+    """The control: per layer-head as many random grid indices as `block` has there, none of `exclude` (default:
+    `block` itself) where enough remain."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xB10C]))
+    exclude = block if exclude is None else exclude
+    out = {}
+    for lh in sorted(block):
+        k = len(np.unique(np.asarray(block[lh]).reshape(-1)))
+        if not k:
+            continue
+        pool = np.setdiff1d(np.arange(n_positions), np.asarray(exclude.get(lh, []), dtype=np.int64))
+        if len(pool) < k:
+            pool = np.arange(n_positions)
+        out[lh] = np.sort(rng.choice(pool, size=k, replace=False))
+    return out
+
+
+def lowest_keys(stat_lhp: np.ndarray, layers: Sequence[int], k: int) -> dict[tuple[int, int], np.ndarray]:
+    """{(layer, head): the k grid indices with the lowest statistic} (e.g. var_ratio: the most agnostic keys)."""
+    return {(int(L), h): np.sort(np.argsort(stat_lhp[i, h], kind="stable")[:k])
+            for i, L in enumerate(layers) for h in range(stat_lhp.shape[1])}
+
+
+def left_padded(adapter, images: Sequence, prompts: Sequence[str], view: int = 0) -> tuple[dict, list[np.ndarray], list[int]]:
+    """Inputs padded on the LEFT for generation, with each example's grid positions (row-major) and first position
+    after the image: the right-padded layouts of `adapter.prepare`, shifted by each example's padding."""
+    tok = adapter.tokenizer
+    texts = [adapter.render_prompt(p) for p in prompts]
+    layouts = adapter.prepare(list(images), texts)
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        inputs = adapter.processor(images=adapter.processor_images(list(images)), text=texts, return_tensors="pt",
+                                   padding=True)
+    finally:
+        tok.padding_side = side
+    S = inputs["input_ids"].shape[1]
+    grid, after = [], []
+    for lay, n in zip(layouts.layouts, layouts.lengths):
+        shift = S - n
+        grid.append(lay.grid_positions(0, view).reshape(-1) + shift)
+        after.append(int(lay.image_positions.max()) + 1 + shift)
+    return dict(inputs), grid, after
+
+
+@torch.no_grad()
+def blocked_answers(adapter, images: Sequence, prompts: Sequence[str], block: BlockSet, *, image_queries: bool = False,
+                    max_new_tokens: int = 24, view: int = 0) -> list[str]:
+    """Greedy answers (left-padded batch generation, as `sightline.organism.evaluate.answer`) with `block` applied."""
+    from sightline.capture import apply_edits
+
+    tok = adapter.tokenizer
+    inputs, grid, after = left_padded(adapter, images, prompts, view)
+    S = inputs["input_ids"].shape[1]
+    edits = block_edits(adapter, grid, after, block, n_columns=S + max_new_tokens, image_queries=image_queries)
+    inputs = {k: v.to(adapter.device) for k, v in inputs.items()}
+    with apply_edits(adapter, edits):
+        out = adapter.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[:, S:]
+    return [t.strip().lower() for t in tok.batch_decode(new, skip_special_tokens=True)]
+
+
+def answer_accuracy(adapter, items: Sequence[tuple], blocks: Mapping[str, BlockSet], *, image_queries: bool = False,
+                    batch_size: int = 64, max_new_tokens: int = 24) -> dict[str, dict[str, float]]:
+    """{condition: {question type: accuracy}} of the greedy answers to `items` ((image, question, answer, qtype),
+    as `sightline.organism.evaluate.eval_items`) under each block set (an empty one: the unedited model)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, block in blocks.items():
+        right: dict[str, int] = {}
+        seen: dict[str, int] = {}
+        for s in range(0, len(items), batch_size):
+            chunk = items[s:s + batch_size]
+            got = blocked_answers(adapter, [c[0] for c in chunk], [c[1] for c in chunk], block,
+                                  image_queries=image_queries, max_new_tokens=max_new_tokens)
+            for (_, _, a, t), g in zip(chunk, got):
+                seen[t] = seen.get(t, 0) + 1
+                right[t] = right.get(t, 0) + int(g == a)
+        acc = {t: right[t] / seen[t] for t in seen}
+        acc["all"] = sum(right.values()) / max(sum(seen.values()), 1)
+        out[name] = acc
+    return out
+
+
+@torch.no_grad()
+def foreground_readout(adapter, scenes: Sequence, layers: Sequence[int], blocks: Mapping[str, BlockSet], *,
+                       train_fraction: float = 0.5, l2: float = 10.0, token_fraction: float = 0.5,
+                       batch_size: int = 16) -> dict[str, dict[int, float]]:
+    """{condition: {layer: foreground IoU}} of a per-token logistic probe on image values (all KV heads) of each
+    layer, fitted on the first `train_fraction` of `scenes` (synthetic `Scene`s) and scored on the rest, with each
+    block set applied to the image queries (the only way a key block reaches image values). A token is
+    foreground when >= `token_fraction` of its pixels are an object; IoU over all test tokens."""
+    from sightline.capture import apply_edits
+    from sightline.models.layout import mask_to_tokens
+    from sightline.perception.readouts import fit_token_classifier
+    from sightline.perception.represent import Featurizer, Rep
+
+    reps = [Rep("values", int(L)) for L in layers]
+    images = [s.to_pil() for s in scenes]
+    n_train = max(1, round(len(scenes) * train_fraction))
+    if n_train >= len(scenes):
+        raise UserError(f"the foreground readout needs scenes to test on: {len(scenes)} scenes, {n_train} for training")
+    probe = adapter.prepare(images[:1], [adapter.render_prompt("")])
+    lay0 = probe.layouts[0]
+    grid0 = lay0.grid_positions(0, 0).reshape(-1)
+    after0 = int(lay0.image_positions.max()) + 1
+    labels = [torch.as_tensor(mask_to_tokens(lay0, s.class_mask > 0).reshape(-1) >= token_fraction) for s in scenes]
+    out: dict[str, dict[int, float]] = {}
+    for name, block in blocks.items():
+        edits = block_edits(adapter, [grid0], [after0], block, n_columns=probe.inputs["input_ids"].shape[1],
+                            image_queries=True, broadcast=True)
+        feat = Featurizer(adapter, reps, batch_size=batch_size)
+        with apply_edits(adapter, edits):
+            feats = feat(images)
+        res = {}
+        for rep in reps:
+            x = [f.feats[rep.name] for f in feats]
+            clf = fit_token_classifier(torch.cat(x[:n_train]), torch.cat(labels[:n_train]).long(), l2=l2,
+                                       class_weight="balanced")
+            pred = torch.cat([clf.predict(t) for t in x[n_train:]])
+            truth = torch.cat(labels[n_train:])
+            union = int((pred | truth).sum())
+            res[rep.layer] = float((pred & truth).sum()) / union if union else 1.0
+        out[name] = res
+    return out
