@@ -559,7 +559,9 @@ class _Sources:
 
     def features(self, images, texts=None) -> dict[str, list]:
         """kind -> per image ImageFeatures (every image with the current unit's prefix, where one is set)."""
-        pre = None if self.unit_prefix is None else [self.unit_prefix] * len(images)
+        if self.unit_prefix is None:
+            return {k: f(images, texts) for k, f in self.featurizers.items()}
+        pre = [self.unit_prefix] * len(images)
         return {k: f(images, texts, pre) for k, f in self.featurizers.items()}
 
 
