@@ -206,7 +206,13 @@ def run_prefix(cfg: PrefixConfig, task_data: dict | None = None, adapter=None) -
 
     from sightline.models import load_model
     from sightline.perception.represent import Featurizer, parse_reps
-    from sightline.perception.run import METRICS, _model_path, grouped_stat, primary_metric, score_task
+    from sightline.perception.run import (
+        METRICS,
+        _model_path,
+        grouped_stat,
+        primary_metric,
+        score_task,
+    )
     from sightline.runtime import resolve_placement
 
     tasks, kinds = _check(cfg)
@@ -246,7 +252,7 @@ def run_prefix(cfg: PrefixConfig, task_data: dict | None = None, adapter=None) -
                         continue
                     examples[kind] = texts[0]
                     _, summ, recs = score_task(task, pcfg, featurizer, reps, data,
-                                               prefix_of=lambda u, kind=kind: prefix_text(task, kind, u, cfg))
+                                               prefix_of=lambda u, kind=kind, task=task: prefix_text(task, kind, u, cfg))
                     scored[kind] = (summ, recs)
                 base_summary, base = scored["none"]
                 n_units = base_summary["n_units"]
