@@ -137,3 +137,8 @@ def test_organism_prefix_run(organism, tmp_path):
     assert res.summary["tasks"]["textseg"]["n_units"] == 5
     page = (out / "index.html").read_text()
     assert "prefix minus none" in page and "prefix_refseg.png" in page
+    with pytest.raises(UserError, match="no prefix can change"):
+        run_prefix(PrefixConfig(out=str(tmp_path / "v"), reps=("vision",), progress=False), adapter=organism)
+    with pytest.raises(UserError, match="--template"):
+        run_prefix(PrefixConfig(out=str(tmp_path / "t"), template="a photo", progress=False), adapter=organism)
+    assert not (tmp_path / "v").exists() and not (tmp_path / "t").exists()

@@ -172,23 +172,23 @@ def paired_difference(records_a, records_b, n_units: int, n_boot: int, seed: int
 
 
 def _check(cfg: PrefixConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    from sightline.perception.run import _check as check_perceive
+    from sightline.perception.run import check_config
 
     kinds = parse_kinds(cfg.kinds)
     if "{text}" not in cfg.template:
         raise UserError(f"--template {cfg.template!r} must contain {{text}} (where the class name or expression goes)")
     if cfg.bootstrap < 0:
         raise UserError(f"--bootstrap must be 0 or more, not {cfg.bootstrap}")
-    return check_perceive(cfg.perceive_config()), kinds
+    return check_config(cfg.perceive_config()), kinds
 
 
 def _load(pcfg, task: str):
     """The task's units, loaded once for every kind (all folds of pascal5i fgseg, as a perception run reads)."""
     from sightline.data.tasks import TaskData
-    from sightline.perception.run import _format_of, load_task_data
+    from sightline.perception.run import format_of, load_task_data
 
     folds = [pcfg.fold] if pcfg.fold is not None else (
-        [0, 1, 2, 3] if _format_of(pcfg, task) == "pascal5i" and task == "fgseg" else [0])
+        [0, 1, 2, 3] if format_of(pcfg, task) == "pascal5i" and task == "fgseg" else [0])
     datas = [load_task_data(pcfg, task, f) for f in folds]
     if len(datas) == 1:
         return datas[0]
@@ -208,9 +208,9 @@ def run_prefix(cfg: PrefixConfig, task_data: dict | None = None, adapter=None) -
     from sightline.perception.represent import Featurizer, parse_reps
     from sightline.perception.run import (
         METRICS,
-        _model_path,
         grouped_stat,
         primary_metric,
+        resolve_model,
         score_task,
     )
     from sightline.runtime import resolve_placement
@@ -221,7 +221,7 @@ def run_prefix(cfg: PrefixConfig, task_data: dict | None = None, adapter=None) -
     pcfg = cfg.perceive_config()
     out = check_output(cfg.out, cfg.overwrite, UserError)
     t0 = time.perf_counter()
-    model_path, organism = _model_path(pcfg)
+    model_path, organism = resolve_model(pcfg)
     if adapter is None:
         device, dtype = resolve_placement(cfg.device, cfg.model_dtype, None)
         adapter = load_model(model_path, dtype=dtype, device=device, progress=cfg.progress)

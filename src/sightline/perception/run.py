@@ -226,7 +226,8 @@ class PerceiveConfig:
 
 
 # ============================================================================= checks and set-up
-def _check(cfg: PerceiveConfig) -> tuple[str, ...]:
+def check_config(cfg: PerceiveConfig) -> tuple[str, ...]:
+    """The tasks `cfg` asks for, every setting checked (one UserError line for a bad one)."""
     tasks = parse_tasks(cfg.task)
     if cfg.format is not None and cfg.format not in FORMATS:
         raise UserError(f"unknown --format {cfg.format!r}; formats are {', '.join(FORMATS)}")
@@ -268,13 +269,14 @@ def _check(cfg: PerceiveConfig) -> tuple[str, ...]:
     return tasks
 
 
-def _format_of(cfg: PerceiveConfig, task: str) -> str:
+def format_of(cfg: PerceiveConfig, task: str) -> str:
+    """The dataset format a task is read in (--format, else synthetic without --data, else the task's own)."""
     if cfg.format is not None:
         return cfg.format
     return "synthetic" if cfg.data is None else TASK_FORMAT[task]
 
 
-def _model_path(cfg: PerceiveConfig) -> tuple[str, bool]:
+def resolve_model(cfg: PerceiveConfig) -> tuple[str, bool]:
     """(model path, whether it is the shipped organism)."""
     from sightline.organism import checkpoint_path
 
@@ -310,7 +312,7 @@ def load_task_data(cfg: PerceiveConfig, task: str, fold: int = 0):
     """The task's TaskData as `cfg` asks (`sightline.data.perception.load_task`)."""
     from sightline.data.perception import load_task
 
-    fmt = _format_of(cfg, task)
+    fmt = format_of(cfg, task)
     kw: dict[str, Any] = dict(split=cfg.split, fold=fold, shots=cfg.shots, episodes=cfg.episodes, seed=cfg.seed,
                               limit=cfg.limit, calibration_fraction=cfg.calibration_fraction,
                               refcoco_dataset=cfg.refcoco_dataset)
@@ -956,13 +958,13 @@ def run_perceive(cfg: PerceiveConfig, task_data: Mapping[str, Any] | None = None
     from sightline.perception.represent import Featurizer, parameter_count, parse_reps, random_weights_like
     from sightline.runtime import resolve_placement
 
-    tasks = _check(cfg) if task_data is None else tuple(task_data)
+    tasks = check_config(cfg) if task_data is None else tuple(task_data)
     if task_data is not None:
-        _check(PerceiveConfig(**{**to_dict(cfg), "task": ",".join(tasks), "thresholds": tuple(cfg.thresholds),
+        check_config(PerceiveConfig(**{**to_dict(cfg), "task": ",".join(tasks), "thresholds": tuple(cfg.thresholds),
                                  "reps": tuple(cfg.reps)}))
     out = check_output(cfg.out, cfg.overwrite, UserError)
     t0 = time.perf_counter()
-    model_path, organism = _model_path(cfg)
+    model_path, organism = resolve_model(cfg)
     enc_path, enc_why = _encoder_path(cfg, organism)
     device, model_dtype = resolve_placement(cfg.device, cfg.model_dtype, cfg.device_map)
     if adapter is None:
@@ -1069,7 +1071,7 @@ def _run_task(task: str, cfg: PerceiveConfig, src: _Sources, task_data, skipped:
     from tqdm.auto import tqdm
 
     run = _TaskRun(task, cfg, src, example_rep)
-    folds = [cfg.fold] if cfg.fold is not None else ([0, 1, 2, 3] if _format_of(cfg, task) == "pascal5i"
+    folds = [cfg.fold] if cfg.fold is not None else ([0, 1, 2, 3] if format_of(cfg, task) == "pascal5i"
                                                      and task == "fgseg" and task_data is None else [0])
     datas = [task_data[task]] if task_data is not None else [load_task_data(cfg, task, f) for f in folds]
     source = "; ".join(str(d.source) for d in datas)
