@@ -152,6 +152,12 @@ def _show_surfacing(cfg, res) -> str:
     return f"wrote {cfg.out}: " + "; ".join(parts)
 
 
+def _show_prefix(cfg, res) -> str:
+    parts = [f"{t} {k} {s['largest_change']['rep']} {s['largest_change']['change']:+.3f}"
+             for t, ts in res["tasks"].items() for k, s in ts["kinds"].items() if s["largest_change"]]
+    return f"wrote {cfg.out}: largest change per prefix kind: " + "; ".join(parts)
+
+
 def _show_path(cfg, res) -> str:
     return str(res)
 
@@ -186,6 +192,8 @@ COMMANDS: dict[str, Command] = {
     "surfacing": Command("perception present in the image representations but not in the answer (BLINK, organism)",
                          "sightline.kv.surfacing:SurfacingConfig", "sightline.kv.surfacing:run_surfacing",
                          _show_surfacing),
+    "prefix": Command("text before the image: the change of every perception readout per layer, paired, with intervals",
+                      "sightline.kv.prefix:PrefixConfig", "sightline.kv.prefix:run_prefix", _show_prefix),
     "sae train": Command("train one or more SAEs on a site of a store, in one pass (resumable)",
                          "sightline.sae.train:SAETrainConfig", "sightline.sae.train:train_saes", _show_sae_train),
     "sae analyze": Command("metrics by modality, loss recovered, modality sharing, feature pages",

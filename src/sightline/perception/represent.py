@@ -196,7 +196,7 @@ class Featurizer:
 
     `prompt` is the text after the image for image-only tasks (default: the image alone);
     `query_prompt` places a task's text after the image (`{text}` is replaced by it); `prefix` is
-    text before the image. `encoder`: a loaded `sightline.perception.encoder.Encoder` (for the
+    text before the image (a call's `prefixes` give each image its own instead). `encoder`: a loaded `sightline.perception.encoder.Encoder` (for the
     `encoder` rep). `dtype`: the features' dtype (float32).
     """
 
@@ -220,24 +220,29 @@ class Featurizer:
         self.text_sites = sorted({r.site for r in self.reps if r.has_text_query})
         self.n_forwards = 0  # forward passes run (images + text-alone queries)
 
-    def __call__(self, images: Sequence, texts: Sequence[str] | None = None) -> list[ImageFeatures]:
-        """Features of `images` (PIL), with each one's query text (`texts`, None: no query)."""
+    def __call__(self, images: Sequence, texts: Sequence[str] | None = None,
+                 prefixes: Sequence[str | None] | None = None) -> list[ImageFeatures]:
+        """Features of `images` (PIL), with each one's query text (`texts`, None: no query) and text before the
+        image (`prefixes`, None: the featurizer's `prefix` for all; an empty or None item: no prefix)."""
+        if prefixes is not None and len(prefixes) != len(images):
+            raise ValueError(f"{len(prefixes)} prefixes for {len(images)} images")
         out: list[ImageFeatures] = []
         for start in range(0, len(images), self.batch_size):
             chunk = list(images[start:start + self.batch_size])
             tchunk = None if texts is None else list(texts[start:start + self.batch_size])
-            out.extend(self._batch(chunk, tchunk))
+            pchunk = None if prefixes is None else list(prefixes[start:start + self.batch_size])
+            out.extend(self._batch(chunk, tchunk, pchunk))
         return out
 
     # ------------------------------------------------------------------------------------------
-    def _render(self, text: str | None) -> tuple[str, str | None]:
+    def _render(self, text: str | None, prefix: str | None) -> tuple[str, str | None]:
         """(the full prompt text, the prompt text up to the end of the query; None without a query)."""
         ad = self.adapter
         if text is None or self.query_alone:
-            return ad.render_prompt(self.prompt, prefix=self.prefix), None
+            return ad.render_prompt(self.prompt, prefix=prefix), None
         content = self.query_prompt.replace("{text}", text)
         end_in_content = self.query_prompt.index("{text}") + len(text)
-        rendered = ad.render_prompt(content, prefix=self.prefix)
+        rendered = ad.render_prompt(content, prefix=prefix)
         at = rendered.rfind(content)
         if at < 0:  # a template that rewrites the text: fall back on the text itself
             at, end_in_content = rendered.rfind(text), len(text)
@@ -259,11 +264,14 @@ class Featurizer:
             raise RuntimeError(f"cannot find the query's last token in the sequence of {full!r}")
         return int(hits[-1])
 
-    def _batch(self, images: list, texts: list[str] | None) -> list[ImageFeatures]:
+    def _batch(self, images: list, texts: list[str] | None, prefixes: list[str | None] | None = None
+               ) -> list[ImageFeatures]:
         from sightline.capture import Capture
 
         ad = self.adapter
-        rendered = [self._render(None if texts is None else t) for t in (texts or [None] * len(images))]
+        # an empty prefix is no prefix: the same text, hence the same features bit for bit
+        pre = [self.prefix] * len(images) if prefixes is None else [p or None for p in prefixes]
+        rendered = [self._render(None if texts is None else texts[i], pre[i]) for i in range(len(images))]
         feats: list[dict[str, torch.Tensor]] = [{} for _ in images]
         queries: list[dict[str, torch.Tensor]] = [{} for _ in images]
         layouts, grids = [None] * len(images), [None] * len(images)

@@ -226,7 +226,8 @@ class PerceiveConfig:
 
 
 # ============================================================================= checks and set-up
-def _check(cfg: PerceiveConfig) -> tuple[str, ...]:
+def check_config(cfg: PerceiveConfig) -> tuple[str, ...]:
+    """The tasks `cfg` asks for, every setting checked (one UserError line for a bad one)."""
     tasks = parse_tasks(cfg.task)
     if cfg.format is not None and cfg.format not in FORMATS:
         raise UserError(f"unknown --format {cfg.format!r}; formats are {', '.join(FORMATS)}")
@@ -268,13 +269,14 @@ def _check(cfg: PerceiveConfig) -> tuple[str, ...]:
     return tasks
 
 
-def _format_of(cfg: PerceiveConfig, task: str) -> str:
+def format_of(cfg: PerceiveConfig, task: str) -> str:
+    """The dataset format a task is read in (--format, else synthetic without --data, else the task's own)."""
     if cfg.format is not None:
         return cfg.format
     return "synthetic" if cfg.data is None else TASK_FORMAT[task]
 
 
-def _model_path(cfg: PerceiveConfig) -> tuple[str, bool]:
+def resolve_model(cfg: PerceiveConfig) -> tuple[str, bool]:
     """(model path, whether it is the shipped organism)."""
     from sightline.organism import checkpoint_path
 
@@ -310,7 +312,7 @@ def load_task_data(cfg: PerceiveConfig, task: str, fold: int = 0):
     """The task's TaskData as `cfg` asks (`sightline.data.perception.load_task`)."""
     from sightline.data.perception import load_task
 
-    fmt = _format_of(cfg, task)
+    fmt = format_of(cfg, task)
     kw: dict[str, Any] = dict(split=cfg.split, fold=fold, shots=cfg.shots, episodes=cfg.episodes, seed=cfg.seed,
                               limit=cfg.limit, calibration_fraction=cfg.calibration_fraction,
                               refcoco_dataset=cfg.refcoco_dataset)
@@ -348,11 +350,13 @@ class _Acc:
 
 def _stat(records, weights: np.ndarray | None = None) -> float:
     """Mean over groups of (sum of num / sum of den) over `records`; `weights` [n_units] resample units."""
-    v = _stat_many(records, None if weights is None else weights[None])
+    v = grouped_stat(records, None if weights is None else weights[None])
     return float(v[0])
 
 
-def _stat_many(records, weights: np.ndarray | None) -> np.ndarray:
+def grouped_stat(records, weights: np.ndarray | None) -> np.ndarray:
+    """A recorded statistic (records: (unit, group, num, den)): the mean over groups of sum num / sum den, per row of
+    `weights` [B, n_units] (each unit's count in a resample; None: every unit once) -> [B]."""
     units = np.array([r[0] for r in records], dtype=np.int64)
     _, grp = np.unique([r[1] for r in records], return_inverse=True)
     num = np.array([r[2] for r in records])
@@ -367,20 +371,26 @@ def _stat_many(records, weights: np.ndarray | None) -> np.ndarray:
         return (ratio * p_g).sum(1) / p_g.sum(1)
 
 
+def bootstrap_weights(n_units: int, n_boot: int, seed: int, width: int | None = None, chunk: int = 250):
+    """The seeded bootstrap's resamples of `n_units` units, in chunks of `chunk` rows: arrays [b, width] of each
+    unit's count (units past n_units, up to `width`, never drawn). The same seed gives the same resamples, so two
+    statistics of the same units read on them are paired."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xB007]))
+    width = n_units if width is None else max(width, n_units)
+    for start in range(0, n_boot, chunk):  # bounded memory
+        b = min(chunk, n_boot - start)
+        w = rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=b).astype(np.float64)
+        if width > n_units:
+            w = np.concatenate([w, np.zeros((b, width - n_units))], axis=1)
+        yield w
+
+
 def bootstrap_interval(records, n_units: int, n_boot: int, seed: int) -> tuple[float | None, float | None]:
     """Percentile 95% interval of a recorded statistic over `n_boot` resamples of the units (seeded)."""
     if not records or n_boot <= 0 or n_units < 2:
         return None, None
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xB007]))
     n_max = max(n_units, max(r[0] for r in records) + 1)
-    stats = []
-    for start in range(0, n_boot, 250):  # bounded memory
-        b = min(250, n_boot - start)
-        w = rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=b).astype(np.float64)
-        if n_max > n_units:
-            w = np.concatenate([w, np.zeros((b, n_max - n_units))], axis=1)
-        stats.append(_stat_many(records, w))
-    s = np.concatenate(stats)
+    s = np.concatenate([grouped_stat(records, w) for w in bootstrap_weights(n_units, n_boot, seed, n_max)])
     s = s[np.isfinite(s)]
     if not len(s):
         return None, None
@@ -542,6 +552,7 @@ class _Sources:
     featurizers: dict[str, Any]
     reps: list[Any]  # Rep
     view: int
+    unit_prefix: str | None = None  # the current unit's text before its images (None: the featurizers' own)
 
     def reps_of(self, kind: str, text: bool = False) -> list[str]:
         """Rep names a kind reads (the control has no external encoder; text tasks need a text query)."""
@@ -549,8 +560,11 @@ class _Sources:
                 and not (text and not r.has_text_query)]
 
     def features(self, images, texts=None) -> dict[str, list]:
-        """kind -> per image ImageFeatures."""
-        return {k: f(images, texts) for k, f in self.featurizers.items()}
+        """kind -> per image ImageFeatures (every image with the current unit's prefix, where one is set)."""
+        if self.unit_prefix is None:
+            return {k: f(images, texts) for k, f in self.featurizers.items()}
+        pre = [self.unit_prefix] * len(images)
+        return {k: f(images, texts, pre) for k, f in self.featurizers.items()}
 
 
 def _grid_kinds(feats) -> list[str]:
@@ -944,13 +958,13 @@ def run_perceive(cfg: PerceiveConfig, task_data: Mapping[str, Any] | None = None
     from sightline.perception.represent import Featurizer, parameter_count, parse_reps, random_weights_like
     from sightline.runtime import resolve_placement
 
-    tasks = _check(cfg) if task_data is None else tuple(task_data)
+    tasks = check_config(cfg) if task_data is None else tuple(task_data)
     if task_data is not None:
-        _check(PerceiveConfig(**{**to_dict(cfg), "task": ",".join(tasks), "thresholds": tuple(cfg.thresholds),
+        check_config(PerceiveConfig(**{**to_dict(cfg), "task": ",".join(tasks), "thresholds": tuple(cfg.thresholds),
                                  "reps": tuple(cfg.reps)}))
     out = check_output(cfg.out, cfg.overwrite, UserError)
     t0 = time.perf_counter()
-    model_path, organism = _model_path(cfg)
+    model_path, organism = resolve_model(cfg)
     enc_path, enc_why = _encoder_path(cfg, organism)
     device, model_dtype = resolve_placement(cfg.device, cfg.model_dtype, cfg.device_map)
     if adapter is None:
@@ -1023,6 +1037,19 @@ def run_perceive(cfg: PerceiveConfig, task_data: Mapping[str, Any] | None = None
     return RunResult(out, summary)
 
 
+def score_task(task: str, cfg: PerceiveConfig, featurizer, reps: Sequence[Any], task_data: Any = None,
+               prefix_of: Callable[[Any], str] | None = None) -> tuple[list[dict], dict, dict]:
+    """One task scored by one `Featurizer` over `reps` (no control, no examples), for studies built on the readouts:
+    (flat rows, the task's summary, (kind, rep) -> statistic -> per-unit records (unit, group, num, den) for
+    `grouped_stat` / `bootstrap_weights`). `task_data`: the task's TaskData (None: loaded as `cfg` says);
+    `prefix_of(unit)`: each unit's text before its images ("" none; None: the featurizer's prefix)."""
+    src = _Sources({"model": featurizer}, list(reps), cfg.view)
+    records: dict = {}
+    rows, summary = _run_task(task, cfg, src, None if task_data is None else {task: task_data}, {}, None, None,
+                              prefix_of=prefix_of, records=records)
+    return rows, summary, records
+
+
 def _example_rep(cfg: PerceiveConfig, reps, n_layers: int) -> str | None:
     """The rep the qualitative figures show (`--example-rep`, checked against the reps read)."""
     from sightline.perception.examples import default_example_rep
@@ -1037,12 +1064,14 @@ def _example_rep(cfg: PerceiveConfig, reps, n_layers: int) -> str | None:
 
 
 def _run_task(task: str, cfg: PerceiveConfig, src: _Sources, task_data, skipped: dict, example_rep: str | None = None,
-              examples: dict | None = None) -> tuple[list[dict], dict]:
-    """Score one task; its qualitative examples go into `examples[task]`."""
+              examples: dict | None = None, prefix_of: Callable[[Any], str] | None = None,
+              records: dict | None = None) -> tuple[list[dict], dict]:
+    """Score one task; its qualitative examples go into `examples[task]`. `prefix_of(unit)`: each unit's text before
+    its images ("" none); `records`: filled with (kind, rep) -> statistic -> the per-unit records."""
     from tqdm.auto import tqdm
 
     run = _TaskRun(task, cfg, src, example_rep)
-    folds = [cfg.fold] if cfg.fold is not None else ([0, 1, 2, 3] if _format_of(cfg, task) == "pascal5i"
+    folds = [cfg.fold] if cfg.fold is not None else ([0, 1, 2, 3] if format_of(cfg, task) == "pascal5i"
                                                      and task == "fgseg" and task_data is None else [0])
     datas = [task_data[task]] if task_data is not None else [load_task_data(cfg, task, f) for f in folds]
     source = "; ".join(str(d.source) for d in datas)
@@ -1066,6 +1095,8 @@ def _run_task(task: str, cfg: PerceiveConfig, src: _Sources, task_data, skipped:
             run.notes.append("no held-out calibration units: the threshold was chosen on the scored units")
         search: dict = {}
         for u in cal:
+            if prefix_of is not None:
+                src.unit_prefix = prefix_of(u)
             run.calibrate(u, search)
             bar.update(1)
         thresholds = {k: s.best() for k, s in search.items()}
@@ -1077,6 +1108,8 @@ def _run_task(task: str, cfg: PerceiveConfig, src: _Sources, task_data, skipped:
         thresholds = {k: float(v[0]) for k, v in thresholds.items()}
     step = {"fgseg": run.fgseg, "coseg": run.coseg, "semcorr": run.semcorr, "tempcorr": run.tempcorr}.get(task)
     for i, u in enumerate(units):
+        if prefix_of is not None:
+            src.unit_prefix = prefix_of(u)
         if task in TEXT_TASKS:
             run.textseg(i, u, thresholds)
         else:
@@ -1084,6 +1117,9 @@ def _run_task(task: str, cfg: PerceiveConfig, src: _Sources, task_data, skipped:
         run.n_units += 1
         bar.update(1)
     bar.close()
+    src.unit_prefix = None
+    if records is not None:
+        records.update({key: a.records for key, a in run.acc.items()})
     extra["read"] = _what_was_read(task, cfg, src)
     if examples is not None:
         examples[task] = run.examples.to_dict()
