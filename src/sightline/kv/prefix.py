@@ -16,7 +16,7 @@ kind reads the SAME units (one load per task) through the same readouts, so the 
 kind minus none, is paired per unit (an image for textseg / refseg, an episode, set, pair or clip otherwise); its 95%
 interval is the percentile interval over `bootstrap` resamples of the units, each resample read by both kinds
 (`paired_difference`). An empty prefix is no prefix: the features are the no-prefix ones bit for bit. Writes
-OUT/{config.json, results.json, figures/, index.html} (docs/kv_prefix_surfacing.md).
+OUT/{config.json, results.json, figures/, index.html} (docs/kv.md).
 """
 
 from __future__ import annotations
