@@ -19,7 +19,12 @@ from sightline.sae.directions import (
     omp,
     unit_dictionary,
 )
-from sightline.sae.sparse_probe import SparseProbeConfig, run_sparse_probes, separation_scores, top_latents
+from sightline.sae.sparse_probe import (
+    SparseProbeConfig,
+    run_sparse_probes,
+    separation_scores,
+    top_latents,
+)
 
 LABEL = "facts.objects.0.shape"
 SITE = "resid.2"  # the middle of the organism's 4 blocks (as tests/test_sae_analysis.py), fixed before measuring

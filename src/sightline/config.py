@@ -161,6 +161,20 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------- dict / file
+class ConfigIO:
+    """`to_dict` / `from_dict` methods for a config dataclass: JSON-able dict of every field and back
+    (the module functions below)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of every field (sightline.config.to_dict)."""
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        """The config a to_dict (or a saved config.json) describes."""
+        return from_dict(cls, d)
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Every field of a config, JSON-ready (tuples -> lists, nested dataclasses -> dicts)."""
 

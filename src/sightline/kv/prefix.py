@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from sightline.config import from_dict, to_dict
+from sightline.config import ConfigIO, to_dict
 from sightline.errors import UserError
 from sightline.report.files import RunFolder, RunResult, check_output, write_json
 
@@ -44,7 +44,7 @@ TASK_PREFIX = {  # what each task asks, as a sentence placed before the image
 
 
 @dataclass(frozen=True)
-class PrefixConfig:
+class PrefixConfig(ConfigIO):
     """Everything a prefix study depends on (saved as OUT/config.json). The readouts' settings are the perception
     run's (`sightline perceive --help`), at their defaults unless given here."""
 
@@ -93,14 +93,6 @@ class PrefixConfig:
     progress: bool = True
     """Show progress bars."""
 
-    def to_dict(self) -> dict:
-        """JSON-able dict of every field (sightline.config.to_dict)."""
-        return to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PrefixConfig:
-        """The config a to_dict (or a saved config.json) describes."""
-        return from_dict(cls, d)
 
     def perceive_config(self):
         """The perception settings the readouts run with (no control, no example figures, no run-wide prefix)."""

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from sightline.config import from_dict, to_dict
+from sightline.config import ConfigIO, to_dict
 from sightline.errors import UserError
 from sightline.kv.keys import FLAG_THRESHOLD, KINDS
 from sightline.report.files import RunFolder, RunResult, check_output, write_json
 
 
 @dataclass(frozen=True)
-class KeysConfig:
+class KeysConfig(ConfigIO):
     """Everything a keys run depends on (saved as OUT/config.json)."""
 
     model: str | None = None
@@ -80,14 +80,6 @@ class KeysConfig:
     progress: bool = True
     """Show progress bars."""
 
-    def to_dict(self) -> dict:
-        """JSON-able dict of every field (sightline.config.to_dict)."""
-        return to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> KeysConfig:
-        """The config a to_dict (or a saved config.json) describes."""
-        return from_dict(cls, d)
 
 
 def _check(cfg: KeysConfig) -> None:

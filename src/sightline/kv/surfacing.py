@@ -37,13 +37,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from sightline.config import from_dict, to_dict
+from sightline.config import ConfigIO, to_dict
 from sightline.errors import UserError
 from sightline.report.files import RunFolder, RunResult, check_output, write_json
 
 
 @dataclass(frozen=True)
-class SurfacingConfig:
+class SurfacingConfig(ConfigIO):
     """What `sightline surfacing` measures (saved as OUT/config.json)."""
 
     model: str | None = None
@@ -85,14 +85,6 @@ class SurfacingConfig:
     progress: bool = True
     """Show progress bars."""
 
-    def to_dict(self) -> dict:
-        """JSON-able dict of every field (sightline.config.to_dict)."""
-        return to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SurfacingConfig:
-        """The config a to_dict (or a saved config.json) describes."""
-        return from_dict(cls, d)
 
 
 # ============================================================================= scoring

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from sightline.config import from_dict, to_dict
+from sightline.config import ConfigIO, to_dict
 from sightline.errors import UserError
 from sightline.report.files import RunFolder, RunResult, check_output, read_json, write_json
 
@@ -31,7 +31,7 @@ MEASURES = ("lm_gain", "best_values", "projector")  # what is correlated with th
 
 
 @dataclass(frozen=True)
-class PerceiveCompareConfig:
+class PerceiveCompareConfig(ConfigIO):
     """Compare perception runs of several models (saved as OUT/config.json)."""
 
     runs: tuple[str, ...]
@@ -53,14 +53,6 @@ class PerceiveCompareConfig:
     overwrite: bool = False
     """Replace an existing output folder."""
 
-    def to_dict(self) -> dict:
-        """JSON-able dict of every field (sightline.config.to_dict)."""
-        return to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PerceiveCompareConfig:
-        """The config a to_dict (or a saved config.json) describes."""
-        return from_dict(cls, d)
 
 
 # ============================================================================= statistics

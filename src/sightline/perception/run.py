@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sightline.config import from_dict, to_dict
+from sightline.config import ConfigIO, to_dict
 from sightline.errors import UserError
 from sightline.perception.tasks import FORMATS, IGNORE, TASK_FORMAT, TASKS, load_image, load_mask
 from sightline.report.files import RunFolder, RunResult, check_output, write_json
@@ -79,7 +79,7 @@ def parse_tasks(spec: str) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class PerceiveConfig:
+class PerceiveConfig(ConfigIO):
     """Everything a perception run depends on (saved as OUT/config.json). Protocol defaults are the
     paper's (PAPERS.md, "Visual Representations inside the Language Model")."""
 
@@ -215,14 +215,6 @@ class PerceiveConfig:
     progress: bool = True
     """Show progress bars."""
 
-    def to_dict(self) -> dict:
-        """JSON-able dict of every field (sightline.config.to_dict)."""
-        return to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PerceiveConfig:
-        """The config a to_dict (or a saved config.json) describes."""
-        return from_dict(cls, d)
 
 
 # ============================================================================= checks and set-up

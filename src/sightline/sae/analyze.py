@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sightline.config import from_dict, to_dict
+from sightline.config import ConfigIO, to_dict
 from sightline.errors import UserError
 from sightline.report.files import RunFolder, RunResult, check_output, to_jsonable, write_json
 from sightline.report.html import fmt
@@ -67,7 +67,7 @@ from sightline.sae.modality import (
 
 
 @dataclass(frozen=True)
-class SAEAnalyzeConfig:
+class SAEAnalyzeConfig(ConfigIO):
     """Everything an SAE analysis depends on (saved as OUT/config.json)."""
 
     saes: tuple[str, ...] = field(metadata={"flags": ("--sae", "--saes")})
@@ -132,14 +132,6 @@ class SAEAnalyzeConfig:
     progress: bool = True
     """Show progress bars."""
 
-    def to_dict(self) -> dict:
-        """JSON-able dict of every field (sightline.config.to_dict)."""
-        return to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SAEAnalyzeConfig:
-        """The config `to_dict` (a run's config.json) describes."""
-        return from_dict(cls, d)
 
 
 # ------------------------------------------------------------------------------------------ helpers

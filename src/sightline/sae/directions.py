@@ -46,15 +46,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from sightline.config import from_dict, to_dict
+from sightline.config import ConfigIO, to_dict
 from sightline.errors import UserError
-from sightline.report.files import RunFolder, RunResult, check_output, to_jsonable, write_json
+from sightline.report.files import (
+    RunFolder,
+    RunResult,
+    check_output,
+    to_jsonable,
+    write_json,
+)
 
 COSINE_LEVELS = (0.5, 0.7, 0.8, 0.9)  # the latents needed to reach each are reported
 
 
 @dataclass(frozen=True)
-class ExplainDirectionConfig:
+class ExplainDirectionConfig(ConfigIO):
     """Everything `sightline sae explain-direction` depends on (saved as OUT/config.json)."""
 
     sae: str
@@ -85,14 +91,6 @@ class ExplainDirectionConfig:
     progress: bool = True
     """Show progress bars."""
 
-    def to_dict(self) -> dict:
-        """JSON-able dict of every field (sightline.config.to_dict)."""
-        return to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ExplainDirectionConfig:
-        """The config `to_dict` (a run's config.json) describes."""
-        return from_dict(cls, d)
 
 
 # ----------------------------------------------------------------------------------------------- OMP

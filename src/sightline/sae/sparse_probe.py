@@ -40,14 +40,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from sightline.config import from_dict, to_dict
+from sightline.config import ConfigIO, to_dict
 from sightline.errors import UserError
 from sightline.probes.linear import DEFAULT_L2_GRID
-from sightline.report.files import RunFolder, RunResult, check_output, to_jsonable, write_json
+from sightline.report.files import (
+    RunFolder,
+    RunResult,
+    check_output,
+    to_jsonable,
+    write_json,
+)
 
 
 @dataclass(frozen=True)
-class SparseProbeConfig:
+class SparseProbeConfig(ConfigIO):
     """Everything `sightline sae sparse-probe` depends on (saved as OUT/config.json)."""
 
     sae: str
@@ -79,14 +85,6 @@ class SparseProbeConfig:
     progress: bool = True
     """Show progress bars."""
 
-    def to_dict(self) -> dict:
-        """JSON-able dict of every field (sightline.config.to_dict)."""
-        return to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SparseProbeConfig:
-        """The config `to_dict` (a run's config.json) describes."""
-        return from_dict(cls, d)
 
 
 # ------------------------------------------------------------------------------------------ features

@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from sightline.config import from_dict, to_dict
+from sightline.config import ConfigIO, to_dict
 from sightline.errors import UserError
 from sightline.report.files import RunFolder, RunResult, check_output, dumps, write_json
 
@@ -89,7 +89,7 @@ def parse_pairs(spec: str | None) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class SteerConfig:
+class SteerConfig(ConfigIO):
     """Everything a steering run depends on (saved as OUT/config.json). Prompts left None take the
     paper's defaults, or the synthetic world's questions on a synthetic dataset (module docstring)."""
 
@@ -166,14 +166,6 @@ class SteerConfig:
     progress: bool = True
     """Show progress bars."""
 
-    def to_dict(self) -> dict:
-        """JSON-able dict of every field (sightline.config.to_dict)."""
-        return to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SteerConfig:
-        """The config a to_dict (or a saved config.json) describes."""
-        return from_dict(cls, d)
 
 
 @dataclass
