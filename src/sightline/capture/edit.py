@@ -150,14 +150,11 @@ class BlockAttention:
 
 
 class _Blocker:
-    """Rewrites one BlockAttention's attention masks; the edited mask is built once per call, shared by its layers."""
+    """One BlockAttention's (query, key) pairs per batch shape; `_LayerBlocks` writes them into the masks."""
 
-    def __init__(self, block: BlockAttention, n_heads: int, implementation: str):
+    def __init__(self, block: BlockAttention):
         self.block = block
-        self.n_heads = n_heads
-        self.implementation = implementation
         self.positions: dict[int, tuple[list[np.ndarray], list[np.ndarray] | None]] = {}
-        self.memo: tuple = (None, None)  # ((call, id(mask in)), mask out)
 
     def _pairs(self, B: int, S: int, K: int, offset: int, device) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """(example, query rows of this call, key columns) for every example with something to block."""
@@ -179,30 +176,48 @@ class _Blocker:
                 out.append((i, torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)))
         return out
 
+    def active(self, span: _Span) -> bool:
+        """Whether this block applies to the current call (prefill_only blocks only the first)."""
+        return not (self.block.prefill_only and span.calls > 0)
+
+
+class _LayerBlocks:
+    """The BlockAttention edits of one attention layer, applied together: one edited mask per call (a single
+    expand and clone, whatever the number of edits or head sets), shared by every layer with the same edits."""
+
+    def __init__(self, blockers: Sequence[_Blocker], n_heads: int, implementation: str):
+        self.blockers = list(blockers)
+        self.n_heads = n_heads
+        self.implementation = implementation
+        self.memo: tuple = (None, None)  # ((call, id(mask in)), mask out)
+
     def edit(self, mask: torch.Tensor | None, h: torch.Tensor, span: _Span) -> torch.Tensor | None:
-        """The attention mask with the blocked pairs removed (`mask` itself when nothing is blocked in this call)."""
-        if self.block.prefill_only and span.calls > 0:
+        """The attention mask with every blocked pair removed (`mask` itself when nothing is blocked in this call)."""
+        active = [b for b in self.blockers if b.active(span)]
+        if not active:
             return mask
         key = (span.calls, id(mask))
         if self.memo[0] == key:
             return self.memo[1]
         B, S = h.shape[:2]
         K = mask.shape[-1] if mask is not None else span.offset + S  # no mask: DynamicCache, keys = columns so far
-        pairs = self._pairs(B, S, K, span.offset, h.device)
+        work = [(b, p) for b in active if (p := b._pairs(B, S, K, span.offset, h.device))]
         out = mask
-        if pairs:
+        if work:
             if mask is None:  # sdpa without padding relies on is_causal: write the causal mask out
                 q = torch.arange(S, device=h.device)[:, None] + span.offset
                 allowed = (torch.arange(K, device=h.device)[None, :] <= q)[None, None]
                 mask = allowed if self.implementation == "sdpa" else torch.zeros(
                     allowed.shape, dtype=h.dtype, device=h.device).masked_fill(~allowed, torch.finfo(h.dtype).min)
-            n_h = self.n_heads if self.block.heads is not None else mask.shape[1]
+            per_head = any(b.block.heads is not None for b, _ in work)
+            n_h = self.n_heads if per_head else mask.shape[1]
             out = mask.expand(B, n_h, S, K).clone()
             fill = False if out.dtype == torch.bool else torch.finfo(out.dtype).min  # bool: True = attend; float: additive
-            heads = torch.as_tensor(list(self.block.heads) if self.block.heads is not None else range(n_h),
-                                    dtype=torch.long, device=h.device)
-            for i, rows, cols in pairs:
-                out[i, heads[:, None, None], rows[None, :, None], cols[None, None, :]] = fill
+            for b, pairs in work:
+                heads = torch.as_tensor(list(b.block.heads) if b.block.heads is not None else range(n_h),
+                                        dtype=torch.long, device=h.device)
+                for i, rows, cols in pairs:
+                    out[i, heads[:, None, None], rows[None, :, None], cols[None, None, :]] = fill
         self.memo = (key, out)
         return out
 
@@ -302,15 +317,25 @@ def apply_edits(adapter, edits: Sequence[Edit | BlockAttention]) -> Iterator[Non
 
     try:
         hooks.append(adapter.decoder.register_forward_pre_hook(count, with_kwargs=True))
+        by_layer: dict[int, list[_Blocker]] = {}
+        implementation = {}
         for edit in edits:
             if isinstance(edit, BlockAttention):
-                blocker = _Blocker(edit, adapter.n_heads, _check_block(adapter, edit))
+                blocker = _Blocker(edit)
+                impl = _check_block(adapter, edit)
                 for L in dict.fromkeys(edit.layer_list):
-                    hooks.append(adapter.attention(L).register_forward_pre_hook(blocker.hook(span), with_kwargs=True))
+                    by_layer.setdefault(L, []).append(blocker)
+                    implementation[L] = impl
                 continue
             site = _check(adapter, edit)
             cache: dict = {}
             hooks.append(resolve_site(adapter, site).write(lambda h, e=edit, c=cache: _apply(e, h, span, c)))
+        groups: dict[tuple, _LayerBlocks] = {}  # layers with the same edits share one edited mask per call
+        for L, blockers in by_layer.items():
+            key = (tuple(id(b) for b in blockers), implementation[L])
+            if key not in groups:
+                groups[key] = _LayerBlocks(blockers, adapter.n_heads, implementation[L])
+            hooks.append(adapter.attention(L).register_forward_pre_hook(groups[key].hook(span), with_kwargs=True))
         yield
     finally:
         for h in hooks:
