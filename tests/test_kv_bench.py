@@ -8,7 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from sightline.data.cvbench import cvbench_items, load_bench, load_cvbench, load_mc_jsonl, write_cvbench_fixture
+from sightline.data.cvbench import (
+    cvbench_items,
+    load_bench,
+    load_cvbench,
+    load_mc_jsonl,
+    write_cvbench_fixture,
+)
 from sightline.errors import UserError
 
 SIZE = 64
@@ -140,3 +146,19 @@ def test_run_folder_holds_the_benchmark(organism, organism_bench, tmp_path):
             run_keys(KeysConfig(out=str(tmp_path / "b"), n_images=2, layers="3", block_top_k=1, eval_scenes=0,
                                 readout_scenes=0, bench=str(blink), bench_format="blink", bench_subtasks=subtasks,
                                 progress=False), adapter=organism)
+
+
+def test_tiny_qwen_grid_follows_image_size(tiny_adapter, fixture_root):
+    """A model whose token grid follows the image size: the benchmark images are resized to the scan's size, and
+    an image of another size is refused in one line."""
+    from sightline.kv.bench import bench_study
+
+    ad = tiny_adapter("qwen2_5_vl")
+    bench = {"Count": load_cvbench(fixture_root, limit=2)["Count"]}
+    im = bench["Count"][0].images()[0].resize((112, 112))
+    n_pos = ad.prepare([im], [ad.render_prompt("")]).layouts[0].grid_positions(0, 0).size
+    res = bench_study(ad, bench, {"none": {}, "zero": {(1, 0): []}}, n_positions=n_pos, image_size=112)
+    assert [it["generated"]["zero"] for it in res["items"]] == [it["generated"]["none"] for it in res["items"]]
+    with pytest.raises(UserError, match="give --image-size") as err:
+        bench_study(ad, bench, {"none": {}}, n_positions=n_pos)  # the fixture's 64-pixel images: another grid
+    assert len(str(err.value).splitlines()) == 1

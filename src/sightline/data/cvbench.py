@@ -31,7 +31,13 @@ from typing import Any
 
 from PIL import Image
 
-from sightline.data.blink import LETTERS, BlinkQuestion, _image, answer_index, lettered_prompt
+from sightline.data.blink import (
+    LETTERS,
+    BlinkQuestion,
+    _image,
+    answer_index,
+    lettered_prompt,
+)
 from sightline.errors import UserError
 
 CVBENCH_REQUIRED = ("question", "choices", "answer")
@@ -213,7 +219,13 @@ def cvbench_items(seed: int, n: int, image_size: int = 112) -> list[dict[str, An
     two sides it names). Each: {"image" (PIL), "task", "type", "question", "choices", "answer" (index)}."""
     import numpy as np
 
-    from sightline.data.synthetic import NUMBERS, WorldConfig, derive_seed, questions, render_scene
+    from sightline.data.synthetic import (
+        NUMBERS,
+        WorldConfig,
+        derive_seed,
+        questions,
+        render_scene,
+    )
 
     config = WorldConfig(image_size=image_size)
     out = []

@@ -338,8 +338,9 @@ def _write_page(folder: Path, cfg: KeysConfig, s: dict) -> None:
     if s["bench"]:
         b = s["bench"]
         conds = list(b["accuracy"])
-        tables.append((f"Benchmark accuracy per task ({b['n_questions']} questions; changed: answers the block "
-                       "changed against no block)", ["task", *conds, *[f"changed ({c})" for c in conds[1:]]],
+        title = (f"Benchmark accuracy per task ({b['n_questions']} questions; changed: answers the block "
+                 "changed against no block)")
+        tables.append((title, ["task", *conds, *[f"changed ({c})" for c in conds[1:]]],
                        [[t, *[b["accuracy"][c][t] for c in conds], *([b["changed"][c] for c in conds[1:]]
                                                                      if t == "all" else ["" for _ in conds[1:]])]
                         for t in b["accuracy"][conds[0]]]))
