@@ -4,7 +4,8 @@
 or scenes of the synthetic world) through `scan_keys`, flags keys by var_ratio < `threshold` for post- and
 pre-RoPE keys, then blocks the flagged keys of `block_kind` at `block_layers` (or, with `block_top_k`, the k most
 agnostic keys of every layer-head there) and as many random image keys, and measures on the organism the
-accuracy per question type of its answers and a foreground probe on later layers' image values. Writes
+accuracy per question type of its answers and a foreground probe on later layers' image values; with `bench`, on
+any model, the accuracy per task of a multiple-choice benchmark under each block set (`sightline.kv.bench`). Writes
 OUT/{config.json, results.json, figures/, index.html} whole or not at all (docs/outputs.md, docs/kv.md).
 """
 
@@ -54,6 +55,18 @@ class KeysConfig(ConfigIO):
     block_top_k: int = 0
     """0: block the flagged keys; k > 0: block the k keys of lowest var_ratio of every layer-head of block_layers
     (for a model with few or none flagged)."""
+    bench: str | None = None
+    """A multiple-choice benchmark answered with no block, the blocked keys and the random control (any model):
+    a BLINK folder, a CV-Bench folder or file (parquet / JSONL), or a plain JSONL (docs/kv.md)."""
+    bench_format: str = "cvbench"
+    """Layout of --bench: blink, cvbench or jsonl (image, question, choices, answer, optional task a line)."""
+    bench_n: int | None = None
+    """At most this many questions per benchmark task (default: all)."""
+    bench_subtasks: str = "all"
+    """BLINK subtasks: all (the single-image ones; multi-image ones are left out with a warning) or a comma list."""
+    bench_prompt: str = "prompt"
+    """What follows the image: prompt (the question with lettered choices) or question (the bare question, for a
+    model that answers in words, e.g. the organism); the choice is parsed from the greedy answer."""
     image_queries: bool = False
     """Block the keys from later image queries too in the answer study (the perception readout always does: image
     values cannot change otherwise)."""
@@ -98,6 +111,12 @@ def _check(cfg: KeysConfig) -> None:
         raise UserError("--readout-scenes must be 0 or at least 2 (half fit, half scored)")
     if cfg.data is not None and not Path(cfg.data).expanduser().is_dir():
         raise UserError(f"--data {cfg.data} is not a folder; give a folder of images")
+    if cfg.bench_format not in ("blink", "cvbench", "jsonl"):
+        raise UserError(f"--bench-format {cfg.bench_format!r}: choose blink, cvbench or jsonl")
+    if cfg.bench_prompt not in ("prompt", "question"):
+        raise UserError(f"--bench-prompt {cfg.bench_prompt!r}: choose prompt or question")
+    if cfg.bench_n is not None and cfg.bench_n < 1:
+        raise UserError(f"--bench-n must be at least 1, not {cfg.bench_n}")
     if cfg.image_size is not None and cfg.image_size < 8:
         raise UserError(f"--image-size must be at least 8 pixels, not {cfg.image_size}")
 
@@ -183,10 +202,14 @@ def run_keys(cfg: KeysConfig, adapter=None) -> RunResult:
     if not n_blocked:
         warnings.append(f"no keys to block: none flagged at var_ratio < {cfg.threshold:g} in layers {block_layers}; "
                         "--block-top-k K blocks the K most agnostic keys of every layer-head")
-    elif not organism:
+    if cfg.bench is not None:
+        effects["bench"] = _bench(cfg, adapter, {"none": {}, "agnostic": block, "random": control},
+                                  len(scan.positions), warnings)
+    if n_blocked and not organism and cfg.bench is None:
         warnings.append("the answer and perception effects are measured on the organism only (its synthetic questions"
-                        " and masks); this run reports the detection and the block sets")
-    else:
+                        " and masks); this run reports the detection and the block sets (--bench PATH: a multiple-choice"
+                        " benchmark)")
+    elif n_blocked and organism:
         from sightline.data.synthetic import WorldConfig, derive_seed, render_scene
         from sightline.organism.evaluate import eval_items
 
@@ -213,6 +236,12 @@ def run_keys(cfg: KeysConfig, adapter=None) -> RunResult:
         "blocked": block_what, "n_blocked": n_blocked, "block_layers": block_layers,
         "image_queries": cfg.image_queries, "organism": organism,
         "accuracy": effects.get("accuracy"),
+        "bench": None if "bench" not in effects else {
+            "path": cfg.bench, "format": cfg.bench_format, "prompt": cfg.bench_prompt,
+            "n_questions": effects["bench"]["tasks"]["all"]["none"]["n"],
+            "accuracy": {c: {t: v[c]["accuracy"] for t, v in effects["bench"]["tasks"].items()}
+                         for c in effects["bench"]["conditions"]},
+            "changed": {c: effects["bench"]["tasks"]["all"][c]["changed"] for c in effects["bench"]["conditions"]}},
         "foreground_iou": {c: {str(L): v for L, v in per.items()} for c, per in effects["foreground_iou"].items()}
         if "foreground_iou" in effects else None,
         "scan_seconds": round(t_scan, 3), "seconds": None, "warnings": warnings,
@@ -228,10 +257,34 @@ def run_keys(cfg: KeysConfig, adapter=None) -> RunResult:
                    "flagged": {k: {f"{L}.{h}": v for (L, h), v in scan.flagged_positions(k, cfg.threshold).items()}
                                for k in scan.kinds},
                    "block": {f"{L}.{h}": v for (L, h), v in block.items()},
-                   "control": {f"{L}.{h}": v for (L, h), v in control.items()}, "figures": figs}
+                   "control": {f"{L}.{h}": v for (L, h), v in control.items()}, "figures": figs,
+                   "bench": effects.get("bench")}
         write_json(tmp / "results.json", results)
         _write_page(tmp, cfg, summary)
     return RunResult(out, summary)
+
+
+def _bench(cfg: KeysConfig, adapter, blocks: dict, n_positions: int, warnings: list[str]) -> dict:
+    """The benchmark study of --bench (sightline.kv.bench): single-image questions under each block set."""
+    from sightline.data.cvbench import load_bench
+    from sightline.kv.bench import bench_study
+
+    named = None if cfg.bench_subtasks.strip() in ("", "all") else [s.strip() for s in cfg.bench_subtasks.split(",")
+                                                                      if s.strip()]
+    bench = load_bench(cfg.bench, cfg.bench_format, cfg.bench_n, named)
+    multi = sorted(t for t, qs in bench.items() if any(q.n_images != 1 for q in qs))
+    if multi and named:
+        raise UserError(f"--bench-subtasks {multi[0]} shows several images per question: key blocking on a benchmark "
+                        "takes single-image subtasks only (e.g. Counting, Relative_Depth, Spatial_Relation)")
+    if multi:
+        warnings.append(f"left out the multi-image subtasks {', '.join(multi)}: key blocking on a benchmark takes "
+                        "single-image questions only")
+        bench = {t: qs for t, qs in bench.items() if t not in multi}
+    if not bench:
+        raise UserError(f"--bench {cfg.bench} has no single-image question: key blocking takes single-image subtasks")
+    return bench_study(adapter, bench, blocks, n_positions=n_positions, prompt=cfg.bench_prompt,
+                       image_size=cfg.image_size, image_queries=cfg.image_queries, batch_size=cfg.batch_size,
+                       progress=cfg.progress)
 
 
 def _figures(folder: Path, scan, flags, share, cfg: KeysConfig, effects: dict) -> list[str]:
@@ -257,6 +310,9 @@ def _figures(folder: Path, scan, flags, share, cfg: KeysConfig, effects: dict) -
     if "accuracy" in effects:
         made.append(fig.plot_accuracy(effects["accuracy"], f / "accuracy_blocked.png",
                                       "answers: none / agnostic keys / random keys blocked"))
+    if "bench" in effects:
+        made.append(fig.plot_bench_accuracy(effects["bench"]["tasks"], f / "bench_accuracy.png",
+                                            f"{cfg.bench_format} benchmark: accuracy per task (Wilson 95%)"))
     if "foreground_iou" in effects:
         made.append(fig.plot_readout(effects["foreground_iou"], f / "readout_blocked.png",
                                      "foreground probe on image values"))
@@ -279,6 +335,15 @@ def _write_page(folder: Path, cfg: KeysConfig, s: dict) -> None:
         types = list(s["accuracy"][conds[0]])
         tables.append(("Answer accuracy per question type", ["question type", *conds],
                        [[t, *[s["accuracy"][c][t] for c in conds]] for t in types]))
+    if s["bench"]:
+        b = s["bench"]
+        conds = list(b["accuracy"])
+        title = (f"Benchmark accuracy per task ({b['n_questions']} questions; changed: answers the block "
+                 "changed against no block)")
+        tables.append((title, ["task", *conds, *[f"changed ({c})" for c in conds[1:]]],
+                       [[t, *[b["accuracy"][c][t] for c in conds], *([b["changed"][c] for c in conds[1:]]
+                                                                     if t == "all" else ["" for _ in conds[1:]])]
+                        for t in b["accuracy"][conds[0]]]))
     if s["foreground_iou"]:
         conds = list(s["foreground_iou"])
         ls = sorted(s["foreground_iou"][conds[0]], key=int)

@@ -124,3 +124,25 @@ def plot_readout(iou: Mapping[str, Mapping[int, float]], path: str | os.PathLike
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def plot_bench_accuracy(tasks: Mapping[str, Mapping[str, Mapping]], path: str | os.PathLike, title: str) -> Path:
+    """Grouped bars with Wilson 95% error bars: benchmark accuracy per task (and all) under each condition;
+    `tasks`: {task: {condition: {"accuracy", "ci": [lo, hi]}}} as `sightline.kv.bench.bench_study` gives."""
+    plt = _plt()
+    names = list(tasks)
+    conds = list(tasks[names[0]])
+    w = 0.8 / len(conds)
+    fig, ax = plt.subplots(figsize=(1.4 + 0.8 * len(names), 3.4))
+    for k, c in enumerate(conds):
+        acc = np.array([tasks[t][c]["accuracy"] for t in names])
+        ci = np.array([tasks[t][c]["ci"] for t in names], dtype=float)
+        ax.bar(np.arange(len(names)) + (k - (len(conds) - 1) / 2) * w, acc, w, label=c,
+               yerr=np.stack([acc - ci[:, 0], ci[:, 1] - acc]), capsize=2)
+    ax.set_xticks(range(len(names)), [f"{t}\n(n = {tasks[t][conds[0]]['n']})" for t in names], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)

@@ -1,0 +1,98 @@
+"""Blocking image keys on a multiple-choice benchmark: accuracy per task under each block set.
+
+Every question is answered greedily (left-padded batch generation, the blocked keys blocked in every call,
+prefill and generated tokens, as `sightline.kv.block.blocked_answers`) from one prompt: the image, then the
+benchmark's lettered prompt (`prompt="prompt"`: the question and "(A) ..." choices, as BLINK and CV-Bench
+write it) or the bare question (`prompt="question"`: for a model that answers in words, e.g. the organism).
+The choice is parsed from the generation (`sightline.data.blink.parse_choice`: "(B)", a leading "B", or the
+one choice text it contains); an answer that names no choice counts as wrong. Parsing a generation rather
+than scoring each choice's likelihood keeps the answer the model would give, and lets one generation per
+question serve every number of choices.
+
+Per task and condition: n, right, accuracy with its Wilson 95% interval, and `changed`: the answers whose
+parsed choice differs from the unblocked condition's (the first). Single-image questions only: the block
+set's grid indices pick from the one image's token grid, so every image must give the scan's grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from sightline.errors import UserError
+from sightline.kv.block import BlockSet, block_edits, left_padded
+
+PROMPTS = ("prompt", "question")
+
+
+def _image(q, image_size: int | None):
+    images = q.images()
+    if len(images) != 1:
+        raise UserError(f"question {q.id} of {q.subtask} shows {len(images)} images: key blocking on a benchmark "
+                        "takes single-image questions only; pick single-image subtasks with --bench-subtasks")
+    im = images[0]
+    return im.resize((image_size, image_size)) if image_size else im
+
+
+@torch.no_grad()
+def bench_answers(adapter, images: Sequence, prompts: Sequence[str], block: BlockSet, *, n_positions: int,
+                  image_queries: bool = False, max_new_tokens: int = 12) -> list[str]:
+    """The greedy generations (decoded, stripped, case kept) for one batch with `block` applied; UserError when
+    an image gives another grid than the `n_positions` the block set indexes."""
+    from sightline.capture import apply_edits
+
+    inputs, grid, after = left_padded(adapter, images, prompts)
+    for g in grid:
+        if len(g) != n_positions:
+            raise UserError(f"a benchmark image gives {len(g)} image tokens where the scanned images gave "
+                            f"{n_positions}: give --image-size so every image has the scan's size")
+    S = inputs["input_ids"].shape[1]
+    edits = block_edits(adapter, grid, after, block, n_columns=S + max_new_tokens, image_queries=image_queries)
+    inputs = {k: v.to(adapter.device) for k, v in inputs.items()}
+    with apply_edits(adapter, edits):
+        out = adapter.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return [t.strip() for t in adapter.tokenizer.batch_decode(out[:, S:], skip_special_tokens=True)]
+
+
+def bench_study(adapter, bench: Mapping[str, Sequence], blocks: Mapping[str, BlockSet], *, n_positions: int,
+                prompt: str = "prompt", image_size: int | None = None, image_queries: bool = False,
+                batch_size: int = 16, max_new_tokens: int = 12, progress: bool = False) -> dict[str, Any]:
+    """Answer every question of `bench` ({task: [BlinkQuestion]}, questions with a hidden answer left out) under
+    each block set of `blocks` (the first: the reference for `changed`, usually the empty one). Returns
+    {"conditions", "tasks": {task or "all": {condition: {n, right, accuracy, ci, changed, unparsed}}},
+    "items": [{id, task, answer, generated: {condition: text}, parsed: {condition: index or None}}]}."""
+    from tqdm.auto import tqdm
+
+    from sightline.data.blink import parse_choice
+    from sightline.report.stats import wilson_interval
+
+    if prompt not in PROMPTS:
+        raise UserError(f"--bench-prompt {prompt!r}: choose prompt (the lettered choices) or question (the bare one)")
+    qs = [q for task in bench for q in bench[task] if q.answer is not None]
+    if not qs:
+        raise UserError("the benchmark has no question with a known answer (a test split may hide them)")
+    conds = list(blocks)
+    items = [{"id": q.id, "task": q.subtask, "answer": q.answer, "generated": {}, "parsed": {}} for q in qs]
+    for s in tqdm(range(0, len(qs), batch_size), desc="benchmark", disable=not progress, dynamic_ncols=True):
+        chunk = qs[s:s + batch_size]
+        images = [_image(q, image_size) for q in chunk]
+        texts = [q.prompt if prompt == "prompt" else q.question for q in chunk]
+        for c in conds:
+            got = bench_answers(adapter, images, texts, blocks[c], n_positions=n_positions,
+                                image_queries=image_queries, max_new_tokens=max_new_tokens)
+            for it, q, g in zip(items[s:s + batch_size], chunk, got):
+                it["generated"][c] = g
+                it["parsed"][c] = parse_choice(g, q.choices)
+    tasks: dict[str, dict[str, Any]] = {}
+    for task in [*dict.fromkeys(it["task"] for it in items), "all"]:
+        rows = [it for it in items if task == "all" or it["task"] == task]
+        tasks[task] = {}
+        for c in conds:
+            right = sum(it["parsed"][c] == it["answer"] for it in rows)
+            lo, hi = wilson_interval(right, len(rows))
+            tasks[task][c] = {"n": len(rows), "right": int(right), "accuracy": right / len(rows), "ci": [lo, hi],
+                              "changed": int(sum(it["parsed"][c] != it["parsed"][conds[0]] for it in rows)),
+                              "unparsed": int(sum(it["parsed"][c] is None for it in rows))}
+    return {"conditions": conds, "prompt": prompt, "tasks": tasks, "items": items}
