@@ -106,23 +106,18 @@ def lowest_keys(stat_lhp: np.ndarray, layers: Sequence[int], k: int) -> dict[tup
 def left_padded(adapter, images: Sequence, prompts: Sequence[str], view: int = 0) -> tuple[dict, list[np.ndarray], list[int]]:
     """Inputs padded on the LEFT for generation, with each example's grid positions (row-major) and first position
     after the image: the right-padded layouts of `adapter.prepare`, shifted by each example's padding."""
-    tok = adapter.tokenizer
+    from sightline.organism.evaluate import left_padded_inputs
+
     texts = [adapter.render_prompt(p) for p in prompts]
     layouts = adapter.prepare(list(images), texts)
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        inputs = adapter.processor(images=adapter.processor_images(list(images)), text=texts, return_tensors="pt",
-                                   padding=True)
-    finally:
-        tok.padding_side = side
+    inputs = left_padded_inputs(adapter, images, texts)
     S = inputs["input_ids"].shape[1]
     grid, after = [], []
     for lay, n in zip(layouts.layouts, layouts.lengths):
         shift = S - n
         grid.append(lay.grid_positions(0, view).reshape(-1) + shift)
         after.append(int(lay.image_positions.max()) + 1 + shift)
-    return dict(inputs), grid, after
+    return inputs, grid, after
 
 
 @torch.no_grad()
@@ -130,16 +125,13 @@ def blocked_answers(adapter, images: Sequence, prompts: Sequence[str], block: Bl
                     max_new_tokens: int = 24, view: int = 0) -> list[str]:
     """Greedy answers (left-padded batch generation, as `sightline.organism.evaluate.answer`) with `block` applied."""
     from sightline.capture import apply_edits
+    from sightline.organism.evaluate import greedy_answers
 
-    tok = adapter.tokenizer
     inputs, grid, after = left_padded(adapter, images, prompts, view)
     S = inputs["input_ids"].shape[1]
     edits = block_edits(adapter, grid, after, block, n_columns=S + max_new_tokens, image_queries=image_queries)
-    inputs = {k: v.to(adapter.device) for k, v in inputs.items()}
     with apply_edits(adapter, edits):
-        out = adapter.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[:, S:]
-    return [t.strip().lower() for t in tok.batch_decode(new, skip_special_tokens=True)]
+        return greedy_answers(adapter, inputs, max_new_tokens)
 
 
 def answer_accuracy(adapter, items: Sequence[tuple], blocks: Mapping[str, BlockSet], *, image_queries: bool = False,

@@ -44,22 +44,31 @@ def eval_items(seed: int = 1, n: int = 200, image_size: int = 112) -> list[tuple
     return items
 
 
-@torch.no_grad()
-def answer(adapter, images, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
-    """Greedy answers of the model to one question per image (left-padded batch generation)."""
+def left_padded_inputs(adapter, images, texts: list[str]) -> dict:
+    """The processor's batch of `images` and rendered `texts`, padded on the LEFT (for batch generation)."""
     tok = adapter.tokenizer
-    texts = [adapter.render_prompt(p) for p in prompts]
     side = tok.padding_side
     tok.padding_side = "left"
     try:
-        inputs = adapter.processor(images=adapter.processor_images(list(images)), text=texts, return_tensors="pt",
-                                   padding=True)
+        return dict(adapter.processor(images=adapter.processor_images(list(images)), text=list(texts),
+                                      return_tensors="pt", padding=True))
     finally:
         tok.padding_side = side
+
+
+@torch.no_grad()
+def greedy_answers(adapter, inputs: dict, max_new_tokens: int = 24) -> list[str]:
+    """Greedy generations from a left-padded batch, decoded, stripped and lower-cased."""
     inputs = {k: v.to(adapter.device) for k, v in inputs.items()}
     out = adapter.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[:, inputs["input_ids"].shape[1]:]
-    return [t.strip().lower() for t in tok.batch_decode(new, skip_special_tokens=True)]
+    return [t.strip().lower() for t in adapter.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def answer(adapter, images, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
+    """Greedy answers of the model to one question per image (left-padded batch generation)."""
+    texts = [adapter.render_prompt(p) for p in prompts]
+    return greedy_answers(adapter, left_padded_inputs(adapter, images, texts), max_new_tokens)
 
 
 def evaluate(adapter, seed: int = 1, n: int = 200, batch_size: int = 64, progress: bool = True) -> dict:
