@@ -1,8 +1,8 @@
 """Input-agnostic image keys: how much of each (layer, KV head, image-token position)'s key depends on the image.
 
 Over N images shown with the same prompt, every image-token position p of layer L and KV head h has one
-key per image, k_i (head_dim). Streamed over batches in float64 (Chan's merge of per-batch moments, so
-memory does not grow with N and an image-independent key gives exactly zero variance):
+key per image, k_i (head_dim). Streamed over batches (shifted sums added to float64 accumulators, `KeyMoments`, so memory does
+not grow with N and an image-independent key gives exactly zero variance):
 
     var          across-image variance at p:        mean_i ||k_i - mu_p||^2           mu_p = mean_i k_i
     var_ratio    var / total, total = the (L, h)'s variance over ALL images and positions
@@ -50,47 +50,62 @@ STATS = ("var", "var_ratio", "image_share", "cosine", "norm", "cos_to_grand")
 
 
 class KeyMoments:
-    """Running per-(layer, head, position) moments of keys over images, float64 (Chan's parallel merge).
+    """Running per-(layer, head, position) moments of keys over images (the shifted-data algorithm).
 
     `update(keys)` takes one batch [B, n_layers, n_heads, n_positions, head_dim]; `finish()` gives the
-    statistics of the module docstring. Memory: a few arrays of [n_layers, n_heads, n_positions, head_dim].
+    statistics of the module docstring. Every image's key is taken relative to the first image's key at the same
+    (layer, head, position), the shift c: a batch's sums of y = k - c and of ||y||^2 are formed in the keys' own
+    dtype (one pass each, float32 for captured keys) and added to float64 accumulators, and var = mean ||y||^2 -
+    ||mean y||^2. The shift is a data point, so the subtraction loses nothing to cancellation; keys equal to the
+    first image's give y = 0 exactly, hence exactly zero variance whatever the batching. Memory: a few arrays of
+    [n_layers, n_heads, n_positions, head_dim].
     """
 
     def __init__(self, shape_lhpd: tuple[int, int, int, int], device: str | torch.device = "cpu"):
         L, H, P, d = shape_lhpd
         z = {"dtype": torch.float64, "device": device}
         self.n = 0
-        self.mean = torch.zeros(L, H, P, d, **z)
-        self.m2 = torch.zeros(L, H, P, **z)  # sum_i ||k_i - mean||^2
+        self.shift: torch.Tensor | None = None  # the first image's keys [L, H, P, d], in the keys' dtype
+        self.s1 = torch.zeros(L, H, P, d, **z)  # sum_i (k_i - shift)
+        self.s2 = torch.zeros(L, H, P, **z)  # sum_i ||k_i - shift||^2
         self.sq = torch.zeros(L, H, P, **z)  # sum_i ||k_i||^2
         self.norm = torch.zeros(L, H, P, **z)  # sum_i ||k_i||
         self.unit = torch.zeros(L, H, P, d, **z)  # sum_i k_i / ||k_i||
 
     @torch.no_grad()
     def update(self, keys_blhpd: torch.Tensor) -> None:
-        """Add one batch of images' keys [B, L, H, P, d]."""
-        x = keys_blhpd.to(device=self.mean.device, dtype=torch.float64)
-        nb = x.shape[0]
-        if nb == 0:
+        """Add one batch of images' keys [B, L, H, P, d] (float32 or float64; other dtypes are read as float32)."""
+        x = keys_blhpd.to(device=self.s1.device)
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        if x.shape[0] == 0:
             return
-        bmean = x.mean(0)
-        bm2 = (x - bmean).square().sum(-1).sum(0)
-        delta = bmean - self.mean
-        n_new = self.n + nb
-        self.m2 += bm2 + delta.square().sum(-1) * (self.n * nb / n_new)
-        self.mean += delta * (nb / n_new)
-        self.n = n_new
-        norms = x.norm(dim=-1)
+        if self.shift is None:
+            self.shift = x[0].clone()
+        y = x - self.shift.to(x.dtype)
+        self.s1 += y.sum(0)
+        self.s2 += torch.linalg.vector_norm(y, dim=-1).square().sum(0)
+        norms = torch.linalg.vector_norm(x, dim=-1)  # [B, L, H, P]
         self.sq += norms.square().sum(0)
         self.norm += norms.sum(0)
-        self.unit += (x / torch.where(norms > 0, norms, 1.0)[..., None]).sum(0)
+        inv = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
+        self.unit += torch.einsum("blhp,blhpd->lhpd", inv, x)
+        self.n += x.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """The across-image mean key [L, H, P, d], float64."""
+        if self.shift is None:
+            return torch.zeros_like(self.s1)
+        return self.shift.double() + self.s1 / self.n
 
     def finish(self) -> dict[str, np.ndarray]:
         """The statistics (module docstring) as float64 arrays [L, H, P], plus `total` and `position_share` [L, H]."""
         if self.n < 2:
             raise UserError(f"key statistics need at least 2 images, got {self.n}; pass more images (--n-images)")
         n = self.n
-        var = self.m2 / n
+        mean_y = self.s1 / n
+        var = (self.s2 / n - mean_y.square().sum(-1)).clamp_min(0.0)  # rounding can leave -1e-16 where var is 0
         mu = self.mean
         grand = mu.mean(2, keepdim=True)
         pos_var = (mu - grand).square().sum(-1).mean(2)  # [L, H]
@@ -98,6 +113,9 @@ class KeyMoments:
         second = self.sq / n
         mu_norm = mu.norm(dim=-1)
         cosine = torch.where(mu_norm > 0, (self.unit / n * mu).sum(-1) / torch.where(mu_norm > 0, mu_norm, 1.0), 0.0)
+        # the unit vectors are summed in the keys' dtype: keep the cosine in [-1, 1], and exactly 1 where every
+        # image gave the same (non-zero) key
+        cosine = torch.where((var == 0) & (mu_norm > 0), 1.0, cosine.clamp(-1.0, 1.0))
         g_norm = grand.norm(dim=-1)
         den = mu_norm * g_norm
         cos_grand = torch.where(den > 0, (mu * grand).sum(-1) / torch.where(den > 0, den, 1.0), 0.0)
