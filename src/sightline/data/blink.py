@@ -9,9 +9,18 @@ Layout (BLINK-Benchmark/BLINK on the Hub; `huggingface-cli download --repo-type 
          answer ("(A)", "(B)", ...; "hidden" on the test split), prompt (the full question with its
          lettered choices), explanation
 
-`load_blink(root)` gives `BlinkQuestion`s per subtask (images decoded lazily); `parse_choice` reads the
-chosen letter from a generated answer; `write_style_fixture` writes style-match triples from the
-synthetic world in the same layout (subtask Art_Style: which of two images has the reference's style).
+The rows carry no point coordinates: the correspondence subtasks draw their points on the pixels (a red
+circle on image_1 labelled "REF", red circles labelled A, B, C, D on image_2). `find_markers` reads them
+back (red rings; the letter beside each from its glyph's holes), and a sidecar file gives them exactly
+where the source annotations are known::
+
+    ROOT/<Subtask>/<split>-points.json    {"<idx>": {"ref": [x, y], "choices": [[x, y], ...]}}
+                                          (pixels of image_1 / image_2, one point per choice, in order)
+
+`load_blink(root)` gives `BlinkQuestion`s per subtask (images decoded lazily, the sidecar's points
+attached); `parse_choice` reads the chosen letter from a generated answer; `write_style_fixture` writes
+style-match triples from the synthetic world in the same layout (subtask Art_Style: which of two images
+has the reference's style); `sightline.data.blink_fixture` writes the other synthetic subtasks.
 """
 
 from __future__ import annotations
@@ -35,8 +44,14 @@ LETTERS = "ABCDEFGHIJ"
 # Subtasks whose question is "which candidate is most like the reference (image_1)": the choices are the
 # images after the first, in order, so a similarity readout between image representations can answer them.
 SIMILARITY_SUBTASKS = ("Art_Style", "Visual_Similarity")
+# Subtasks whose images carry a drawn reference point (image_1, "REF") and one drawn point per choice
+# (image_2, "A", "B", ...): the point whose features match the reference's answers them.
+CORRESPONDENCE_SUBTASKS = ("Semantic_Correspondence", "Visual_Correspondence", "Functional_Correspondence")
+# Two frames of a camera moving around an object; choices "left" (clockwise) and "right" (counter-clockwise).
+MULTIVIEW_SUBTASKS = ("Multi-view_Reasoning",)
 # The paper's figure: share of Art Style questions the representations get right and the answer gets wrong.
 PAPER_NOT_SURFACED = {"Art_Style": 0.333}
+MARKER_RGB = (255, 0, 0)  # the colour the fixtures draw markers in (BLINK's are red)
 
 
 @dataclass
@@ -50,6 +65,8 @@ class BlinkQuestion:
     answer: int | None  # index into choices; None when the split hides it
     prompt: str  # the full prompt: BLINK's `prompt`, else the question with lettered choices
     image_loaders: list[Callable[[], Image.Image]] = field(repr=False, default_factory=list)
+    # drawn points from the sidecar file: {"ref": (x, y) on image_1, "choices": [(x, y) on image_2, ...]}
+    points: dict[str, Any] | None = None
 
     @property
     def n_images(self) -> int:
@@ -124,6 +141,33 @@ def _image(path: str, column: str, row: int) -> Image.Image:
                         "download it again") from None
 
 
+def _points_sidecar(path: Path) -> dict[str, dict[str, Any]]:
+    """{idx: {"ref": (x, y), "choices": [(x, y), ...]}} from a points sidecar ({} when there is none)."""
+    import json
+
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read points file {path} ({type(err).__name__}): it must be JSON "
+                        '{"<idx>": {"ref": [x, y], "choices": [[x, y], ...]}}') from None
+
+    def xy(v) -> tuple[float, float]:
+        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(c, (int, float)) for c in v)):
+            raise ValueError(v)
+        return float(v[0]), float(v[1])
+
+    out = {}
+    for qid, entry in (raw.items() if isinstance(raw, dict) else [(None, raw)]):
+        try:
+            out[str(qid)] = {"ref": xy(entry["ref"]), "choices": [xy(c) for c in entry["choices"]]}
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"points file {path}: entry {qid!r} is not {{\"ref\": [x, y], \"choices\": "
+                            "[[x, y], ...]} (pixels)") from None
+    return out
+
+
 def blink_files(root: str | os.PathLike, split: str = "val") -> dict[str, Path]:
     """{subtask: parquet file} for one split: ROOT/<Subtask>/<split>-*.parquet (or ROOT/<split>-*.parquet
     for a single subtask's folder); UserError when there is none."""
@@ -174,6 +218,7 @@ def load_blink(root: str | os.PathLike, subtasks: Sequence[str] | None = None, s
         img_cols = [c for c in IMAGE_COLUMNS if c in names]
         present = {c: [v is not None for v in meta.read(columns=[c]).column(0).to_pylist()] for c in img_cols}
         rows = len(table["question"])
+        points = _points_sidecar(path.parent / f"{split}-points.json")
         questions = []
         for r in range(rows if limit is None else min(rows, limit)):
             choices = table["choices"][r]
@@ -184,9 +229,204 @@ def load_blink(root: str | os.PathLike, subtasks: Sequence[str] | None = None, s
             loaders = [functools.partial(_image, str(path), c, r) for c in img_cols if present[c][r]]
             prompt = (table.get("prompt") or [None] * rows)[r] or lettered_prompt(table["question"][r], choices)
             qid = (table.get("idx") or [None] * rows)[r] or f"{subtask}_{r}"
+            pts = points.get(str(qid))
+            if pts is not None and len(pts["choices"]) != len(choices):
+                raise UserError(f"{path.parent / f'{split}-points.json'}: {qid} has {len(pts['choices'])} choice "
+                                f"points for {len(choices)} choices; give one [x, y] per choice, in order")
             questions.append(BlinkQuestion(str(qid), subtask, str(table["question"][r]), choices,
-                                           answer_index(table["answer"][r], len(choices)), str(prompt), loaders))
+                                           answer_index(table["answer"][r], len(choices)), str(prompt), loaders, pts))
         out[subtask] = questions
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# drawn points: BLINK's red circles and their labels
+
+
+def draw_marker(image: Image.Image, xy: tuple[float, float], label: str, radius: int = 7, width: int = 2,
+                font_size: int = 13, rgb: tuple[int, int, int] = MARKER_RGB) -> None:
+    """Draw a point as the correspondence subtasks show it, in place: a ring of `radius` around `xy` and
+    `label` ("REF", "A", ...) beside it, up and to the right, in one colour."""
+    from PIL import ImageDraw, ImageFont
+
+    draw = ImageDraw.Draw(image)
+    draw.fontmode = "1"  # no anti-aliasing: the glyphs' pixels are the marker colour on any background
+    x, y = xy
+    draw.ellipse([x - radius, y - radius, x + radius, y + radius], outline=rgb, width=width)
+    font = ImageFont.load_default(size=font_size)
+    draw.text((round(x + radius + 2), round(y - radius - font_size + 2)), label, fill=rgb, font=font)
+
+
+@dataclass(frozen=True)
+class Marker:
+    """One drawn point: the centre of its ring (x, y pixels), the ring's radius and its label (None: unread)."""
+
+    xy: tuple[float, float]
+    radius: float
+    label: str | None
+
+
+def marker_mask(image: Image.Image) -> Any:
+    """Pixels of the marker colour [H, W] bool: saturated red (R >= 150, G and B at least 120 below R)."""
+    import numpy as np
+
+    a = np.asarray(image.convert("RGB"), np.int16)
+    r, g, b = a[..., 0], a[..., 1], a[..., 2]
+    return (r >= 150) & (r - g >= 120) & (r - b >= 120)
+
+
+def _holes(component: Any) -> tuple[Any, list[int]]:
+    """The filled component and the sizes of its holes (4-connected background pockets of >= 2 pixels)."""
+    import numpy as np
+    from scipy import ndimage
+
+    filled = ndimage.binary_fill_holes(component)
+    lab, n = ndimage.label(filled & ~component)
+    sizes = [int(v) for v in np.bincount(lab.ravel())[1:]] if n else []
+    return filled, [v for v in sizes if v >= 2]
+
+
+def read_letter(glyph: Any) -> str | None:
+    """The letter A, B, C or D one glyph [h, w] bool shows, from its topology (font-independent for
+    sans-serif capitals): two holes B; none C; one hole A when its bottom rows have two separate strokes
+    (the legs), else D. None for a glyph with more holes."""
+    import numpy as np
+
+    _, holes = _holes(glyph)
+    if len(holes) == 2:
+        return "B"
+    if not holes:
+        return "C"
+    if len(holes) > 2:
+        return None
+    rows = np.flatnonzero(glyph.any(1))
+    bottom = glyph[rows[-1] - max(1, (rows[-1] - rows[0] + 1) // 6) + 1: rows[-1] + 1].any(0).astype(np.int8)
+    runs = int(np.sum(np.diff(np.concatenate([[0], bottom, [0]])) == 1))
+    return "A" if runs >= 2 else "D"
+
+
+def find_markers(image: Image.Image, min_radius: float = 3.0) -> list[Marker]:
+    """The drawn points of one image: rings of the marker colour (one hole holding the centre, pixels at
+    an even distance from it) and, for each, the label drawn nearest it (a group of glyphs of the same
+    colour that are not rings; one glyph is read by `read_letter`, several are "REF"). Sorted by label.
+
+    Assumes BLINK's drawing: a red ring around each point and its label beside it in the same red. Red
+    regions of the photograph that are not rings are ignored; a label touching its ring, or red behind it,
+    leaves the label unread (None)."""
+    import numpy as np
+    from scipy import ndimage
+
+    mask = marker_mask(image)
+    lab, _ = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    rings, glyphs = [], np.zeros_like(mask)
+    for k, sl in enumerate(ndimage.find_objects(lab), start=1):
+        comp = lab[sl] == k
+        if comp.sum() < 4:
+            continue
+        filled, holes = _holes(comp)
+        h, w = comp.shape
+        ys, xs = np.nonzero(filled)
+        cy, cx = ys.mean(), xs.mean()
+        if len(holes) == 1 and 0.85 <= h / w <= 1.18 and min(h, w) >= 2 * min_radius:
+            py, px = np.nonzero(comp)
+            d = np.hypot(py - cy, px - cx)
+            inside = not comp[round(cy), round(cx)]
+            if inside and holes[0] >= 0.25 * filled.sum() and d.std() <= 0.15 * d.mean():
+                rings.append(((sl[1].start + cx, sl[0].start + cy), (h + w) / 4))
+                continue
+        glyphs[sl] |= comp
+    # glyphs within 4 pixels of each other form one label
+    groups, _ = ndimage.label(ndimage.binary_dilation(glyphs, np.ones((3, 3), bool), iterations=2))
+    labels = []
+    for k, sl in enumerate(ndimage.find_objects(groups), start=1):
+        part = glyphs[sl] & (groups[sl] == k)
+        parts, n_parts = ndimage.label(part, structure=np.ones((3, 3), bool))
+        text = "REF" if n_parts > 1 else read_letter(part[ndimage.find_objects(parts)[0]]) if n_parts else None
+        ys, xs = np.nonzero(part)
+        labels.append(((sl[1].start + xs.mean(), sl[0].start + ys.mean()), text))
+    # each ring takes the nearest label still free, nearest pairs first
+    pairs = sorted((np.hypot(r[0][0] - t[0][0], r[0][1] - t[0][1]), i, j)
+                   for i, r in enumerate(rings) for j, t in enumerate(labels))
+    taken_r, taken_t, out = set(), set(), {}
+    for d, i, j in pairs:
+        if i in taken_r or j in taken_t or d > 6 * rings[i][1] + 20:
+            continue
+        taken_r.add(i)
+        taken_t.add(j)
+        out[i] = labels[j][1]
+    markers = [Marker((float(x), float(y)), float(r), out.get(i)) for i, ((x, y), r) in enumerate(rings)]
+    return sorted(markers, key=lambda mk: (mk.label is None, mk.label or "", mk.xy))
+
+
+def marker_points(images: Sequence[Image.Image], n_choices: int) -> tuple[dict[str, Any] | None, str]:
+    """{"ref": (x, y), "choices": [(x, y), ...]} read from a correspondence question's images (the one ring
+    on image_1; the rings labelled A, B, ... on image_2), or None and why not."""
+    if len(images) < 2:
+        return None, "fewer than two images"
+    ref = find_markers(images[0])
+    if len(ref) != 1:
+        return None, f"{len(ref)} rings on image_1 (one expected)"
+    cands = {mk.label: mk.xy for mk in find_markers(images[1]) if mk.label}
+    missing = [c for c in LETTERS[:n_choices] if c not in cands]
+    if missing:
+        return None, f"no ring labelled {missing[0]} on image_2"
+    return {"ref": ref[0].xy, "choices": [cands[c] for c in LETTERS[:n_choices]]}, ""
+
+
+# ---------------------------------------------------------------------------------------------
+# writing BLINK's layout
+
+
+def png_struct(im: Image.Image, name: str) -> dict:
+    """An image as HF datasets stores it in parquet: {bytes (PNG: lossless), path}."""
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return {"bytes": buf.getvalue(), "path": name}
+
+
+def write_subtask(root: str | os.PathLike, subtask: str, rows: Sequence[dict[str, Any]], split: str = "val",
+                  points: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write one subtask in BLINK's layout: ROOT/<subtask>/<split>-00000-of-00001.parquet, atomically.
+
+    `rows`: {"question", "images" (1-4 PIL), "choices", "answer" (index), "explanation"?}; idx is
+    <split>_<subtask>_<i>, the prompt BLINK's lettered one. `points` ({idx: {"ref", "choices"}}) is
+    written as the points sidecar. Returns the parquet file."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError("writing BLINK parquet needs pyarrow: pip install pyarrow") from None
+    import json
+
+    folder = Path(root) / subtask
+    folder.mkdir(parents=True, exist_ok=True)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cols: dict[str, list] = {c: [] for c in ("idx", "question", "sub_task", *IMAGE_COLUMNS, "choices", "answer",
+                                             "prompt", "explanation")}
+    for i, row in enumerate(rows):
+        qid = f"{split}_{subtask}_{i + 1}"
+        cols["idx"].append(qid)
+        cols["question"].append(row["question"])
+        cols["sub_task"].append(subtask)
+        for k, c in enumerate(IMAGE_COLUMNS):
+            ims = row["images"]
+            cols[c].append(png_struct(ims[k], f"{qid}_{k + 1}.png") if k < len(ims) else None)
+        cols["choices"].append(list(row["choices"]))
+        cols["answer"].append(f"({LETTERS[row['answer']]})")
+        cols["prompt"].append(lettered_prompt(row["question"], row["choices"]))
+        cols["explanation"].append(row.get("explanation", ""))
+    schema = pa.schema([("idx", pa.string()), ("question", pa.string()), ("sub_task", pa.string()),
+                        *[(c, image_type) for c in IMAGE_COLUMNS], ("choices", pa.list_(pa.string())),
+                        ("answer", pa.string()), ("prompt", pa.string()), ("explanation", pa.string())])
+    tmp = folder / f".{split}.parquet.tmp"
+    pq.write_table(pa.table(cols, schema=schema), tmp)
+    out = folder / f"{split}-00000-of-00001.parquet"
+    os.replace(tmp, out)
+    if points:
+        side = folder / f".{split}-points.json.tmp"
+        side.write_text(json.dumps({k: {"ref": list(v["ref"]), "choices": [list(c) for c in v["choices"]]}
+                                    for k, v in points.items()}))
+        os.replace(side, folder / f"{split}-points.json")
     return out
 
 
@@ -226,41 +466,8 @@ def write_style_fixture(root: str | os.PathLike, seed: int = 0, n: int = 40, ima
     """Write `style_triples(seed, n)` as BLINK's Art_Style subtask: ROOT/Art_Style/<split>-00000-of-00001.parquet
     (idx, question, sub_task, image_1..image_4 as {bytes (PNG), path} structs, image_4 null, choices
     ["the second image", "the third image"], answer "(A)"/"(B)", prompt, explanation). Returns ROOT."""
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError("writing BLINK parquet needs pyarrow: pip install pyarrow") from None
-    root = Path(root)
-    folder = root / "Art_Style"
-    folder.mkdir(parents=True, exist_ok=True)
-    triples = style_triples(seed, n, image_size)
     choices = ["the second image", "the third image"]
-
-    def png(im: Image.Image, name: str) -> dict:
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")  # lossless: the "noisy" style survives
-        return {"bytes": buf.getvalue(), "path": name}
-
-    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    cols: dict[str, list] = {"idx": [], "question": [], "sub_task": [], "image_1": [], "image_2": [], "image_3": [],
-                             "image_4": [], "choices": [], "answer": [], "prompt": [], "explanation": []}
-    for i, t in enumerate(triples):
-        qid = f"{split}_Art_Style_{i + 1}"
-        cols["idx"].append(qid)
-        cols["question"].append(STYLE_QUESTION)
-        cols["sub_task"].append("Art_Style")
-        for k, im in enumerate(t["images"]):
-            cols[f"image_{k + 1}"].append(png(im, f"{qid}_{k + 1}.png"))
-        cols["image_4"].append(None)
-        cols["choices"].append(choices)
-        cols["answer"].append(f"({LETTERS[t['answer']]})")
-        cols["prompt"].append(lettered_prompt(STYLE_QUESTION, choices))
-        cols["explanation"].append(f"styles {', '.join(t['styles'])}")
-    schema = pa.schema([("idx", pa.string()), ("question", pa.string()), ("sub_task", pa.string()),
-                        *[(c, image_type) for c in IMAGE_COLUMNS], ("choices", pa.list_(pa.string())),
-                        ("answer", pa.string()), ("prompt", pa.string()), ("explanation", pa.string())])
-    tmp = folder / f".{split}.parquet.tmp"
-    pq.write_table(pa.table(cols, schema=schema), tmp)
-    os.replace(tmp, folder / f"{split}-00000-of-00001.parquet")
-    return root
+    rows = [{"question": STYLE_QUESTION, "images": t["images"], "choices": choices, "answer": t["answer"],
+             "explanation": f"styles {', '.join(t['styles'])}"} for t in style_triples(seed, n, image_size)]
+    write_subtask(root, "Art_Style", rows, split)
+    return Path(root)

@@ -6,11 +6,16 @@ Two studies, each per question type and per representation (values.L by default,
 - **Multiple choice (BLINK's layout, `sightline.data.blink`).** The model answers each question from one
   prompt holding all its images (the family's chat template: the images in order, then BLINK's prompt),
   greedy; the choice is parsed from the generation (`parse_choice`: "(B)", a leading "B", or the one choice
-  text it contains; anything else is unparsed and counts as wrong). The readout needs no training where the
-  subtask allows it (`SIMILARITY_SUBTASKS`: Art Style, Visual Similarity): each image is run through the
-  model ALONE (so its values see no other image), its image tokens' features mean-pooled, and the
-  candidate (image_2, image_3, ...) with the highest cosine similarity to the reference (image_1) is the
-  readout's choice. Other subtasks get the answer's accuracy only.
+  text it contains; anything else is unparsed and counts as wrong). Each image is run through the model
+  ALONE (so its values see no other image) and read in one of three ways (`readout_kind`):
+  "similarity" (`SIMILARITY_SUBTASKS`: Art Style, Visual Similarity): the candidate image (image_2, ...)
+  whose mean-pooled features are most cosine-similar to the reference's (image_1);
+  "matched", no training either: for the correspondence subtasks the drawn point (sidecar file, else read
+  from the pixels: `sightline.data.blink.marker_points`) whose token's features are most cosine-similar to
+  the reference point's token (`correspondence_choice`); for Multi-view the sign of the median horizontal
+  shift of mutually nearest tokens between the two frames (`view_shift`, `direction_choice`);
+  "probe", every other subtask: a logistic probe on the images' pooled features, cross-fitted over k folds
+  of the subtask's own questions so that no question is scored by a probe fitted on it (`probe_readout`).
 - **The organism's presence and count questions (ground truth known).** Pooled features of scenes of 1-4
   objects; logistic probes (`sightline.probes.linear.LogisticProbe`, L2 chosen on a validation share of
   the training scenes) for every concept's presence (8 shapes, 8 colours, 64 colour-shape pairs) and
@@ -49,8 +54,8 @@ class SurfacingConfig(ConfigIO):
     model: str | None = None
     """Model folder or Hugging Face id; default: the shipped model organism."""
     blink: str | None = None
-    """BLINK folder (ROOT/<Subtask>/<split>-*.parquet); default: with the organism, synthetic style-match
-    triples written in BLINK's layout (Art_Style), else none."""
+    """BLINK folder (ROOT/<Subtask>/<split>-*.parquet); default: with the organism, synthetic questions written
+    in BLINK's layout (Art_Style, Visual_Correspondence, Multi-view_Reasoning, Counting), else none."""
     subtasks: str = "all"
     """BLINK subtasks: all (every one found) or a comma list (Art_Style,Visual_Similarity)."""
     split: str = "val"
@@ -58,7 +63,10 @@ class SurfacingConfig(ConfigIO):
     n: int | None = None
     """At most this many questions per BLINK subtask (default: all)."""
     style_triples: int = 60
-    """Synthetic style-match triples when --blink is not given (organism only)."""
+    """Synthetic questions per subtask when --blink is not given (organism only): style-match triples,
+    correspondence pairs, view pairs, counting scenes."""
+    folds: int = 5
+    """Folds of the cross-fitted probe that reads the subtasks without a training-free readout."""
     reps: tuple[str, ...] = ("values",)
     """Representations read: kinds (values, keys, resid, projector) or exact names (values.2); KV heads concatenated."""
     layers: str = "all"
@@ -130,13 +138,18 @@ def answer_multi(adapter, images: Sequence, text: str, max_new_tokens: int = 12)
 
 
 # ============================================================================= features
+def _pool(feats: Sequence) -> dict[str, np.ndarray]:
+    """{rep: [n_images, D] float32}: the image tokens' features of each ImageFeatures, mean-pooled."""
+    out: dict[str, list[np.ndarray]] = defaultdict(list)
+    for f in feats:
+        for rep, t in f.feats.items():
+            out[rep].append(t.float().mean(0).numpy())
+    return {rep: np.stack(v).astype(np.float32) for rep, v in out.items()}
+
+
 def pooled_features(featurizer, images: Sequence) -> dict[str, np.ndarray]:
     """{rep: [n_images, D] float32}: each image run alone, its image tokens' features mean-pooled."""
-    out: dict[str, list[np.ndarray]] = defaultdict(list)
-    for f in featurizer(list(images)):
-        for rep, t in f.feats.items():
-            out[rep].append(t.mean(0).numpy())
-    return {rep: np.stack(v).astype(np.float32) for rep, v in out.items()}
+    return _pool(featurizer(list(images)))
 
 
 def similarity_choice(ref_d: np.ndarray, cands_kd: np.ndarray) -> int:
@@ -144,6 +157,165 @@ def similarity_choice(ref_d: np.ndarray, cands_kd: np.ndarray) -> int:
     ref = ref_d / max(float(np.linalg.norm(ref_d)), 1e-12)
     c = cands_kd / np.maximum(np.linalg.norm(cands_kd, axis=1, keepdims=True), 1e-12)
     return int(np.argmax(c @ ref))
+
+
+# ============================================================================= matched readouts
+def point_token(feats, xy: tuple[float, float]) -> int:
+    """Row-major index, in an ImageFeatures' grid, of the token whose pixel box holds (x, y) of the original
+    image; -1 where no token does."""
+    from sightline.models.layout import point_to_token
+
+    pos = point_to_token(feats.layout, xy, feats.image, feats.view)
+    if pos < 0:
+        return -1
+    hit = np.flatnonzero(feats.layout.grid_positions(feats.image, feats.view).reshape(-1) == pos)
+    return int(hit[0]) if hit.size else -1
+
+
+def correspondence_choice(ref_feats, ref_xy: tuple[float, float], cand_feats, cands_xy: Sequence, rep: str
+                          ) -> int | None:
+    """The candidate point whose token's `rep` feature is most cosine-similar to the reference point's
+    (`sightline.perception.readouts.nearest_neighbours` over the candidates' tokens; the first on a tie, so
+    two candidates under one token go to the earlier); None when a point lies under no token."""
+    from sightline.perception.readouts import nearest_neighbours
+
+    i = point_token(ref_feats, ref_xy)
+    js = [point_token(cand_feats, q) for q in cands_xy]
+    if i < 0 or min(js) < 0:
+        return None
+    x, y = ref_feats.feats[rep], cand_feats.feats[rep]
+    return int(nearest_neighbours(x[i:i + 1], y[torch.as_tensor(js)])[0])
+
+
+def _centres_x(grid) -> np.ndarray:
+    """Token box centres along x as a fraction of the image's width, [rows * cols] row-major."""
+    b = grid.boxes().reshape(-1, 4).astype(np.float64)
+    return (b[:, 0] + b[:, 2]) / 2 / grid.image_size_hw[1]
+
+
+def view_shift(first, second, rep: str) -> tuple[float, int]:
+    """(median horizontal displacement of matched tokens from the first image to the second, in image widths
+    (negative: content moved left); the number of matches). Matches are mutual nearest neighbours by cosine
+    of the two images' `rep` token features, each image less its mean token (what all its tokens share)."""
+    from sightline.perception.readouts import nearest_neighbours
+
+    a, b = first.feats[rep].float(), second.feats[rep].float()
+    a, b = a - a.mean(0, keepdim=True), b - b.mean(0, keepdim=True)
+    ab, ba = nearest_neighbours(a, b).numpy(), nearest_neighbours(b, a).numpy()
+    mutual = np.flatnonzero(ba[ab] == np.arange(len(ab)))
+    if not mutual.size:
+        return 0.0, 0
+    dx = _centres_x(second.grid)[ab[mutual]] - _centres_x(first.grid)[mutual]
+    return float(np.median(dx)), int(mutual.size)
+
+
+def direction(choice: str) -> str | None:
+    """The camera motion a Multi-view choice names: "left" (also "clockwise"), "right" (also
+    "counter-clockwise", "anticlockwise"); None for anything else."""
+    t = choice.strip().lower()
+    if "counter" in t or "anti" in t:
+        return "right"
+    if "clockwise" in t:
+        return "left"
+    if "left" in t and "right" not in t:
+        return "left"
+    if "right" in t and "left" not in t:
+        return "right"
+    return None
+
+
+def direction_choice(shift: float, choices: Sequence[str]) -> int | None:
+    """The choice the matched content's motion picks: content moving left (shift < 0) -> "left", right ->
+    "right" (a camera orbiting an object sees what lies behind it move the way the camera moves);
+    None for no motion or when the choices do not name exactly one of each direction."""
+    dirs = [direction(c) for c in choices]
+    want = "left" if shift < 0 else "right" if shift > 0 else None
+    return dirs.index(want) if want and dirs.count(want) == 1 else None
+
+
+# ============================================================================= held-out probes
+MIN_PROBE_QUESTIONS = 20
+# L2 strengths the probe chooses from (on a validation share of its training folds): a subtask has tens to
+# a few hundred questions, so weaker penalties than these only fit noise (and take long to converge)
+PROBE_L2_GRID = (1.0, 1e-1, 1e-2, 1e-3)
+
+
+def cross_fit_folds(labels: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """A fold 0..k-1 for each question, stratified: each class's questions, in a seeded random order, dealt
+    to the folds in turn (continuing from where the previous class stopped), so folds differ in size by
+    at most one and a class of m >= k members is in every fold."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([seed, 0xF01D])
+    folds = np.empty(len(labels), np.int64)
+    start = 0
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        folds[idx] = (start + np.arange(len(idx))) % k
+        start = (start + len(idx)) % k
+    return folds
+
+
+def probe_labels(questions: Sequence) -> tuple[str, np.ndarray, list[list[int]]]:
+    """How a probe reads a subtask's answers: ("text", labels, classes of each question's choices) when the
+    answers' choice texts recur (every answer text is the answer of >= 2 questions: counts, yes/no), else
+    ("index", the answer indices, [0, 1, ...] per question). A choice whose text is no class is -1."""
+    texts = [q.choices[q.answer].strip().lower() for q in questions]
+    names, counts = np.unique(texts, return_counts=True)
+    if len(names) >= 2 and counts.min() >= 2:
+        cls = {t: i for i, t in enumerate(names)}
+        return "text", np.array([cls[t] for t in texts]), [[cls.get(c.strip().lower(), -1) for c in q.choices]
+                                                           for q in questions]
+    return "index", np.array([q.answer for q in questions]), [list(range(len(q.choices))) for q in questions]
+
+
+def probe_readout(x_by_rep: Mapping[str, np.ndarray], labels: np.ndarray, choice_classes: Sequence[Sequence[int]],
+                  k: int = 5, seed: int = 0) -> tuple[dict[str, list[int | None]], np.ndarray]:
+    """Cross-fitted probe choices: ({rep: each question's chosen choice index}, folds). For each fold, a
+    `LogisticProbe` is fitted on the other folds' questions (features [n, D] per rep, class labels) and picks,
+    among each held-out question's choices, the one whose class it finds most probable; no question is
+    scored by a probe that saw it."""
+    from sightline.probes.linear import LogisticProbe
+
+    labels = np.asarray(labels)
+    n_classes = int(labels.max()) + 1
+    folds = cross_fit_folds(labels, k, seed)
+    out: dict[str, list[int | None]] = {rep: [None] * len(labels) for rep in x_by_rep}
+    by_width: dict[int, list[str]] = defaultdict(list)  # reps of one width are fitted as one batch
+    for rep, x in x_by_rep.items():
+        by_width[x.shape[1]].append(rep)
+    for f in range(k):
+        test, train = np.flatnonzero(folds == f), np.flatnonzero(folds != f)
+        if not test.size:
+            continue
+        for reps in by_width.values():
+            x = torch.from_numpy(np.stack([x_by_rep[r] for r in reps]))  # [B, n, D]
+            probe = LogisticProbe(PROBE_L2_GRID, seed=seed, device="cpu").fit(x[:, train], labels[train],
+                                                                               n_classes=n_classes)
+            proba = probe.predict_proba(x[:, test]).reshape(len(reps), len(test), n_classes).numpy()
+            for rep, p_nk in zip(reps, proba):
+                for row, q in zip(p_nk, test):
+                    score = [row[c] if 0 <= c < n_classes else -np.inf for c in choice_classes[q]]
+                    out[rep][q] = int(np.argmax(score)) if np.isfinite(max(score)) else None
+    return out, folds
+
+
+# ============================================================================= BLINK
+def readout_kind(subtask: str) -> str:
+    """How a BLINK subtask is read from the image representations: "similarity" (pooled images against the
+    reference), "matched" (tokens under drawn points, or matched between two views) or "probe" (cross-fitted
+    on the subtask's own questions)."""
+    from sightline.data.blink import (
+        CORRESPONDENCE_SUBTASKS,
+        MULTIVIEW_SUBTASKS,
+        SIMILARITY_SUBTASKS,
+    )
+
+    if subtask in SIMILARITY_SUBTASKS:
+        return "similarity"
+    if subtask in CORRESPONDENCE_SUBTASKS or subtask in MULTIVIEW_SUBTASKS:
+        return "matched"
+    return "probe"
 
 
 def _reps(adapter, cfg: SurfacingConfig) -> list:
@@ -157,48 +329,113 @@ def _reps(adapter, cfg: SurfacingConfig) -> list:
                       n_vision_layers=adapter.n_vision_layers, kv_layers=adapter.kv_layers)
 
 
+def _matched(subtask: str, q, images: list, feats: list, item: dict[str, Any]) -> None:
+    """The matched readout of one question into `item` ("readout" per rep, the points or shifts used), or
+    "no_readout" with the reason."""
+    from sightline.data.blink import CORRESPONDENCE_SUBTASKS, marker_points
+
+    if len(feats) < 2:
+        item["no_readout"] = "fewer than two images"
+        return
+    if subtask in CORRESPONDENCE_SUBTASKS:
+        points, why = (q.points, "") if q.points else marker_points(images, len(q.choices))
+        if points is None:
+            item["no_readout"] = why
+            return
+        item["points"] = {"ref": [round(float(v), 2) for v in points["ref"]],
+                          "choices": [[round(float(v), 2) for v in c] for c in points["choices"]],
+                          "source": "sidecar" if q.points else "markers"}
+        item["readout"] = {rep: correspondence_choice(feats[0], points["ref"], feats[1], points["choices"], rep)
+                           for rep in feats[0].feats}
+        return
+    shifts = {rep: view_shift(feats[0], feats[1], rep) for rep in feats[0].feats}
+    item["shift"] = {rep: round(v, 4) for rep, (v, _) in shifts.items()}
+    item["readout"] = {rep: direction_choice(v, q.choices) for rep, (v, _) in shifts.items()}
+
+
 def score_blink(adapter, featurizer, questions: Mapping[str, Sequence], max_new_tokens: int = 12,
-                progress: bool = False) -> dict[str, dict[str, Any]]:
-    """Per subtask: every question's generated answer, parsed choice and, for SIMILARITY_SUBTASKS, the
-    similarity readout's choice per rep; then `surface` per rep. Questions without an answer are skipped."""
+                progress: bool = False, folds: int = 5, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per subtask: every question's generated answer and parsed choice, the readout's choice per rep
+    (`readout_kind`: "similarity", "matched" or "probe", cross-fitted over `folds`), then `surface` per rep
+    over the questions the readout scored (a readout that abstains counts as wrong). Questions without an
+    answer are skipped."""
     from tqdm.auto import tqdm
 
-    from sightline.data.blink import SIMILARITY_SUBTASKS, parse_choice
+    from sightline.data.blink import parse_choice
 
     out: dict[str, dict[str, Any]] = {}
     for subtask, qs in questions.items():
         qs = [q for q in qs if q.answer is not None]
         if not qs:
-            out[subtask] = {"n": 0, "note": "no question with a known answer (the test split hides them)"}
+            out[subtask] = {"n": 0, "readout_kind": readout_kind(subtask),
+                            "note": "no question with a known answer (the test split hides them)"}
             continue
-        readable = subtask in SIMILARITY_SUBTASKS
-        items = []
+        kind = readout_kind(subtask)
+        items, pooled = [], []
         for q in tqdm(qs, desc=subtask, disable=not progress, dynamic_ncols=True):
             images = q.images()
             generated = answer_multi(adapter, images, q.prompt, max_new_tokens)
             chosen = parse_choice(generated, q.choices)
-            item = {"id": q.id, "answer": q.answer, "generated": generated, "parsed": chosen,
-                    "answer_correct": chosen == q.answer}
-            if readable and len(images) == len(q.choices) + 1:
-                feats = pooled_features(featurizer, images)
-                item["readout"] = {rep: similarity_choice(f[0], f[1:]) for rep, f in feats.items()}
+            item: dict[str, Any] = {"id": q.id, "answer": q.answer, "generated": generated, "parsed": chosen,
+                                    "answer_correct": chosen == q.answer}
+            feats = featurizer(images)
+            if kind == "similarity":
+                if len(images) == len(q.choices) + 1:
+                    f = _pool(feats)
+                    item["readout"] = {rep: similarity_choice(v[0], v[1:]) for rep, v in f.items()}
+                else:
+                    item["no_readout"] = f"{len(images)} images for {len(q.choices)} choices (one per choice after " \
+                                         "the reference expected)"
+            elif kind == "matched":
+                _matched(subtask, q, images, feats, item)
+            else:
+                pooled.append(_pool(feats))
+            del feats
             items.append(item)
         entry: dict[str, Any] = {
-            "n": len(items), "answer_accuracy": float(np.mean([it["answer_correct"] for it in items])),
+            "n": len(items), "readout_kind": kind,
+            "answer_accuracy": float(np.mean([it["answer_correct"] for it in items])),
             "unparsed": int(sum(it["parsed"] is None for it in items)),
             "chance": float(np.mean([1 / len(q.choices) for q in qs])), "readout": None, "items": items}
+        if kind == "probe":
+            _probe_subtask(qs, items, pooled, entry, folds, seed)
         scored = [it for it in items if "readout" in it]
         if scored:
             entry["n_readout"] = len(scored)
             answer_ok = np.array([it["answer_correct"] for it in scored])
             entry["readout"] = {rep: surface(np.array([it["readout"][rep] == it["answer"] for it in scored]), answer_ok)
                                 for rep in scored[0]["readout"]}
-        elif readable:
-            entry["note"] = "no question had one image per choice plus the reference: no readout"
-        else:
-            entry["note"] = "no training-free readout for this subtask: answer accuracy only"
+        missing = [it["no_readout"] for it in items if "no_readout" in it]
+        if missing and "note" not in entry:
+            entry["note"] = f"no readout for {len(missing)} of {len(items)} questions (first: {missing[0]})"
         out[subtask] = entry
     return out
+
+
+def _probe_subtask(qs: Sequence, items: list[dict[str, Any]], pooled: list[dict[str, np.ndarray]],
+                   entry: dict[str, Any], folds: int, seed: int) -> None:
+    """Cross-fit the probe of one subtask into `items` ("readout", "fold") and `entry` ("labels", "folds"), or
+    say in `entry["note"]` why there is none. A question's features: its images' pooled features, concatenated
+    in order; questions with other than the subtask's usual number of images are left out."""
+    n_images = [len(next(iter(p.values()))) for p in pooled]
+    usual = max(set(n_images), key=n_images.count)
+    keep = [i for i, m in enumerate(n_images) if m == usual]
+    sub = [qs[i] for i in keep]
+    mode, labels, choice_classes = probe_labels(sub)
+    _, counts = np.unique(labels, return_counts=True)
+    if len(sub) < MIN_PROBE_QUESTIONS or len(counts) < 2 or counts.min() < 2:
+        entry["note"] = (f"too few questions for a probe: {len(sub)} with {usual} image(s) (a probe needs at least "
+                         f"{MIN_PROBE_QUESTIONS}, and every answer at least twice; the rarest is given "
+                         f"{counts.min()} time(s))")
+        return
+    x = {rep: np.stack([pooled[i][rep].reshape(-1) for i in keep]) for rep in pooled[0]}
+    choice, fold = probe_readout(x, labels, choice_classes, folds, seed)
+    for j, i in enumerate(keep):
+        items[i]["readout"] = {rep: choice[rep][j] for rep in x}
+        items[i]["fold"] = int(fold[j])
+    entry.update(labels=mode, folds=folds, n_classes=len(counts))
+    if len(keep) < len(items):
+        entry["note"] = f"{len(items) - len(keep)} questions with other than {usual} image(s) left out of the probe"
 
 
 # ============================================================================= organism: presence and counts
@@ -344,13 +581,16 @@ def _best(per_rep: Mapping[str, Mapping[str, Any]]) -> tuple[str, Mapping[str, A
 def run_surfacing(cfg: SurfacingConfig, adapter=None) -> RunResult:
     """Load the model (default: the organism), run the BLINK study (or the synthetic style triples) and, on
     the organism, the presence / count study; write `cfg.out` whole or not at all."""
-    from sightline.data.blink import PAPER_NOT_SURFACED, load_blink, write_style_fixture
+    from sightline.data.blink import PAPER_NOT_SURFACED, load_blink
+    from sightline.data.blink_fixture import write_blink_fixture
     from sightline.organism import checkpoint_path
     from sightline.perception.represent import Featurizer
 
     out = check_output(cfg.out, cfg.overwrite, UserError)
     if cfg.n is not None and cfg.n < 1:
         raise UserError(f"--n must be at least 1, not {cfg.n}")
+    if cfg.folds < 2:
+        raise UserError(f"--folds must be at least 2, not {cfg.folds}")
     for name in ("train_scenes", "test_scenes", "style_triples"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
@@ -372,12 +612,13 @@ def run_surfacing(cfg: SurfacingConfig, adapter=None) -> RunResult:
     subtasks = None if cfg.subtasks.strip() in ("", "all") else [s.strip() for s in cfg.subtasks.split(",") if s.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.blink is None:
-            root, source = write_style_fixture(tmp, cfg.seed, cfg.style_triples, adapter.config.vision_config.image_size,
-                                               cfg.split), f"synthetic style-match triples (seed {cfg.seed})"
+            root = write_blink_fixture(tmp, cfg.seed, cfg.style_triples, adapter.config.vision_config.image_size,
+                                       cfg.split)
+            source = f"synthetic BLINK-layout questions (seed {cfg.seed})"
         else:
             root, source = cfg.blink, f"BLINK {cfg.split} ({cfg.blink})"
         qs = load_blink(root, subtasks, cfg.split, cfg.n)
-        blink = score_blink(adapter, featurizer, qs, cfg.max_new_tokens, cfg.progress)
+        blink = score_blink(adapter, featurizer, qs, cfg.max_new_tokens, cfg.progress, cfg.folds, cfg.seed)
     study = None
     if organism and cfg.organism_questions:
         study = organism_study(adapter, featurizer, cfg.seed, cfg.train_scenes, cfg.test_scenes, cfg.batch_size,
@@ -385,7 +626,7 @@ def run_surfacing(cfg: SurfacingConfig, adapter=None) -> RunResult:
     summary: dict[str, Any] = {"out": str(out), "model": adapter.name, "blink_source": source, "subtasks": {},
                                "organism": None, "warnings": []}
     for subtask, e in blink.items():
-        s = {k: e.get(k) for k in ("n", "answer_accuracy", "unparsed", "chance", "note")}
+        s = {k: e.get(k) for k in ("n", "readout_kind", "answer_accuracy", "unparsed", "chance", "n_readout", "note")}
         if e.get("readout"):
             rep, best = _best(e["readout"])
             s.update(best_rep=rep, readout_accuracy=best["readout_accuracy"],

@@ -1,6 +1,7 @@
-"""Figures and page of a surfacing run: per question type, the readout's accuracy per representation beside the
-answer's, and the share "present, not surfaced" (readout right, answer wrong), the paper's 33.3% for Art Style
-as a line. Reads plain data (a surfacing run's results.json parts)."""
+"""Figures and page of a surfacing run: per question type, the readout's kind ("similarity", "matched", "probe")
+and its accuracy per representation beside the answer's and chance, and the share "present, not surfaced"
+(readout right, answer wrong), the paper's 33.3% for Art Style as a line. Reads plain data (a surfacing run's
+results.json parts)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,15 @@ def _order(rep: str) -> tuple:
     kinds = ("projector", "values", "keys", "resid")
     kind = m.group(1) if m else rep
     return (kinds.index(kind) if kind in kinds else 9, int(m.group(2)) if m and m.group(2) else -1, rep)
+
+
+_KIND_TEXT = {
+    "similarity": "Readout: the candidate image whose pooled features are most cosine-similar to the reference's.",
+    "matched": "Readout: the drawn point whose token's features match the reference point's token (correspondence), "
+               "or the direction of the median shift of mutually nearest tokens between the two views (multi-view).",
+    "probe": "Readout: a logistic probe on the images' pooled features, cross-fitted (each question scored by a probe "
+             "fitted on the other folds), picking the most probable of the question's choices.",
+}
 
 
 def plot_surfacing(title: str, per_rep: Mapping[str, Mapping[str, Any]], answer_accuracy: float,
@@ -62,10 +72,13 @@ def write_surfacing_page(folder: str | os.PathLike, summary: Mapping[str, Any], 
 
     lines = []
     for subtask, s in summary["subtasks"].items():
-        line = f"{subtask}: answer accuracy {f3(s.get('answer_accuracy'))} over {s['n']} questions"
+        line = (f"{subtask}: answer accuracy {f3(s.get('answer_accuracy'))} over {s['n']} questions (chance "
+                f"{f3(s.get('chance'))})")
         if s.get("best_rep"):
-            line += (f"; readout ({s['best_rep']}) {f3(s['readout_accuracy'])}, present but not surfaced "
-                     f"{f3(s['present_not_surfaced'])}")
+            line += (f"; {s.get('readout_kind') or ''} readout ({s['best_rep']}) {f3(s['readout_accuracy'])}, present "
+                     f"but not surfaced {f3(s['present_not_surfaced'])}")
+        elif s.get("readout_kind"):
+            line += f"; no {s['readout_kind']} readout"
         if s.get("paper_not_surfaced") is not None:
             line += f" (paper: {s['paper_not_surfaced']:.1%})"
         lines.append(line + ".")
@@ -82,7 +95,8 @@ def write_surfacing_page(folder: str | os.PathLike, summary: Mapping[str, Any], 
     for subtask, e in blink.items():
         images, tables = [], []
         if e.get("readout"):
-            p = plot_surfacing(f"{subtask}: similarity readout vs answer", e["readout"], e["answer_accuracy"],
+            p = plot_surfacing(f"{subtask}: {e.get('readout_kind', 'similarity')} readout vs answer", e["readout"],
+                               e["answer_accuracy"],
                                folder / "figures" / f"blink_{subtask}.png",
                                summary["subtasks"][subtask].get("paper_not_surfaced"), e.get("chance"))
             images.append((p.relative_to(folder).as_posix(), (f"{subtask}: readout accuracy and present-not-surfaced "
@@ -90,12 +104,21 @@ def write_surfacing_page(folder: str | os.PathLike, summary: Mapping[str, Any], 
             tables.append(("", ["representation", "readout accuracy", "present, not surfaced", "surfaced, not present"],
                            [[r, v["readout_accuracy"], v["present_not_surfaced"], v["surfaced_not_present"]]
                             for r, v in sorted(e["readout"].items(), key=lambda kv: _order(kv[0]))]))
-        ex = [[it["id"], "ABCDEFGHIJ"[it["answer"]], it["generated"][:80],
-               "-" if it["parsed"] is None else "ABCDEFGHIJ"[it["parsed"]]] for it in e.get("items", [])[:5]]
+        best = summary["subtasks"][subtask].get("best_rep")
+
+        def letter(k):
+            return "-" if k is None else "ABCDEFGHIJ"[k]
+
+        ex = [[it["id"], letter(it["answer"]), it["generated"][:80], letter(it["parsed"]),
+               letter((it.get("readout") or {}).get(best)) if best else "-"] for it in e.get("items", [])[:5]]
         if ex:
-            tables.append(("First questions", ["question", "answer", "generated", "parsed"], ex))
-        sections.append(Section(f"BLINK {subtask}", e.get("note") or "", anchor=f"blink-{subtask}",
-                                figures={"questions": e["n"], "answer accuracy": e.get("answer_accuracy"),
+            tables.append(("First questions", ["question", "answer", "generated", "parsed",
+                                               f"readout ({best})" if best else "readout"], ex))
+        sections.append(Section(f"BLINK {subtask}", (_KIND_TEXT.get(e.get("readout_kind"), "") + " "
+                                                     + (e.get("note") or "")).strip(), anchor=f"blink-{subtask}",
+                                figures={"readout": e.get("readout_kind"), "questions": e["n"],
+                                         "questions read": e.get("n_readout", 0),
+                                         "answer accuracy": e.get("answer_accuracy"),
                                          "unparsed answers": e.get("unparsed"), "chance": e.get("chance")},
                                 images=images, tables=tables))
     if study:
