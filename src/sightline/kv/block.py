@@ -180,7 +180,8 @@ def _render(adapter, n_images: int, prompt: str) -> str:
 @torch.no_grad()
 def blocked_answers(adapter, images: Sequence, prompts: Sequence[str], block: BlockSet, *, image_queries: bool = False,
                     max_new_tokens: int = 24, view: int = 0) -> list[str]:
-    """Greedy answers (left-padded batch generation, as `sightline.organism.evaluate.answer`) with `block` applied."""
+    """Greedy answers (left-padded batch generation, as `sightline.organism.evaluate.answer`) with `block` applied;
+    images[i]: one image or a list of images (`left_padded`)."""
     from sightline.capture import apply_edits
     from sightline.organism.evaluate import greedy_answers
 

@@ -66,8 +66,8 @@ class KeysConfig(ConfigIO):
     """BLINK subtasks: all (every one found; several images per question are shown in one prompt, the block
     applied to each image's grid) or a comma list."""
     bench_prompt: str = "prompt"
-    """What follows the question's images: prompt (the question with lettered choices) or question (the bare question, for a
-    model that answers in words, e.g. the organism); the choice is parsed from the greedy answer."""
+    """What follows the question's images: prompt (the question with lettered choices) or question (the bare
+    question, for a model that answers in words, e.g. the organism); the choice is parsed from the greedy answer."""
     image_queries: bool = False
     """Block the keys from later image queries too in the answer and benchmark studies (every image token after the
     key, other images' included; the perception readout always does: image values cannot change otherwise)."""
