@@ -135,3 +135,106 @@ def test_random_control_matches_counts_and_avoids_the_flagged():
 
 def test_query_heads_follow_grouped_query_attention(organism):
     assert query_heads(organism, 0) == [0, 1] and query_heads(organism, 1) == [2, 3]
+
+
+# ------------------------------------------------------------------ several images in one prompt
+MULTI_PROMPTS = ["Which image has the same style as the first?", "What shape is shown?", "Are they the same?"]
+
+
+@pytest.fixture(scope="module")
+def multi(organism):
+    """A left-padded batch of three prompts: three images, one image (alone, not in a list), two images."""
+    ims = [gradient_image(112, 112, seed=s) for s in range(5)]
+    images = [[ims[0], ims[1], ims[2]], ims[3], [ims[4], ims[0]]]
+    return images, left_padded(organism, images, MULTI_PROMPTS)
+
+
+def _explicit_multi_masks(ad, inputs, block, image_queries):
+    """Brute force from the token ids alone: image i of a prompt is its i-th run of P image tokens (P = the image
+    tokens over the images); (q, k) is blocked when k is a blocked grid index of some image and q is after the
+    prompt's last image token, or (image_queries) q is an image token at or after k (the key's own token
+    too). Padded rows see themselves."""
+    ids, att = inputs["input_ids"], inputs["attention_mask"].bool()
+    B, S = ids.shape
+    base = (torch.tril(torch.ones(S, S, dtype=torch.bool))[None] & att[:, None, :]) | torch.eye(S, dtype=torch.bool)
+    group = ad.n_heads // ad.n_kv_heads
+    masks = {}
+    for (L, h), idx in block.items():
+        m = masks.setdefault(L, base[:, None].expand(B, ad.n_heads, S, S).clone())
+        for b in range(B):
+            img = [p for p in range(S) if ids[b, p] == ad.image_token_id]
+            n_images = 1 if b == 1 else len(img) // 64  # the organism's grid: 8 x 8
+            P = len(img) // n_images
+            keys = [img[i * P + j] for i in range(n_images) for j in idx]
+            for k in keys:
+                for q in range(S):
+                    if q > img[-1] or (image_queries and q >= k and ids[b, q] == ad.image_token_id):
+                        m[b, h * group:(h + 1) * group, q, k] = False
+    return masks
+
+
+@pytest.mark.parametrize("image_queries", [False, True])
+def test_multi_image_block_equals_the_forward_with_explicit_masks(organism, multi, image_queries):
+    ad = organism
+    _, (inputs, grid, after) = multi
+    assert [len(g) if isinstance(g, list) else 1 for g in grid] == [3, 1, 2]
+    S = inputs["input_ids"].shape[1]
+    edits = block_edits(ad, grid, after, BLOCK, n_columns=S, image_queries=image_queries)
+    got_logits, got_values = _forward(ad, inputs, edits)
+    ref_logits, ref_values = _forward(ad, inputs, masks=_explicit_multi_masks(ad, inputs, BLOCK, image_queries))
+    clean_logits, clean_values = _forward(ad, inputs)
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got_logits[real], ref_logits[real], rtol=1e-5, atol=1e-5)
+    for L in range(ad.n_layers):
+        torch.testing.assert_close(got_values[L].transpose(1, 2)[real], ref_values[L].transpose(1, 2)[real],
+                                   rtol=1e-5, atol=1e-5)
+    for b in range(3):  # every prompt is changed at its last position
+        assert not torch.allclose(got_logits[b, -1], clean_logits[b, -1], atol=1e-4)
+    # the first image's values: untouched without image queries; with them, moved from the block's first layer on
+    # (its own later tokens read its blocked keys)
+    first = torch.as_tensor(grid[0][0])
+    for L in range(ad.n_layers):
+        same = torch.equal(got_values[L][0][:, first], clean_values[L][0][:, first])
+        assert same == (not image_queries or L <= min(k[0] for k in BLOCK))
+
+
+def test_multi_image_prompt_is_the_images_in_order_then_the_text(organism, multi):
+    """Each row of the left-padded batch is, token for token and pixel for pixel, the processor's own input for
+    the family's chat-template turn holding the prompt's images in order, then the text, given alone."""
+    from sightline.kv.surfacing import multi_image_prompt
+
+    images, (inputs, grid, after) = multi
+    ids, att = inputs["input_ids"], inputs["attention_mask"].bool()
+    rows = []
+    for b, (ims, text) in enumerate(zip(images, MULTI_PROMPTS)):
+        ims = ims if isinstance(ims, list) else [ims]
+        prompt = organism.render_prompt(text) if len(ims) == 1 else multi_image_prompt(organism, len(ims), text)
+        alone = organism.processor(images=ims, text=[prompt], return_tensors="pt")
+        assert torch.equal(ids[b][att[b]], alone["input_ids"][0])
+        rows.append(alone["pixel_values"])
+        g = grid[b] if isinstance(grid[b], list) else [grid[b]]
+        shift = int((~att[b]).sum())
+        assert all(np.array_equal(x, shift + np.flatnonzero(alone["input_ids"][0] == organism.image_token_id)[
+            k * 64:(k + 1) * 64]) for k, x in enumerate(g))
+        assert after[b] == 1 + g[-1][-1]
+    assert torch.equal(inputs["pixel_values"], torch.cat(rows))
+
+
+def test_mixed_image_counts_batch_as_each_prompt_alone(tiny_adapter):
+    """Qwen2.5-VL (grids follow the image size, M-RoPE over several images): a batch mixing numbers and sizes of
+    images gives each prompt's last logits as that prompt alone; LLaVA-OneVision refuses several images in one line."""
+    from sightline.errors import UserError
+
+    ad = tiny_adapter("qwen2_5_vl")
+    a, b, c = gradient_image(112, 112, 0), gradient_image(84, 140, 1), gradient_image(112, 112, 2)
+    images, prompts = [[a, b], c, [c, a, b]], ["Same?", "What is it?", "Which two match?"]
+    inputs, grid, _ = left_padded(ad, images, prompts)
+    assert [[len(x) for x in g] if isinstance(g, list) else len(g) for g in grid] == [[16, 15], 16, [16, 16, 15]]
+    with torch.no_grad():
+        got = ad.model(**inputs).logits[:, -1]
+        for i in range(3):
+            one = ad.model(**left_padded(ad, [images[i]], [prompts[i]])[0]).logits[0, -1]
+            torch.testing.assert_close(got[i], one, rtol=1e-4, atol=1e-5)
+    with pytest.raises(UserError, match="several images in one prompt") as err:
+        left_padded(tiny_adapter("llava_onevision"), [[a, c]], ["Same?"])
+    assert len(str(err.value).splitlines()) == 1

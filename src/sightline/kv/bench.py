@@ -1,17 +1,24 @@
 """Blocking image keys on a multiple-choice benchmark: accuracy per task under each block set.
 
 Every question is answered greedily (left-padded batch generation, the blocked keys blocked in every call,
-prefill and generated tokens, as `sightline.kv.block.blocked_answers`) from one prompt: the image, then the
-benchmark's lettered prompt (`prompt="prompt"`: the question and "(A) ..." choices, as BLINK and CV-Bench
-write it) or the bare question (`prompt="question"`: for a model that answers in words, e.g. the organism).
-The choice is parsed from the generation (`sightline.data.blink.parse_choice`: "(B)", a leading "B", or the
-one choice text it contains); an answer that names no choice counts as wrong. Parsing a generation rather
-than scoring each choice's likelihood keeps the answer the model would give, and lets one generation per
-question serve every number of choices.
+prefill and generated tokens, as `sightline.kv.block.blocked_answers`) from one prompt: the question's images in
+order, then the benchmark's lettered prompt (`prompt="prompt"`: the question and "(A) ..." choices, as BLINK and
+CV-Bench write it) or the bare question (`prompt="question"`: for a model that answers in words, e.g. the
+organism). One image: `adapter.render_prompt`; several (BLINK's multi-image subtasks): one user turn of the
+family's chat template holding them all, then the text (`sightline.kv.surfacing.multi_image_prompt`). A batch
+may mix numbers of images (every family's processor takes such a batch; LLaVA-OneVision lays out one image per
+prompt only, and its multi-image questions are refused). The choice is parsed from the generation
+(`sightline.data.blink.parse_choice`: "(B)", a leading "B", or the one choice text it contains); an answer that
+names no choice counts as wrong. Parsing a generation rather than scoring each choice's likelihood keeps the
+answer the model would give, and lets one generation per question serve every number of choices.
+
+The block set's grid indices (the scan's, of single images) are blocked in the grid of EVERY image of a prompt
+(the random control likewise: the same count per image), from the text and answer queries after the last image
+and, with `image_queries`, from every image token after the key (`sightline.kv.block.block_edits`). So every
+image must give the scan's grid.
 
 Per task and condition: n, right, accuracy with its Wilson 95% interval, and `changed`: the answers whose
-parsed choice differs from the unblocked condition's (the first). Single-image questions only: the block
-set's grid indices pick from the one image's token grid, so every image must give the scan's grid.
+parsed choice differs from the unblocked condition's (the first).
 """
 
 from __future__ import annotations
@@ -27,27 +34,25 @@ from sightline.kv.block import BlockSet, block_edits, left_padded
 PROMPTS = ("prompt", "question")
 
 
-def _image(q, image_size: int | None):
-    images = q.images()
-    if len(images) != 1:
-        raise UserError(f"question {q.id} of {q.subtask} shows {len(images)} images: key blocking on a benchmark "
-                        "takes single-image questions only; pick single-image subtasks with --bench-subtasks")
-    im = images[0]
-    return im.resize((image_size, image_size)) if image_size else im
+def _images(q, image_size: int | None) -> list:
+    ims = q.images()
+    return [im.resize((image_size, image_size)) for im in ims] if image_size else ims
 
 
 @torch.no_grad()
 def bench_answers(adapter, images: Sequence, prompts: Sequence[str], block: BlockSet, *, n_positions: int,
                   image_queries: bool = False, max_new_tokens: int = 12) -> list[str]:
-    """The greedy generations (decoded, stripped, case kept) for one batch with `block` applied; UserError when
-    an image gives another grid than the `n_positions` the block set indexes."""
+    """The greedy generations (decoded, stripped, case kept) for one batch with `block` applied; images[i]: the
+    question's image or list of images. UserError when an image gives another grid than the `n_positions` the
+    block set indexes."""
     from sightline.capture import apply_edits
 
     inputs, grid, after = left_padded(adapter, images, prompts)
     for g in grid:
-        if len(g) != n_positions:
-            raise UserError(f"a benchmark image gives {len(g)} image tokens where the scanned images gave "
-                            f"{n_positions}: give --image-size so every image has the scan's size")
+        for one in (g if isinstance(g, list) else [g]):
+            if len(one) != n_positions:
+                raise UserError(f"a benchmark image gives {len(one)} image tokens where the scanned images gave "
+                                f"{n_positions}: give --image-size so every image has the scan's size")
     S = inputs["input_ids"].shape[1]
     edits = block_edits(adapter, grid, after, block, n_columns=S + max_new_tokens, image_queries=image_queries)
     inputs = {k: v.to(adapter.device) for k, v in inputs.items()}
@@ -62,7 +67,7 @@ def bench_study(adapter, bench: Mapping[str, Sequence], blocks: Mapping[str, Blo
     """Answer every question of `bench` ({task: [BlinkQuestion]}, questions with a hidden answer left out) under
     each block set of `blocks` (the first: the reference for `changed`, usually the empty one). Returns
     {"conditions", "tasks": {task or "all": {condition: {n, right, accuracy, ci, changed, unparsed}}},
-    "items": [{id, task, answer, generated: {condition: text}, parsed: {condition: index or None}}]}."""
+    "items": [{id, task, n_images, answer, generated: {condition: text}, parsed: {condition: index or None}}]}."""
     from tqdm.auto import tqdm
 
     from sightline.data.blink import parse_choice
@@ -74,10 +79,11 @@ def bench_study(adapter, bench: Mapping[str, Sequence], blocks: Mapping[str, Blo
     if not qs:
         raise UserError("the benchmark has no question with a known answer (a test split may hide them)")
     conds = list(blocks)
-    items = [{"id": q.id, "task": q.subtask, "answer": q.answer, "generated": {}, "parsed": {}} for q in qs]
+    items = [{"id": q.id, "task": q.subtask, "n_images": q.n_images, "answer": q.answer, "generated": {}, "parsed": {}}
+             for q in qs]
     for s in tqdm(range(0, len(qs), batch_size), desc="benchmark", disable=not progress, dynamic_ncols=True):
         chunk = qs[s:s + batch_size]
-        images = [_image(q, image_size) for q in chunk]
+        images = [_images(q, image_size) for q in chunk]
         texts = [q.prompt if prompt == "prompt" else q.question for q in chunk]
         for c in conds:
             got = bench_answers(adapter, images, texts, blocks[c], n_positions=n_positions,

@@ -3,8 +3,11 @@
 A block set is {(layer, KV head): grid indices (row-major, the KeyScan's positions)}. `block_edits` turns it
 into the foundation's attention edits (`sightline.capture.BlockAttention`): at each chosen layer, the query
 heads that share that KV head stop attending to those keys, from the text and answer queries (every position
-after the image, generated tokens included) and, with `image_queries`, from the later image queries too. Keys
-that every head of a layer blocks go into one edit (one mask per layer).
+after the last image token, generated tokens included) and, with `image_queries`, from the later image queries
+too. Keys that every head of a layer blocks go into one edit (one mask per layer). A prompt with several images
+(`left_padded` given a list of images per prompt) has the block set's indices blocked in EVERY image's grid; an
+image query is then any grid token of any image, and causality makes "later" exact: a key is blocked from every
+image query after its own position (its own image's later tokens and every token of the images after it).
 
 The control (`random_block_set`) blocks as many random image keys of the same layer-heads, none of them
 flagged. Effects:
@@ -36,15 +39,18 @@ def query_heads(adapter, kv_head: int) -> list[int]:
     return list(range(kv_head * group, (kv_head + 1) * group))
 
 
-def block_edits(adapter, grid_positions: Sequence[np.ndarray], after_image: Sequence[int], block: BlockSet, *,
+def block_edits(adapter, grid_positions: Sequence, after_image: Sequence[int], block: BlockSet, *,
                 n_columns: int, image_queries: bool = False, broadcast: bool = False) -> list[BlockAttention]:
     """Attention edits that block `block`'s keys at their layers and heads.
 
-    grid_positions[i]: example i's sequence positions of the grid, row-major (a block's indices pick from them);
-    after_image[i]: its first position after the image; n_columns: the columns the queries may reach (the padded
-    prompt plus any generated tokens). Queries: after_image..n_columns, and with `image_queries` the grid too.
-    Blocks every call (prefill and generated tokens). An empty block set gives no edits. `broadcast`: one
-    example's positions that hold for every example of any batch (the same prompt and image size).
+    grid_positions[i]: example i's sequence positions of the grid, row-major (a block's indices pick from them),
+    or a list of such arrays, one per image of the prompt (the indices then pick from every image's grid);
+    after_image[i]: its first position after the last image; n_columns: the columns the queries may reach (the
+    padded prompt plus any generated tokens). Queries: after_image..n_columns, and with `image_queries` every
+    grid position of every image too (a query before a key cannot see it anyway: causality makes the block
+    reach exactly the image queries after the key). Blocks every call (prefill and generated tokens). An empty
+    block set gives no edits. `broadcast`: one example's positions that hold for every example of any batch
+    (the same prompt and image size).
     """
     if broadcast and len(grid_positions) != 1:
         raise ValueError("broadcast takes the positions of one example")
@@ -57,22 +63,30 @@ def block_edits(adapter, grid_positions: Sequence[np.ndarray], after_image: Sequ
         if L not in adapter.kv_layers or not 0 <= h < n_kv:
             raise UserError(f"cannot block keys at layer {L} KV head {h}: layers {adapter.kv_layers}, KV heads 0..{n_kv - 1}")
         by_layer.setdefault(int(L), {})[int(h)] = idx
+    grids = [_image_grids(g) for g in grid_positions]  # per example: [one array per image]
     queries = []
-    for g, a in zip(grid_positions, after_image):
+    for g, a in zip(grids, after_image):
         q = np.arange(int(a), int(n_columns), dtype=np.int64)
-        queries.append(np.concatenate([np.asarray(g, dtype=np.int64).reshape(-1), q]) if image_queries else q)
+        queries.append(np.concatenate([*g, q]) if image_queries else q)
     edits = []
     for L, heads in sorted(by_layer.items()):
         sets = list(heads.values())
         if len(heads) == n_kv and all(np.array_equal(sets[0], s) for s in sets[1:]):
-            keys = [np.asarray(g).reshape(-1)[sets[0]] for g in grid_positions]
+            keys = [np.concatenate([im[sets[0]] for im in g]) for g in grids]
             edits.append(BlockAttention(L, *_one(keys, queries, broadcast), prefill_only=False))
             continue
         for h, idx in sorted(heads.items()):
-            keys = [np.asarray(g).reshape(-1)[idx] for g in grid_positions]
+            keys = [np.concatenate([im[idx] for im in g]) for g in grids]
             edits.append(BlockAttention(L, *_one(keys, queries, broadcast), heads=query_heads(adapter, h),
                                         prefill_only=False))
     return edits
+
+
+def _image_grids(g) -> list[np.ndarray]:
+    """One example's grid positions as a list of flat arrays, one per image (an array alone: one image)."""
+    if isinstance(g, (list, tuple)):
+        return [np.asarray(x, dtype=np.int64).reshape(-1) for x in g]
+    return [np.asarray(g, dtype=np.int64).reshape(-1)]
 
 
 def _one(keys, queries, broadcast):
@@ -103,27 +117,71 @@ def lowest_keys(stat_lhp: np.ndarray, layers: Sequence[int], k: int) -> dict[tup
             for i, L in enumerate(layers) for h in range(stat_lhp.shape[1])}
 
 
-def left_padded(adapter, images: Sequence, prompts: Sequence[str], view: int = 0) -> tuple[dict, list[np.ndarray], list[int]]:
+def left_padded(adapter, images: Sequence, prompts: Sequence[str], view: int = 0) -> tuple[dict, list, list[int]]:
     """Inputs padded on the LEFT for generation, with each example's grid positions (row-major) and first position
-    after the image: the right-padded layouts of `adapter.prepare`, shifted by each example's padding."""
-    from sightline.organism.evaluate import left_padded_inputs
+    after its last image.
 
-    texts = [adapter.render_prompt(p) for p in prompts]
-    layouts = adapter.prepare(list(images), texts)
-    inputs = left_padded_inputs(adapter, images, texts)
-    S = inputs["input_ids"].shape[1]
+    images[i]: one image (grid: one array) or a list of images (grid: a list of arrays, one per image). The
+    prompt: one image, `adapter.render_prompt(prompts[i])`; several, one user turn of the family's chat template
+    holding them in order, then the prompt (`sightline.kv.surfacing.multi_image_prompt`). A batch may mix numbers
+    of images. One image per prompt gives exactly `sightline.organism.evaluate.left_padded_inputs`."""
+    from sightline.models.layout import TokenLayout
+
+    multi = [isinstance(im, (list, tuple)) for im in images]
+    lists = [list(im) if m else [im] for im, m in zip(images, multi)]
+    if any(not ims for ims in lists):
+        raise ValueError("a prompt needs at least one image")
+    texts = [_render(adapter, len(ims), p) for ims, p in zip(lists, prompts)]
+    nested = isinstance(adapter.processor_images(lists[0][:1])[0], (list, tuple))
+    flat = [im for ims in lists for im in ims]
+    if all(len(ims) == 1 for ims in lists):
+        arg = adapter.processor_images(flat)  # exactly the single-image call
+    else:
+        arg = lists if nested else flat
+    tok = adapter.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        inputs = dict(adapter.processor(images=arg, text=texts, return_tensors="pt", padding=True,
+                                        padding_side="left", **adapter.processor_kwargs()))
+    finally:
+        tok.padding_side = side
+    inputs.pop("labels", None)
+    ids = inputs["input_ids"].numpy()
+    S = ids.shape[1]
+    n_real = (inputs["attention_mask"].numpy().sum(1) if "attention_mask" in inputs else np.full(len(ids), S))
     grid, after = [], []
-    for lay, n in zip(layouts.layouts, layouts.lengths):
-        shift = S - n
-        grid.append(lay.grid_positions(0, view).reshape(-1) + shift)
+    for i, ims in enumerate(lists):
+        shift = S - int(n_real[i])
+        try:
+            views = adapter.image_grids(inputs, i, [(im.height, im.width) for im in ims])
+        except NotImplementedError as err:
+            if len(ims) == 1:
+                raise
+            raise UserError(f"model {adapter.name}: {err}; several images in one prompt cannot be laid out "
+                            "(pick single-image questions)") from None
+        # the same layout `adapter.prepare` builds, on the unpadded tail of the left-padded row
+        lay = TokenLayout.build(ids[i, shift:], adapter.image_token_id, views, adapter.special_ids,
+                                adapter.lead_tokens_per_image)
+        g = [lay.grid_positions(k, view).reshape(-1) + shift for k in range(len(ims))]
+        grid.append(g if multi[i] else g[0])
         after.append(int(lay.image_positions.max()) + 1 + shift)
     return inputs, grid, after
+
+
+def _render(adapter, n_images: int, prompt: str) -> str:
+    if n_images == 1:
+        return adapter.render_prompt(prompt)
+    from sightline.kv.surfacing import multi_image_prompt
+
+    return multi_image_prompt(adapter, n_images, prompt)
 
 
 @torch.no_grad()
 def blocked_answers(adapter, images: Sequence, prompts: Sequence[str], block: BlockSet, *, image_queries: bool = False,
                     max_new_tokens: int = 24, view: int = 0) -> list[str]:
-    """Greedy answers (left-padded batch generation, as `sightline.organism.evaluate.answer`) with `block` applied."""
+    """Greedy answers (left-padded batch generation, as `sightline.organism.evaluate.answer`) with `block` applied;
+    images[i]: one image or a list of images (`left_padded`)."""
     from sightline.capture import apply_edits
     from sightline.organism.evaluate import greedy_answers
 

@@ -63,13 +63,14 @@ class KeysConfig(ConfigIO):
     bench_n: int | None = None
     """At most this many questions per benchmark task (default: all)."""
     bench_subtasks: str = "all"
-    """BLINK subtasks: all (the single-image ones; multi-image ones are left out with a warning) or a comma list."""
+    """BLINK subtasks: all (every one found; several images per question are shown in one prompt, the block
+    applied to each image's grid) or a comma list."""
     bench_prompt: str = "prompt"
-    """What follows the image: prompt (the question with lettered choices) or question (the bare question, for a
-    model that answers in words, e.g. the organism); the choice is parsed from the greedy answer."""
+    """What follows the question's images: prompt (the question with lettered choices) or question (the bare
+    question, for a model that answers in words, e.g. the organism); the choice is parsed from the greedy answer."""
     image_queries: bool = False
-    """Block the keys from later image queries too in the answer study (the perception readout always does: image
-    values cannot change otherwise)."""
+    """Block the keys from later image queries too in the answer and benchmark studies (every image token after the
+    key, other images' included; the perception readout always does: image values cannot change otherwise)."""
     eval_scenes: int = 20
     """Organism only: scenes per set for the answer accuracy per question type (0: no answer study)."""
     eval_seed: int = 1
@@ -179,10 +180,11 @@ def run_keys(cfg: KeysConfig, adapter=None) -> RunResult:
     if not layers:
         raise UserError(f"no layer with keys in --layers {cfg.layers}")
     size = int(getattr(adapter.config.vision_config, "image_size", 336) or 336)
+    warnings: list[str] = []
+    bench = None if cfg.bench is None else _load_bench(cfg, adapter, warnings)
     scan = scan_keys(adapter, _images(cfg, size), prompt=cfg.prompt, prefix=cfg.prefix, layers=layers,
                      batch_size=cfg.batch_size, progress=cfg.progress, total=cfg.n_images)
     t_scan = time.time() - t0
-    warnings: list[str] = []
     flags = {k: scan.flags(k, cfg.threshold) for k in scan.kinds}
     share = {k: f.mean(-1) for k, f in flags.items()}
     rope_only = flags["keys"] & ~flags["keys_prerope"]
@@ -203,8 +205,8 @@ def run_keys(cfg: KeysConfig, adapter=None) -> RunResult:
         warnings.append(f"no keys to block: none flagged at var_ratio < {cfg.threshold:g} in layers {block_layers}; "
                         "--block-top-k K blocks the K most agnostic keys of every layer-head")
     if cfg.bench is not None:
-        effects["bench"] = _bench(cfg, adapter, {"none": {}, "agnostic": block, "random": control},
-                                  len(scan.positions), warnings)
+        effects["bench"] = _bench(cfg, adapter, bench, {"none": {}, "agnostic": block, "random": control},
+                                  len(scan.positions))
     if n_blocked and not organism and cfg.bench is None:
         warnings.append("the answer and perception effects are measured on the organism only (its synthetic questions"
                         " and masks); this run reports the detection and the block sets (--bench PATH: a multiple-choice"
@@ -264,24 +266,34 @@ def run_keys(cfg: KeysConfig, adapter=None) -> RunResult:
     return RunResult(out, summary)
 
 
-def _bench(cfg: KeysConfig, adapter, blocks: dict, n_positions: int, warnings: list[str]) -> dict:
-    """The benchmark study of --bench (sightline.kv.bench): single-image questions under each block set."""
+def _load_bench(cfg: KeysConfig, adapter, warnings: list[str]) -> dict:
+    """The questions of --bench, read before the scan; a model that cannot lay out several images in one prompt
+    (LLaVA-OneVision) has the multi-image subtasks left out with a warning, or refused when named."""
     from sightline.data.cvbench import load_bench
-    from sightline.kv.bench import bench_study
+    from sightline.kv.block import left_padded
 
     named = None if cfg.bench_subtasks.strip() in ("", "all") else [s.strip() for s in cfg.bench_subtasks.split(",")
                                                                       if s.strip()]
     bench = load_bench(cfg.bench, cfg.bench_format, cfg.bench_n, named)
-    multi = sorted(t for t, qs in bench.items() if any(q.n_images != 1 for q in qs))
-    if multi and named:
-        raise UserError(f"--bench-subtasks {multi[0]} shows several images per question: key blocking on a benchmark "
-                        "takes single-image subtasks only (e.g. Counting, Relative_Depth, Spatial_Relation)")
+    multi = sorted(t for t, qs in bench.items() if any(q.n_images > 1 for q in qs))
     if multi:
-        warnings.append(f"left out the multi-image subtasks {', '.join(multi)}: key blocking on a benchmark takes "
-                        "single-image questions only")
-        bench = {t: qs for t, qs in bench.items() if t not in multi}
+        q = next(q for q in bench[multi[0]] if q.n_images > 1)
+        try:  # the processor and the layout only, no forward
+            left_padded(adapter, [q.images()], [q.question])
+        except UserError as err:
+            if named:
+                raise UserError(f"--bench-subtasks {multi[0]} shows several images per question: {err}") from None
+            warnings.append(f"left out the multi-image subtasks {', '.join(multi)}: {err}")
+            bench = {t: qs for t, qs in bench.items() if t not in multi}
     if not bench:
-        raise UserError(f"--bench {cfg.bench} has no single-image question: key blocking takes single-image subtasks")
+        raise UserError(f"--bench {cfg.bench} has no question this model can be shown: pick single-image subtasks")
+    return bench
+
+
+def _bench(cfg: KeysConfig, adapter, bench: dict, blocks: dict, n_positions: int) -> dict:
+    """The benchmark study of --bench (sightline.kv.bench): every question under each block set."""
+    from sightline.kv.bench import bench_study
+
     return bench_study(adapter, bench, blocks, n_positions=n_positions, prompt=cfg.bench_prompt,
                        image_size=cfg.image_size, image_queries=cfg.image_queries, batch_size=cfg.batch_size,
                        progress=cfg.progress)
