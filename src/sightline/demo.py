@@ -48,6 +48,20 @@ class DemoConfig:
     """a checkpoint folder; None = the shipped organism"""
     perception_units: int = 20
     """units per perception task (episodes, sets, images, pairs, clips) on synthetic scenes"""
+    keys_images: int = 32
+    """images the key scan takes its statistics over"""
+    keys_eval_scenes: int = 8
+    """scenes per question set answered under each key block"""
+    keys_readout_scenes: int = 20
+    """scenes of the foreground readout under each key block (half fit, half scored)"""
+    prefix_units: int = 20
+    """referring-expression images read with each text prefix"""
+    surfacing_train_scenes: int = 240
+    """scenes the presence / count probes are fitted on"""
+    surfacing_test_scenes: int = 60
+    """held-out scenes whose presence / count questions are scored"""
+    surfacing_blink_questions: int = 16
+    """synthetic questions in BLINK's layout per subtask (Visual_Correspondence, Multi-view_Reasoning)"""
     threads: int = 1
     """torch's CPU threads for the run (0 = torch's default). The organism's ops are too small to gain
     from more: on 2 cores a second thread cost 2-3x the CPU time for no gain in wall time, and far more
@@ -70,7 +84,9 @@ class DemoContext:
 
 def _check_config(cfg: DemoConfig) -> None:
     """The demo's numbers, checked before its folder is touched."""
-    for name, least in (("n", 1), ("eval_n", 1), ("threads", 0)):
+    for name, least in (("n", 1), ("eval_n", 1), ("threads", 0), ("keys_images", 2), ("keys_eval_scenes", 0),
+                        ("keys_readout_scenes", 0), ("prefix_units", 1), ("surfacing_train_scenes", 1),
+                        ("surfacing_test_scenes", 1), ("surfacing_blink_questions", 1)):
         if getattr(cfg, name) < least:
             raise UserError(f"--{name.replace('_', '-')} must be at least {least}, not {getattr(cfg, name)}")
     if cfg.model is not None:
@@ -542,6 +558,184 @@ def _perception_section(ctx: DemoContext) -> tuple[dict, Section]:
     return {"tasks": per_task, "warnings": res.summary.get("warnings", [])}, sec
 
 
+KEYS_BLOCK_TOP_K = 4  # keys blocked per layer-head in the demo: the organism has few or none flagged (docs/kv.md)
+
+
+def _keys_section(ctx: DemoContext) -> tuple[dict, Section]:
+    from sightline.kv.run import KeysConfig, run_keys
+    from sightline.organism.evaluate import eval_items
+
+    cfg = ctx.config
+    kc = KeysConfig(out=str(ctx.out / "keys"), n_images=cfg.keys_images, block_top_k=KEYS_BLOCK_TOP_K,
+                    block_layers="1-3", eval_scenes=cfg.keys_eval_scenes, eval_seed=cfg.seed,
+                    readout_scenes=cfg.keys_readout_scenes, seed=cfg.seed, progress=cfg.progress)
+    s = run_keys(kc, adapter=ctx.adapter).summary
+    size = ctx.adapter.config.vision_config.image_size
+    n_by_type: dict[str, int] = {}
+    for *_, qtype in eval_items(cfg.seed, cfg.keys_eval_scenes, size):
+        n_by_type[qtype] = n_by_type.get(qtype, 0) + 1
+    n_by_type["all"] = sum(n_by_type.values())
+    acc = s.get("accuracy") or {}
+    fg = s.get("foreground_iou") or {}
+    summary = {k: s.get(k) for k in ("n_images", "n_keys", "n_flagged", "share_flagged", "n_rope_only",
+                                     "n_flagged_where_input_varies", "min_var_ratio", "threshold", "blocked",
+                                     "n_blocked", "block_layers")}
+    summary["accuracy"] = {c: {"all": a.get("all"), "n": n_by_type["all"]} for c, a in acc.items()}
+    summary["foreground_iou"] = fg
+    rows = [(c, accuracy_text(a.get("all"), n_by_type["all"]),
+             *(f"{a[t]:.2f}" if a.get(t) is not None else "n/a" for t in ("shape", "colour", "count", "presence")))
+            for c, a in acc.items()]
+    fg_rows = [(c, *(f"{v:.3f}" for v in per.values())) for c, per in fg.items()]
+    fg_layers = list(next(iter(fg.values()), {}))
+    figs = [(f"keys/{f}", t) for f, t in (
+        ("figures/flagged_share.png", "share of image keys flagged per layer and KV head"),
+        ("figures/var_ratio_grid_keys.png", "var_ratio of the cached keys over the token grid (boxed: flagged)"),
+        ("figures/key_pca.png", "PCA of two images' keys (the paper's Figure 4), flagged keys highlighted"),
+        ("figures/accuracy_blocked.png", "answers with no block, the most agnostic keys blocked, random keys blocked"),
+        ("figures/readout_blocked.png", "foreground probe on image values under each block"))
+        if (ctx.out / "keys" / f).exists()]
+    sec = Section(
+        "Input-agnostic keys, and blocking them",
+        f"For every layer, KV head and image-token position: how much of the key varies across "
+        f"{s['n_images']} images (var_ratio: across-image variance over the layer-head's total key variance), for the "
+        f"keys as cached (post-RoPE) and before RoPE; a key is flagged input-agnostic below {s['threshold']:g} "
+        "(Liu et al., COLM 2025; docs/kv.md). Then the " + s["blocked"] + f" at layers {s['block_layers']} "
+        f"({s['n_blocked']} keys) are blocked from the text and answer queries (an attention-mask edit), beside as many "
+        "random image keys: the answers' accuracy, and a foreground probe on the image values (keys blocked from the "
+        "image queries too), under each. The organism has few input-agnostic keys, so the demo blocks the most "
+        "agnostic ones of every layer-head (--block-top-k).",
+        figures={"image keys scanned": s["n_keys"], "flagged post-RoPE": s["n_flagged"]["keys"],
+                 "flagged pre-RoPE": s["n_flagged"]["keys_prerope"], "flagged only post-RoPE (rotation)":
+                 s["n_rope_only"], "lowest var_ratio (post-RoPE)": round(s["min_var_ratio"]["keys"], 4),
+                 "keys blocked": s["n_blocked"]},
+        tables=[("answers under each block (accuracy [Wilson 95%] over every question type, then per type)",
+                 ["block", "all", "shape", "colour", "count", "presence"], rows)] + (
+            [("foreground IoU of a per-token probe on values.L under each block",
+              ["block", *[f"values.{L}" for L in fg_layers]], fg_rows)] if fg_rows else []),
+        images=figs,
+        links=[("keys/index.html", "keys run page"), ("keys/results.json", "results.json")],
+    )
+    return summary, sec
+
+
+def _prefix_section(ctx: DemoContext) -> tuple[dict, Section]:
+    from sightline.kv.prefix import PrefixConfig, run_prefix
+
+    cfg = ctx.config
+    s = run_prefix(PrefixConfig(out=str(ctx.out / "prefix"), task="refseg", synthetic_units=cfg.prefix_units,
+                                seed=cfg.seed, progress=cfg.progress), adapter=ctx.adapter).summary
+    t = s["tasks"]["refseg"]
+    summary = {"task": "refseg", "metric": t["primary_metric"], "n_units": t["n_units"], "none": t["none"],
+               "kinds": t["kinds"], "warnings": s.get("warnings", [])}
+    rows = []
+    for kind, k in t["kinds"].items():
+        big = k.get("largest_change") or {}
+        ci = (f"[{big['ci_low']:+.3f}, {big['ci_high']:+.3f}]" if big.get("ci_low") is not None else "")
+        rows.append((kind, k.get("prefix_example"), f"{k['mean_change']:+.3f}" if k.get("mean_change") is not None
+                     else "n/a", big.get("rep"), f"{big['change']:+.3f}" if big else "n/a", ci,
+                     f"{k['n_above_zero']} up / {k['n_below_zero']} down of {k['n_reps']}"))
+    sec = Section(
+        "Text before the image",
+        f"Referring-expression segmentation read from the image values of every layer with no text before the image "
+        "and with each prefix kind (a neutral sentence, the task, the class name, the referring expression itself), "
+        f"the same {t['n_units']} images for every kind; the change of the {t['primary_metric']} per layer, kind minus "
+        "none, paired per image, with a bootstrap 95% interval (Liu et al.: a text prefix changes the image values "
+        "and the readouts from them; docs/kv.md). Layer 0's values depend on their own token only, so no prefix "
+        "can change them.",
+        tables=[("change per prefix kind (the layer with the largest change, and how many layers' intervals exclude 0)",
+                 ["prefix", "example", "mean change", "largest at", "change", "95% interval", "intervals"], rows)],
+        images=[(f"prefix/{p.relative_to(ctx.out / 'prefix')}", p.stem.replace("_", " "))
+                for p in sorted((ctx.out / "prefix" / "figures").glob("*.png"))],
+        links=[("prefix/index.html", "prefix run page"), ("prefix/results.json", "results.json")],
+    )
+    return summary, sec
+
+
+def _surfacing_section(ctx: DemoContext) -> tuple[dict, Section]:
+    from sightline.kv.surfacing import SurfacingConfig, run_surfacing
+
+    cfg = ctx.config
+    s = run_surfacing(SurfacingConfig(
+        out=str(ctx.out / "surfacing"), style_triples=cfg.surfacing_blink_questions,
+        train_scenes=cfg.surfacing_train_scenes, test_scenes=cfg.surfacing_test_scenes,
+        kinds="presence_shape,count_objects", subtasks="Visual_Correspondence,Multi-view_Reasoning", seed=cfg.seed,
+        progress=cfg.progress), adapter=ctx.adapter).summary
+    org = s.get("organism") or {}
+    summary = {"organism": org, "subtasks": s.get("subtasks", {}), "warnings": s.get("warnings", [])}
+    rows = [(kind, e["n"], accuracy_text(e["readout_accuracy"], e["n"]), e["best_rep"],
+             accuracy_text(e["answer_accuracy"], e["n"]), f"{e['majority']:.2f}", f"{e['present_not_surfaced']:.2f}")
+            for kind, e in org.items()]
+    brow = [(name, e.get("readout_kind"), e["n"],
+             accuracy_text(e.get("readout_accuracy"), e.get("n_readout") or e["n"])
+             if e.get("readout_accuracy") is not None else "n/a", e.get("best_rep"),
+             accuracy_text(e.get("answer_accuracy"), e["n"]), f"{e['chance']:.2f}",
+             f"{e['present_not_surfaced']:.2f}" if e.get("present_not_surfaced") is not None else "n/a")
+            for name, e in s.get("subtasks", {}).items()]
+    sec = Section(
+        "Present in the values, not surfaced in the answer",
+        "Where a readout of the image representations is right and the model's own answer is wrong (Liu et al.: "
+        "33.3% of BLINK Art Style questions). On the organism, with the world's ground truth: a logistic probe on the "
+        f"pooled image values of every layer, fitted on {cfg.surfacing_train_scenes} scenes of 1-4 objects, answers "
+        f"each presence and count question of {cfg.surfacing_test_scenes} held-out scenes beside the model's greedy "
+        "answer; 'present, not surfaced' is the share the probe gets right and the answer wrong. Synthetic questions "
+        "in BLINK's layout stand in for two of its subtasks, read with no training: Visual Correspondence (the "
+        "candidate point, drawn on the second image, whose token's values are most similar to those under the drawn "
+        "reference point) and Multi-view Reasoning (the sign of the median horizontal shift of mutually nearest "
+        "tokens between the two frames). The organism was never taught lettered multi-image questions, so its "
+        "answers there name no choice and count as wrong. On a real model `sightline surfacing --blink DIR` reads "
+        "BLINK itself, every subtask (docs/kv.md).",
+        tables=[("organism questions (best values layer; brackets: Wilson 95%)",
+                 ["question kind", "questions", "readout accuracy", "layer", "answer accuracy", "majority answer",
+                  "present, not surfaced"], rows),
+                ("synthetic subtasks in BLINK's layout (best layer; brackets: Wilson 95%)",
+                 ["subtask", "readout", "questions", "readout accuracy", "layer", "answer accuracy", "chance",
+                  "present, not surfaced"], brow)],
+        images=[(f"surfacing/{p.relative_to(ctx.out / 'surfacing')}", p.stem.replace("_", " "))
+                for p in sorted((ctx.out / "surfacing" / "figures").glob("*.png"))],
+        links=[("surfacing/index.html", "surfacing run page"), ("surfacing/results.json", "results.json")],
+    )
+    return summary, sec
+
+
+def _kv_findings(summary: dict) -> list[str]:
+    """Sentences on the keys, prefix and surfacing sections, from their summaries."""
+    out = []
+    k = summary.get("keys") or {}
+    if k.get("n_keys"):
+        acc = k.get("accuracy") or {}
+        text = (f"{k['n_flagged']['keys']} of {k['n_keys']} image keys are input-agnostic post-RoPE "
+                f"({k['n_flagged']['keys_prerope']} pre-RoPE; lowest var_ratio {k['min_var_ratio']['keys']:.3f} against "
+                f"the {k['threshold']:g} threshold)")
+        if {"none", "agnostic", "random"} <= set(acc):
+            text += (f"; blocking the {k['n_blocked']} most agnostic keys moves answer accuracy from "
+                     f"{acc['none']['all']:.2f} to {acc['agnostic']['all']:.2f} (random keys: {acc['random']['all']:.2f}; "
+                     f"{acc['none']['n']} questions).")
+        else:
+            text += "."
+        out.append(text)
+    p = summary.get("prefix") or {}
+    if p.get("kinds"):
+        ups = {kind: e["n_above_zero"] for kind, e in p["kinds"].items()}
+        downs = {kind: e["n_below_zero"] for kind, e in p["kinds"].items()}
+        big = max(p["kinds"].items(), key=lambda kv: abs((kv[1].get("largest_change") or {}).get("change", 0.0)))
+        bc = big[1].get("largest_change") or {}
+        text = (f"A text prefix changes the referring-expression readout by at most {bc.get('change', 0):+.3f} "
+                f"({big[0]} prefix at {bc.get('rep')}, 95% interval [{bc.get('ci_low', 0):+.3f}, "
+                f"{bc.get('ci_high', 0):+.3f}], {p['n_units']} images); intervals above zero: "
+                + ", ".join(f"{kind} {n}" for kind, n in ups.items()) + "; below zero: "
+                + ", ".join(f"{kind} {n}" for kind, n in downs.items()) + ".")
+        out.append(text)
+    org = (summary.get("surfacing") or {}).get("organism") or {}
+    pres = org.get("presence_shape")
+    if pres:
+        out.append(f"Present, not surfaced: a probe on the pooled values ({pres['best_rep']}) answers 'Is there a "
+                   f"<shape>?' {pres['readout_accuracy']:.0%} right where the organism's own answer is "
+                   f"{pres['answer_accuracy']:.0%} right (majority answer {pres['majority']:.0%}): for "
+                   f"{pres['present_not_surfaced']:.0%} of {pres['n']} questions the values hold the answer the model "
+                   "does not give (Liu et al.: 33.3% of BLINK Art Style).")
+    return out
+
+
 def findings(summary: dict) -> list[str]:
     """The page's opening sentences, each computed from the summary of this run (no number is fixed here)."""
     out = []
@@ -601,6 +795,7 @@ def findings(summary: dict) -> list[str]:
                    f"{r['sae']:.0%} of shapes (clean {r['clean']:.0%}, zeros there {r['zero']:.0%}, chance "
                    f"{r['chance']:.0%}; {r['n']} questions).")
     out += _perception_findings(summary.get("perception", {}).get("tasks", {}))
+    out += _kv_findings(summary)
     acc, ci, chance = org.get("accuracy", {}), org.get("accuracy_ci95", {}), org.get("chance", {})
     above, at = [], []
     for t, a in acc.items():
@@ -661,6 +856,9 @@ SECTIONS: list[tuple[str, Callable[[DemoContext], tuple[dict, Section]]]] = [
     ("steer", _steer_section),
     ("sae", _sae_section),
     ("perception", _perception_section),
+    ("keys", _keys_section),
+    ("prefix", _prefix_section),
+    ("surfacing", _surfacing_section),
 ]
 
 

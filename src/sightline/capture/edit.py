@@ -156,25 +156,32 @@ class _Blocker:
         self.block = block
         self.positions: dict[int, tuple[list[np.ndarray], list[np.ndarray] | None]] = {}
 
-    def _pairs(self, B: int, S: int, K: int, offset: int, device) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(example, query rows of this call, key columns) for every example with something to block."""
-        if B not in self.positions:
+    def _pairs(self, B: int, S: int, K: int, offset: int, device) -> tuple[torch.Tensor, ...] | None:
+        """(example, query row of this call, key column) of every blocked pair in this call, as three flat
+        long tensors; None when nothing is blocked here."""
+        if B not in self.positions:  # per example: sorted unique key columns (>= 0) and query positions
             b = self.block
-            keys = _per_example(b.keys, B, "attention edit keys")
-            queries = None if b.queries is None else _per_example(b.queries, B, "attention edit queries")
+            keys = [np.unique(k[k >= 0]) for k in _per_example(b.keys, B, "attention edit keys")]
+            queries = None if b.queries is None else [np.unique(q) for q in
+                                                      _per_example(b.queries, B, "attention edit queries")]
             self.positions[B] = (keys, queries)
         keys, queries = self.positions[B]
-        out = []
+        every_row = np.arange(S)
+        ex, rr, cc = [], [], []
         for i in range(B):
-            cols = np.unique(keys[i][(keys[i] >= 0) & (keys[i] < K)])
+            cols = keys[i][:np.searchsorted(keys[i], K)]
             if queries is None:
-                rows = np.arange(S)
+                rows = every_row
             else:
                 q = queries[i]
-                rows = np.unique(q[(q >= offset) & (q < offset + S)] - offset)
+                rows = q[np.searchsorted(q, offset):np.searchsorted(q, offset + S)] - offset
             if len(cols) and len(rows):
-                out.append((i, torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)))
-        return out
+                ex.append(np.full(len(rows) * len(cols), i))
+                rr.append(np.repeat(rows, len(cols)))
+                cc.append(np.tile(cols, len(rows)))
+        if not ex:
+            return None
+        return tuple(torch.as_tensor(np.concatenate(v), dtype=torch.long, device=device) for v in (ex, rr, cc))
 
     def active(self, span: _Span) -> bool:
         """Whether this block applies to the current call (prefill_only blocks only the first)."""
@@ -201,7 +208,7 @@ class _LayerBlocks:
             return self.memo[1]
         B, S = h.shape[:2]
         K = mask.shape[-1] if mask is not None else span.offset + S  # no mask: DynamicCache, keys = columns so far
-        work = [(b, p) for b in active if (p := b._pairs(B, S, K, span.offset, h.device))]
+        work = [(b, p) for b in active if (p := b._pairs(B, S, K, span.offset, h.device)) is not None]
         out = mask
         if work:
             if mask is None:  # sdpa without padding relies on is_causal: write the causal mask out
@@ -216,8 +223,8 @@ class _LayerBlocks:
             for b, pairs in work:
                 heads = torch.as_tensor(list(b.block.heads) if b.block.heads is not None else range(n_h),
                                         dtype=torch.long, device=h.device)
-                for i, rows, cols in pairs:
-                    out[i, heads[:, None, None], rows[None, :, None], cols[None, None, :]] = fill
+                ex, rows, cols = pairs  # one scatter per edit: every (example, row, col) pair, every head
+                out[ex[:, None], heads[None, :], rows[:, None], cols[:, None]] = fill
         self.memo = (key, out)
         return out
 

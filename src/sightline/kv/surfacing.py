@@ -126,15 +126,22 @@ def multi_image_prompt(adapter, n_images: int, text: str) -> str:
 @torch.no_grad()
 def answer_multi(adapter, images: Sequence, text: str, max_new_tokens: int = 12) -> str:
     """The model's greedy answer to `text` shown after all `images` (one prompt, the family's template)."""
-    prompt = multi_image_prompt(adapter, len(images), text)
-    images = list(images)
-    nested = isinstance(adapter.processor_images(images[:1])[0], (list, tuple))
-    inputs = adapter.processor(images=[images] if nested else images, text=[prompt], return_tensors="pt",
-                               **adapter.processor_kwargs())
-    inputs.pop("labels", None)
+    return answer_batch(adapter, [images], [text], max_new_tokens)[0]
+
+
+@torch.no_grad()
+def answer_batch(adapter, image_lists: Sequence[Sequence], texts: Sequence[str], max_new_tokens: int = 12) -> list[str]:
+    """Greedy answers (decoded, stripped, case kept) to one prompt per question: its images in order, then its
+    text, in the family's chat template (one image: `adapter.render_prompt`); one left-padded batch
+    (`sightline.kv.block.left_padded`), which may mix numbers of images."""
+    from sightline.kv.block import left_padded
+
+    batch = [list(ims) if len(ims) > 1 else ims[0] for ims in image_lists]
+    inputs, _, _ = left_padded(adapter, batch, list(texts))
+    S = inputs["input_ids"].shape[1]
     inputs = {k: v.to(adapter.device) for k, v in inputs.items()}
     out = adapter.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return adapter.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return [t.strip() for t in adapter.tokenizer.batch_decode(out[:, S:], skip_special_tokens=True)]
 
 
 # ============================================================================= features
@@ -354,11 +361,11 @@ def _matched(subtask: str, q, images: list, feats: list, item: dict[str, Any]) -
 
 
 def score_blink(adapter, featurizer, questions: Mapping[str, Sequence], max_new_tokens: int = 12,
-                progress: bool = False, folds: int = 5, seed: int = 0) -> dict[str, dict[str, Any]]:
+                progress: bool = False, folds: int = 5, seed: int = 0, batch_size: int = 8) -> dict[str, dict[str, Any]]:
     """Per subtask: every question's generated answer and parsed choice, the readout's choice per rep
     (`readout_kind`: "similarity", "matched" or "probe", cross-fitted over `folds`), then `surface` per rep
     over the questions the readout scored (a readout that abstains counts as wrong). Questions without an
-    answer are skipped."""
+    answer are skipped. The answers are generated `batch_size` questions at a time (`answer_batch`)."""
     from tqdm.auto import tqdm
 
     from sightline.data.blink import parse_choice
@@ -372,9 +379,12 @@ def score_blink(adapter, featurizer, questions: Mapping[str, Sequence], max_new_
             continue
         kind = readout_kind(subtask)
         items, pooled = [], []
-        for q in tqdm(qs, desc=subtask, disable=not progress, dynamic_ncols=True):
+        answers: list[str] = []
+        for s in range(0, len(qs), max(1, batch_size)):
+            chunk = qs[s:s + max(1, batch_size)]
+            answers += answer_batch(adapter, [q.images() for q in chunk], [q.prompt for q in chunk], max_new_tokens)
+        for q, generated in zip(tqdm(qs, desc=subtask, disable=not progress, dynamic_ncols=True), answers):
             images = q.images()
-            generated = answer_multi(adapter, images, q.prompt, max_new_tokens)
             chosen = parse_choice(generated, q.choices)
             item: dict[str, Any] = {"id": q.id, "answer": q.answer, "generated": generated, "parsed": chosen,
                                     "answer_correct": chosen == q.answer}
@@ -612,13 +622,20 @@ def run_surfacing(cfg: SurfacingConfig, adapter=None) -> RunResult:
     subtasks = None if cfg.subtasks.strip() in ("", "all") else [s.strip() for s in cfg.subtasks.split(",") if s.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.blink is None:
+            from sightline.data.blink_fixture import FIXTURE_SUBTASKS
+
+            wanted = tuple(t for t in FIXTURE_SUBTASKS if subtasks is None or t in subtasks)
+            if not wanted:
+                raise UserError(f"--subtasks {cfg.subtasks!r}: the synthetic questions (no --blink) are "
+                                f"{', '.join(FIXTURE_SUBTASKS)}")
             root = write_blink_fixture(tmp, cfg.seed, cfg.style_triples, adapter.config.vision_config.image_size,
-                                       cfg.split)
+                                       cfg.split, subtasks=wanted)
             source = f"synthetic BLINK-layout questions (seed {cfg.seed})"
         else:
             root, source = cfg.blink, f"BLINK {cfg.split} ({cfg.blink})"
         qs = load_blink(root, subtasks, cfg.split, cfg.n)
-        blink = score_blink(adapter, featurizer, qs, cfg.max_new_tokens, cfg.progress, cfg.folds, cfg.seed)
+        blink = score_blink(adapter, featurizer, qs, cfg.max_new_tokens, cfg.progress, cfg.folds, cfg.seed,
+                            cfg.batch_size)
     study = None
     if organism and cfg.organism_questions:
         study = organism_study(adapter, featurizer, cfg.seed, cfg.train_scenes, cfg.test_scenes, cfg.batch_size,
