@@ -149,6 +149,18 @@ class BlockAttention:
         return [int(self.layers)] if np.isscalar(self.layers) else [int(x) for x in self.layers]
 
 
+_PAD = np.iinfo(np.int64).max
+
+
+def _padded(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """Each example's unique positions as one row of an int64 matrix, padded with a value beyond any position."""
+    rows = [np.unique(np.asarray(r, dtype=np.int64).reshape(-1)) for r in rows]
+    out = np.full((len(rows), max((len(r) for r in rows), default=0)), _PAD, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
 class _Blocker:
     """One BlockAttention's (query, key) pairs per batch shape; `_LayerBlocks` writes them into the masks."""
 
@@ -158,30 +170,26 @@ class _Blocker:
 
     def _pairs(self, B: int, S: int, K: int, offset: int, device) -> tuple[torch.Tensor, ...] | None:
         """(example, query row of this call, key column) of every blocked pair in this call, as three flat
-        long tensors; None when nothing is blocked here."""
-        if B not in self.positions:  # per example: sorted unique key columns (>= 0) and query positions
+        long tensors; None when nothing is blocked here. Vectorised over the batch: per batch size, the
+        examples' key columns (>= 0) and query positions are kept as rows of padded matrices."""
+        if B not in self.positions:
             b = self.block
-            keys = [np.unique(k[k >= 0]) for k in _per_example(b.keys, B, "attention edit keys")]
-            queries = None if b.queries is None else [np.unique(q) for q in
-                                                      _per_example(b.queries, B, "attention edit queries")]
+            keys = _padded([k[k >= 0] for k in _per_example(b.keys, B, "attention edit keys")])
+            queries = None if b.queries is None else _padded(list(_per_example(b.queries, B, "attention edit queries")))
             self.positions[B] = (keys, queries)
         keys, queries = self.positions[B]
-        every_row = np.arange(S)
-        ex, rr, cc = [], [], []
-        for i in range(B):
-            cols = keys[i][:np.searchsorted(keys[i], K)]
-            if queries is None:
-                rows = every_row
-            else:
-                q = queries[i]
-                rows = q[np.searchsorted(q, offset):np.searchsorted(q, offset + S)] - offset
-            if len(cols) and len(rows):
-                ex.append(np.full(len(rows) * len(cols), i))
-                rr.append(np.repeat(rows, len(cols)))
-                cc.append(np.tile(cols, len(rows)))
-        if not ex:
+        col_ok = keys < K  # [B, n_keys] (padding is never < K)
+        if queries is None:
+            rows = np.broadcast_to(np.arange(S) + offset, (B, S))
+            row_ok = np.ones((B, S), dtype=bool)
+        else:
+            rows = queries
+            row_ok = (queries >= offset) & (queries < offset + S)
+        ex, qi, ki = np.nonzero(row_ok[:, :, None] & col_ok[:, None, :])
+        if not len(ex):
             return None
-        return tuple(torch.as_tensor(np.concatenate(v), dtype=torch.long, device=device) for v in (ex, rr, cc))
+        out = (ex, rows[ex, qi] - offset, keys[ex, ki])
+        return tuple(torch.as_tensor(v, dtype=torch.long, device=device) for v in out)
 
     def active(self, span: _Span) -> bool:
         """Whether this block applies to the current call (prefill_only blocks only the first)."""
