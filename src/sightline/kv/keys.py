@@ -73,23 +73,26 @@ class KeyMoments:
         self.unit = torch.zeros(L, H, P, d, **z)  # sum_i k_i / ||k_i||
 
     @torch.no_grad()
-    def update(self, keys_blhpd: torch.Tensor) -> None:
-        """Add one batch of images' keys [B, L, H, P, d] (float32 or float64; other dtypes are read as float32)."""
+    def update(self, keys_blhpd: torch.Tensor, scratch: bool = False) -> None:
+        """Add one batch of images' keys [B, L, H, P, d] (float32 or float64; other dtypes are read as float32).
+        `scratch`: the batch tensor is the caller's to lose, and is overwritten (saves two copies of it)."""
         x = keys_blhpd.to(device=self.s1.device)
         if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()
+            x, scratch = x.float(), True
         if x.shape[0] == 0:
             return
         if self.shift is None:
             self.shift = x[0].clone()
-        y = x - self.shift.to(x.dtype)
-        self.s1 += y.sum(0)
-        self.s2 += torch.linalg.vector_norm(y, dim=-1).square().sum(0)
         norms = torch.linalg.vector_norm(x, dim=-1)  # [B, L, H, P]
         self.sq += norms.square().sum(0)
         self.norm += norms.sum(0)
         inv = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
-        self.unit += torch.einsum("blhp,blhpd->lhpd", inv, x)
+        shift = self.shift.to(x.dtype)
+        y = x.sub_(shift) if scratch else x - shift
+        self.s1 += y.sum(0)
+        self.s2 += torch.linalg.vector_norm(y, dim=-1).square().sum(0)
+        # sum_i k_i / |k_i| = sum_i y_i / |k_i| + shift * sum_i 1 / |k_i|
+        self.unit += y.mul_(inv[..., None]).sum(0) + shift * inv.sum(0)[..., None]
         self.n += x.shape[0]
 
     @property
@@ -220,19 +223,19 @@ def scan_keys(adapter, images: Iterable, *, prompt: str = "", prefix: str | None
             positions.append(lay.grid_positions(0, view).reshape(-1))
         got = capture.run(batch, positions)
         for kind in kinds:
-            x = torch.stack([torch.stack([g[f"{kind}.{L}"] for L in layers]) for g in got])  # [B, L, P, H, d]
-            x = x.permute(0, 1, 3, 2, 4)  # [B, L, H, P, d]
+            x = torch.stack([torch.stack([g[f"{kind}.{L}"].transpose(0, 1) for L in layers])
+                             for g in got])  # [B, L, H, P, d], contiguous
             if kind not in moments:
                 moments[kind] = KeyMoments(tuple(x.shape[1:]))
-            moments[kind].update(x)
             kept = sum(len(e) for e in examples[kind])
             if kept < keep_examples:
                 examples[kind].append(x[: keep_examples - kept].clone())
+            moments[kind].update(x, scratch=True)
         if input_control:
             x = torch.stack([g["projector"] for g in got])[:, None, None]  # [B, 1, 1, P, D]
             if "input" not in moments:
                 moments["input"] = KeyMoments(tuple(x.shape[1:]))
-            moments["input"].update(x)
+            moments["input"].update(x, scratch=True)
         n += len(chunk)
         bar.update(len(chunk))
     bar.close()
