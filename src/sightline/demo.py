@@ -704,28 +704,31 @@ def _kv_findings(summary: dict) -> list[str]:
     k = summary.get("keys") or {}
     if k.get("n_keys"):
         acc = k.get("accuracy") or {}
-        text = (f"{k['n_flagged']['keys']} of {k['n_keys']} image keys are input-agnostic post-RoPE "
-                f"({k['n_flagged']['keys_prerope']} pre-RoPE; lowest var_ratio {k['min_var_ratio']['keys']:.3f} against "
-                f"the {k['threshold']:g} threshold)")
+        text = (f"{k['n_flagged']['keys']} of {k['n_keys']} image keys are input-agnostic as cached (var_ratio under "
+                f"{k['threshold']:g} over {k['n_images']} scenes; lowest {k['min_var_ratio']['keys']:.3f}), "
+                f"{k['n_flagged']['keys_prerope']} before RoPE; {k['n_flagged_where_input_varies']} of them sit where the "
+                "language model's input itself varies")
         if {"none", "agnostic", "random"} <= set(acc):
-            text += (f"; blocking the {k['n_blocked']} most agnostic keys moves answer accuracy from "
-                     f"{acc['none']['all']:.2f} to {acc['agnostic']['all']:.2f} (random keys: {acc['random']['all']:.2f}; "
-                     f"{acc['none']['n']} questions).")
+            n_q = acc["none"]["n"]
+            text += (f". Blocking the {k['n_blocked']} most agnostic keys from the text moves answer accuracy from "
+                     f"{acc['none']['all']:.2f} to {acc['agnostic']['all']:.2f} (as many random keys: "
+                     f"{acc['random']['all']:.2f}; {n_q} questions, one answer = {1 / n_q:.3f}).")
         else:
             text += "."
         out.append(text)
     p = summary.get("prefix") or {}
     if p.get("kinds"):
-        ups = {kind: e["n_above_zero"] for kind, e in p["kinds"].items()}
-        downs = {kind: e["n_below_zero"] for kind, e in p["kinds"].items()}
         big = max(p["kinds"].items(), key=lambda kv: abs((kv[1].get("largest_change") or {}).get("change", 0.0)))
         bc = big[1].get("largest_change") or {}
-        text = (f"A text prefix changes the referring-expression readout by at most {bc.get('change', 0):+.3f} "
-                f"({big[0]} prefix at {bc.get('rep')}, 95% interval [{bc.get('ci_low', 0):+.3f}, "
-                f"{bc.get('ci_high', 0):+.3f}], {p['n_units']} images); intervals above zero: "
-                + ", ".join(f"{kind} {n}" for kind, n in ups.items()) + "; below zero: "
-                + ", ".join(f"{kind} {n}" for kind, n in downs.items()) + ".")
-        out.append(text)
+        up = sum(e["n_above_zero"] for e in p["kinds"].values())
+        down = sum(e["n_below_zero"] for e in p["kinds"].values())
+        n_int = sum(e["n_reps"] for e in p["kinds"].values())
+        verdict = ("no prefix moves the referring-expression readout beyond its 95% interval" if up + down == 0 else
+                   f"of {n_int} (prefix, layer) changes of the referring-expression readout, {up} have a 95% interval "
+                   f"above zero and {down} below")
+        out.append(f"Text before the image: {verdict}; the largest change is {bc.get('change', 0):+.3f} ({big[0]} "
+                   f"prefix at {bc.get('rep')}, interval [{bc.get('ci_low', 0):+.3f}, {bc.get('ci_high', 0):+.3f}], "
+                   f"{p['n_units']} images; Liu et al. report gains on real models).")
     org = (summary.get("surfacing") or {}).get("organism") or {}
     pres = org.get("presence_shape")
     if pres:
