@@ -56,13 +56,17 @@ def test_plain_jsonl(fixture_root, tmp_path):
              {"image": "../" + fixture_root.name + "/img/2D/count/synthetic_0.png", "question": "Which?",
               "choices": ["a", "b", "c"], "answer": "(C)"},
              {"image": str(fixture_root / "img/2D/count/synthetic_0.png"), "prompt": "Idx?", "choices": ["x", "y"],
-              "answer": 0, "qtype": "Count"}]
+              "answer": 0, "qtype": "Count"},
+             {"images": [str(fixture_root / "img/2D/count/synthetic_0.png"),
+                         "../" + fixture_root.name + "/img/2D/count/synthetic_0.png"],
+              "question": "Same?", "choices": ["yes", "no"], "answer": "B", "task": "Pair"}]
     sub = fixture_root.parent / "plain"
     sub.mkdir(exist_ok=True)
     path = sub / "mc.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines))
     got = load_bench(path, "jsonl")
-    assert {t: [q.answer for q in qs] for t, qs in got.items()} == {"Count": [1, 0], "all": [2]}
+    assert {t: [q.answer for q in qs] for t, qs in got.items()} == {"Count": [1, 0], "all": [2], "Pair": [1]}
+    assert [im.size for im in got["Pair"][0].images()] == [(SIZE, SIZE)] * 2  # "images": several, in order
     assert got["all"][0].images()[0].size == (SIZE, SIZE)  # relative to the file's folder
     assert got["all"][0].prompt.endswith("(C) c")
 
@@ -77,6 +81,8 @@ def test_loader_errors_are_one_line(fixture_root, tmp_path):
     cases.append((lambda: load_cvbench(tmp_path / "empty"), "no CV-Bench file"))
     pq.write_table(pa.table({"question": ["q"], "answer": ["(A)"]}), tmp_path / "bad.parquet")
     cases.append((lambda: load_cvbench(tmp_path / "bad.parquet"), "no column choices"))
+    (tmp_path / "noimages.jsonl").write_text('{"images": [], "question": "q", "choices": ["a"], "answer": "a"}\n')
+    cases.append((lambda: load_mc_jsonl(tmp_path / "noimages.jsonl"), "non-empty list of image paths"))
     (tmp_path / "bad.jsonl").write_text('{"image": "x.png", "question": "q", "choices": ["a"], "answer": "z"}\n')
     cases.append((lambda: load_mc_jsonl(tmp_path / "bad.jsonl"), "neither one of the choices"))
     (tmp_path / "notjson.jsonl").write_text("{nope\n")

@@ -1,4 +1,4 @@
-"""Multiple-choice benchmarks with one image per question: CV-Bench's layout and a plain JSONL, read as is.
+"""Multiple-choice benchmarks beside BLINK: CV-Bench's layout (one image per question) and a plain JSONL, read as is.
 
 CV-Bench (Tong et al. 2024, nyu-visionx/CV-Bench on the Hub; `huggingface-cli download --repo-type dataset`)::
 
@@ -9,11 +9,11 @@ CV-Bench (Tong et al. 2024, nyu-visionx/CV-Bench on the Hub; `huggingface-cli do
     ROOT/test_2d.jsonl, test_3d.jsonl (or test.jsonl) + ROOT/img/...   the same fields, the image at
          `filename` (relative to the JSONL's folder)
 
-A plain JSONL (one line per question): "image" (a path, relative to the file), "question" (or "prompt"),
-"choices" (list of str), "answer" (the right choice's text, or its letter "(B)" / "B", or its index),
-optional "task" (or "qtype") to group by.
+A plain JSONL (one line per question): "image" (a path, relative to the file) or "images" (a list of them, shown
+in order, for questions on several images), "question" (or "prompt"), "choices" (list of str), "answer" (the right
+choice's text, or its letter "(B)" / "B", or its index), optional "task" (or "qtype") to group by.
 
-Every loader gives {task: [BlinkQuestion]} (`sightline.data.blink.BlinkQuestion`, one image each), the shape
+Every loader gives {task: [BlinkQuestion]} (`sightline.data.blink.BlinkQuestion`; CV-Bench: one image each), the shape
 `load_blink` gives, so the same scoring reads all three. `write_cvbench_fixture` writes questions from the
 synthetic world in CV-Bench's layout (parquet and JSONL + img/): Count (how many objects / circles ..., four
 number words with the true count among them) and Relation (is an object on the left or the right, ...).
@@ -168,10 +168,15 @@ def load_mc_jsonl(path: str | os.PathLike, limit: int | None = None) -> dict[str
     for r, row in enumerate(_jsonl(path)):
         where = f"{path} line {row['_line']}"
         question = row.get("question") or row.get("prompt")
-        lacking = [c for c, v in (("image", row.get("image")), ("question", question), ("choices", row.get("choices")),
+        refs = row.get("images") if row.get("images") is not None else row.get("image")
+        lacking = [c for c, v in (("image", refs), ("question", question), ("choices", row.get("choices")),
                                   ("answer", row.get("answer"))) if v is None]
         if lacking:
-            raise UserError(f"{where}: no \"{lacking[0]}\"; each line needs image, question, choices and answer")
+            raise UserError(f"{where}: no \"{lacking[0]}\"; each line needs image (or images), question, choices and "
+                            "answer")
+        refs = refs if isinstance(refs, list) else [refs]
+        if not refs or not all(isinstance(x, str) and x for x in refs):
+            raise UserError(f"{where}: \"images\" must be a non-empty list of image paths, not {row.get('images')!r}")
         choices = _choices(row["choices"], where)
         ans = row["answer"]
         if isinstance(ans, int) and not isinstance(ans, bool):
@@ -186,11 +191,11 @@ def load_mc_jsonl(path: str | os.PathLike, limit: int | None = None) -> dict[str
         task = str(row.get("task") or row.get("qtype") or "all")
         if limit is not None and len(out.get(task, [])) >= limit:
             continue
-        image = Path(str(row["image"])).expanduser()
-        image = image if image.is_absolute() else path.parent / image
+        images = [Path(x).expanduser() for x in refs]
+        images = [im if im.is_absolute() else path.parent / im for im in images]
         out.setdefault(task, []).append(BlinkQuestion(str(row.get("id", r)), task, str(question), choices, k,
                                                       lettered_prompt(str(question), choices),
-                                                      [functools.partial(_path_image, image)]))
+                                                      [functools.partial(_path_image, im) for im in images]))
     return out
 
 

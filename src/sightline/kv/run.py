@@ -59,7 +59,7 @@ class KeysConfig(ConfigIO):
     """A multiple-choice benchmark answered with no block, the blocked keys and the random control (any model):
     a BLINK folder, a CV-Bench folder or file (parquet / JSONL), or a plain JSONL (docs/kv.md)."""
     bench_format: str = "cvbench"
-    """Layout of --bench: blink, cvbench or jsonl (image, question, choices, answer, optional task a line)."""
+    """Layout of --bench: blink, cvbench or jsonl (image or images, question, choices, answer, optional task a line)."""
     bench_n: int | None = None
     """At most this many questions per benchmark task (default: all)."""
     bench_subtasks: str = "all"
