@@ -85,3 +85,24 @@ def organism():
     from sightline.organism import load_organism
 
     return load_organism()
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """`sightline ARGS` in this process through `main`, returned as `cli` returns it (exit status, stdout, stderr):
+    the same command line without paying python + torch + transformers imports again. An exception `main` does not
+    turn into a one-line error propagates and fails the test, as a traceback would in a subprocess."""
+    import subprocess
+
+    from sightline.cli import main
+
+    def run(*args) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:  # --help: argparse prints and exits
+            rc = e.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["sightline", *map(str, args)], rc, out, err)
+
+    return run

@@ -1,4 +1,7 @@
-"""User mistakes end in one line (`sightline: error: ...`), exit 2, no traceback and nothing left behind."""
+"""User mistakes end in one line (`sightline: error: ...`), exit 2, no traceback and nothing left behind.
+
+Most commands run in this process (`run_cli`: `sightline.cli.main`); a fresh process only where the test is about
+one (what is imported before loading, a closed pipe)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import gradient_image
-from test_extract import ENV, _one_line_error, cli, make_folder
+from test_extract import ENV, _one_line_error, make_folder
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +23,11 @@ def data(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("data"), 4)
 
 
-def _extract(model, data, out, *more):
-    return cli("extract", "--model", model, "--data", data, "--out", out, "--no-progress", *more)
+@pytest.fixture
+def extract_cli(run_cli):
+    """`sightline extract --model M --data D --out O --no-progress MORE` in this process."""
+    return lambda model, data, out, *more: run_cli("extract", "--model", model, "--data", data, "--out", out,
+                                                   "--no-progress", *more)
 
 
 # ------------------------------------------------------------------ model folders, checked before loading
@@ -38,17 +44,17 @@ def _partial_checkpoint(src: str, dst: Path, keep: tuple[str, ...]) -> Path:
     (("config.json", "model.safetensors"), ["image processor", "preprocessor_config.json"]),
     (("config.json", "model.safetensors", "processor_config.json"), ["tokenizer"]),
 ])
-def test_incomplete_model_folder(tiny_checkpoint, data, tmp_path, keep, needles):
+def test_incomplete_model_folder(tiny_checkpoint, data, tmp_path, keep, needles, extract_cli):
     model = _partial_checkpoint(tiny_checkpoint("llava"), tmp_path / "ckpt", keep)
     out = tmp_path / "s"
-    r = _extract(model, data, out)
+    r = extract_cli(model, data, out)
     _one_line_error(r, str(model), *needles)
     assert not out.exists()
 
 
-def test_model_config_file_instead_of_folder(tiny_checkpoint, data, tmp_path):
+def test_model_config_file_instead_of_folder(tiny_checkpoint, data, tmp_path, extract_cli):
     cfg = Path(tiny_checkpoint("llava")) / "config.json"
-    r = _extract(cfg, data, tmp_path / "s")
+    r = extract_cli(cfg, data, tmp_path / "s")
     _one_line_error(r, "is a file", f"pass the checkpoint folder that holds it ({cfg.parent})")
     assert "does not exist" not in r.stderr
     assert not (tmp_path / "s").exists()
@@ -65,14 +71,14 @@ def test_model_folder_checked_before_weights_load():
 
 
 # ------------------------------------------------------------------ output locations
-def test_extract_out_is_a_file(tiny_checkpoint, data, tmp_path):
+def test_extract_out_is_a_file(tiny_checkpoint, data, tmp_path, extract_cli):
     out = tmp_path / "taken"
     out.write_text("keep me")
-    _one_line_error(_extract(tiny_checkpoint("llava"), data, out), str(out), "is a file", "--out")
+    _one_line_error(extract_cli(tiny_checkpoint("llava"), data, out), str(out), "is a file", "--out")
     assert out.read_text() == "keep me"
 
 
-def test_extract_out_read_only(tiny_checkpoint, data, tmp_path):
+def test_extract_out_read_only(tiny_checkpoint, data, tmp_path, extract_cli):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
@@ -80,7 +86,7 @@ def test_extract_out_read_only(tiny_checkpoint, data, tmp_path):
         if os.access(ro, os.W_OK):
             pytest.skip("running as a user (root) who can write to a 0555 folder")
         out = ro / "s"
-        _one_line_error(_extract(tiny_checkpoint("llava"), data, out), str(ro), "permission denied", "--out")
+        _one_line_error(extract_cli(tiny_checkpoint("llava"), data, out), str(ro), "permission denied", "--out")
         assert not out.exists()
     finally:
         ro.chmod(0o755)
@@ -99,53 +105,53 @@ def test_extract_out_not_writable_in_process(tiny_checkpoint, data, tmp_path, mo
     assert not (tmp_path / "s").exists()
 
 
-def test_store_info_on_a_file(tmp_path):
+def test_store_info_on_a_file(tmp_path, run_cli):
     f = tmp_path / "manifest.json"
     f.write_text("{}")
-    r = cli("store", "info", "--path", f)
+    r = run_cli("store", "info", "--path", f)
     _one_line_error(r, "is a file, not a store folder", str(tmp_path))
     assert "does not exist" not in r.stderr
 
 
 # ------------------------------------------------------------------ messages that fit the command
-def test_inspect_bad_image_does_not_suggest_skip_bad(tiny_checkpoint, tmp_path):
+def test_inspect_bad_image_does_not_suggest_skip_bad(tiny_checkpoint, tmp_path, run_cli):
     bad = tmp_path / "bad.png"
     gradient_image(30, 30).save(bad)
     bad.write_bytes(bad.read_bytes()[:50])
-    r = cli("inspect", "--model", tiny_checkpoint("llava"), "--image", bad)
+    r = run_cli("inspect", "--model", tiny_checkpoint("llava"), "--image", bad)
     _one_line_error(r, "bad.png", "fix or remove the file")
     assert "--skip-bad" not in r.stderr
 
 
-def test_layer_out_of_range_names_the_kind(tiny_checkpoint, data, tmp_path):
+def test_layer_out_of_range_names_the_kind(tiny_checkpoint, data, tmp_path, extract_cli):
     """keys has n_layers layers, resid one more: the message says which kind is out of range."""
     n = 2  # the tiny LLaVA's decoder layers
-    r = _extract(tiny_checkpoint("llava"), data, tmp_path / "s", "--sites", "resid,keys", "--layers", str(n))
+    r = extract_cli(tiny_checkpoint("llava"), data, tmp_path / "s", "--sites", "resid,keys", "--layers", str(n))
     _one_line_error(r, f"keys layer {n} out of range", f"valid keys layers are 0..{n - 1}")
     assert not (tmp_path / "s").exists()
 
 
-def test_demo_bad_n_creates_nothing(tmp_path):
+def test_demo_bad_n_creates_nothing(tmp_path, run_cli):
     out = tmp_path / "demo"
-    _one_line_error(cli("demo", "--n", "0", "--out", out), "--n must be at least 1")
+    _one_line_error(run_cli("demo", "--n", "0", "--out", out), "--n must be at least 1")
     assert not out.exists()
 
 
-def test_bad_flag_value_is_one_line():
-    r = cli("extract", "--batch-size", "x")
+def test_bad_flag_value_is_one_line(run_cli):
+    r = run_cli("extract", "--batch-size", "x")
     _one_line_error(r, "argument --batch-size", "whole number", "sightline extract --help")
     assert "usage:" not in r.stderr
-    r = cli("extract", "--bogus")
+    r = run_cli("extract", "--bogus")
     _one_line_error(r, "unrecognized arguments: --bogus")
-    h = cli("extract", "--help")
+    h = run_cli("extract", "--help")
     assert h.returncode == 0 and h.stdout.startswith("usage: sightline extract") and "--batch-size" in h.stdout
 
 
 # ------------------------------------------------------------------ a closed pipe
-def test_closed_stdout_ends_quietly(tiny_checkpoint, data, tmp_path):
+def test_closed_stdout_ends_quietly(tiny_checkpoint, data, tmp_path, extract_cli):
     """`sightline store info S | head` with the reader gone: no BrokenPipeError traceback."""
     out = tmp_path / "s"
-    assert _extract(tiny_checkpoint("llava"), data, out, "--limit", "1").returncode == 0
+    assert extract_cli(tiny_checkpoint("llava"), data, out, "--limit", "1").returncode == 0
     r, w = os.pipe()
     os.close(r)  # the reader is gone before anything is written
     proc = subprocess.run([sys.executable, "-m", "sightline.cli", "store", "info", "--path", str(out), "--json"], env=ENV,
@@ -155,26 +161,30 @@ def test_closed_stdout_ends_quietly(tiny_checkpoint, data, tmp_path):
 
 
 # ------------------------------------------------------------------ --skip-bad, --no-progress
-def test_skip_bad_says_what_it_skipped(tiny_checkpoint, tmp_path):
+def test_skip_bad_says_what_it_skipped(tiny_checkpoint, tmp_path, extract_cli, run_cli):
     data = make_folder(tmp_path / "data", 4)
     bad = data / "a" / "0001.png"
     bad.write_bytes(bad.read_bytes()[:60])
     out = tmp_path / "s"
-    r = _extract(tiny_checkpoint("llava"), data, out, "--skip-bad")
+    r = extract_cli(tiny_checkpoint("llava"), data, out, "--skip-bad")
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip().splitlines()[-1]
     assert line.startswith("skipped 1 unreadable image:") and "0001.png (truncated file)" in line, r.stdout
-    info = cli("store", "info", "--path", out)
+    info = run_cli("store", "info", "--path", out)
     assert "skipped   " in info.stdout and "0001.png: truncated file" in info.stdout, info.stdout
 
 
-def test_no_progress_silences_model_loading_bar(tiny_checkpoint, data, tmp_path):
+def test_no_progress_silences_model_loading_bar(tiny_checkpoint, data, tmp_path, extract_cli):
+    from transformers.utils import logging as hf_logging
+
     model = tiny_checkpoint("llava")
-    shown = _extract(model, data, tmp_path / "a", "--limit", "1", "--progress")
+    assert hf_logging.is_progress_bar_enabled()  # as in a fresh process: nothing before this left the bars off
+    shown = extract_cli(model, data, tmp_path / "a", "--limit", "1", "--progress")
     assert shown.returncode == 0, shown.stderr
     assert "Loading weights" in shown.stderr, "the bar this test silences is not shown any more"
-    quiet = _extract(model, data, tmp_path / "b", "--limit", "1")
+    quiet = extract_cli(model, data, tmp_path / "b", "--limit", "1")
     assert quiet.returncode == 0 and "Loading weights" not in quiet.stderr and "it/s" not in quiet.stderr, quiet.stderr
+    assert hf_logging.is_progress_bar_enabled()  # --no-progress turned them off for its own run only
 
 
 # ------------------------------------------------------------------ file modes

@@ -34,6 +34,7 @@ def make_folder(root: Path, n: int, sizes=((60, 80), (90, 40), (64, 64))) -> Pat
 
 
 def cli(*args) -> subprocess.CompletedProcess:
+    """`sightline ARGS` in a fresh process: for what needs one (signals, a kill, a closed pipe, import order)."""
     return subprocess.run([sys.executable, "-m", "sightline.cli", *map(str, args)], env=ENV, capture_output=True,
                           text=True, timeout=300)
 
@@ -96,14 +97,15 @@ def _read_all(path):
     return s, {site: s.tensor(site) for site in s.sites}
 
 
-def test_kill_and_resume_is_exact(tiny_checkpoint, tmp_path):
-    """SIGKILL mid-run, then --resume: every example exactly once, tensors identical to a clean run."""
+def test_kill_and_resume_is_exact(tiny_checkpoint, tmp_path, run_cli):
+    """SIGKILL mid-run, then --resume: every example exactly once, tensors identical to a clean run. (The killed
+    run is a process of its own; the clean run and the resume need none.)"""
     model = tiny_checkpoint("llava")
     data = make_folder(tmp_path / "data", 160, sizes=((56, 56), (70, 50)))
     args = ["extract", "--model", model, "--data", data, "--sites", "resid,values", "--batch-size", "2",
             "--shard-mb", "0.002", "--no-progress"]
     clean = tmp_path / "clean"
-    assert cli(*args, "--out", clean).returncode == 0
+    assert run_cli(*args, "--out", clean).returncode == 0
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "sightline.cli", *map(str, args), "--out", str(out)], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -114,7 +116,7 @@ def test_kill_and_resume_is_exact(tiny_checkpoint, tmp_path):
     proc.wait()
     partial = ActivationStore.open(out)
     assert 0 < len(partial) < 160, "the kill did not land mid-run"
-    r = cli(*args, "--out", out, "--resume")
+    r = run_cli(*args, "--out", out, "--resume")
     assert r.returncode == 0, r.stderr
     s, got = _read_all(out)
     c, ref = _read_all(clean)
@@ -137,8 +139,7 @@ def interrupt_case(tiny_checkpoint, tmp_path_factory):
     args = ["extract", "--model", tiny_checkpoint("llava"), "--data", data, "--sites", "resid,values",
             "--batch-size", "2"]
     clean = root / "clean"
-    r = cli(*args, "--out", clean, "--no-progress")
-    assert r.returncode == 0, r.stderr
+    assert main([*map(str, args), "--out", str(clean), "--no-progress"]) == 0  # in process: no signal here
     return args, clean
 
 
@@ -150,7 +151,7 @@ def _progress(stderr: str) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_keeps_finished_examples(interrupt_case, tmp_path, sig):
+def test_interrupt_keeps_finished_examples(interrupt_case, tmp_path, sig, run_cli):
     """Ctrl-C or a kill part way, with the default (large) shards: the examples done are kept, and the
     resume computes only the rest; the final store equals an uninterrupted run."""
     import threading
@@ -181,7 +182,7 @@ def test_interrupt_keeps_finished_examples(interrupt_case, tmp_path, sig):
     kept = len(ActivationStore.open(out))
     assert 6 <= kept < N_INTERRUPT, f"the interrupt did not land mid-run ({kept} kept)"
     assert f"{kept} of {N_INTERRUPT} examples are kept" in last, last
-    r = cli(*args, "--out", out, "--resume", "--progress")
+    r = run_cli(*args, "--out", out, "--resume", "--progress")
     assert r.returncode == 0, r.stderr[-2000:]
     assert _progress(r.stderr)[-1] == (N_INTERRUPT - kept, N_INTERRUPT - kept), "the resume did not compute only the rest"
     s, got = _read_all(out)
@@ -201,7 +202,7 @@ def test_two_ranks_write_one_store(tiny_checkpoint, data, tmp_path):
     args = ["extract", "--model", model, "--data", data, "--sites", "resid.1,keys.0", "--batch-size", "1",
             "--no-progress"]
     one = tmp_path / "one"
-    assert cli(*args, "--out", one).returncode == 0
+    assert main([*map(str, args), "--out", str(one)]) == 0
     two = tmp_path / "two"
     r = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "sightline.cli", *map(str, args),
                         "--out", str(two)], env=ENV, capture_output=True, text=True, timeout=300)
@@ -224,16 +225,16 @@ def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
         assert n in lines[0], lines[0]
 
 
-def test_corrupt_image_fails_cleanly_or_is_skipped(tiny_checkpoint, tmp_path):
+def test_corrupt_image_fails_cleanly_or_is_skipped(tiny_checkpoint, tmp_path, run_cli):
     model = tiny_checkpoint("llava")
     data = make_folder(tmp_path / "data", 6)
     bad = data / "a" / "0003.png"
     bad.write_bytes(bad.read_bytes()[:60])  # truncated
     out = tmp_path / "s"
-    r = cli("extract", "--model", model, "--data", data, "--out", out, "--no-progress", "--batch-size", "2")
+    r = run_cli("extract", "--model", model, "--data", data, "--out", out, "--no-progress", "--batch-size", "2")
     _one_line_error(r, "0003.png", "--skip-bad")
     assert not out.exists(), "a half-written store was left behind"
-    r = cli("extract", "--model", model, "--data", data, "--out", out, "--no-progress", "--skip-bad")
+    r = run_cli("extract", "--model", model, "--data", data, "--out", out, "--no-progress", "--skip-bad")
     assert r.returncode == 0, r.stderr
     s = ActivationStore.open(out)
     assert s.complete and len(s) == 5 and len(s.skipped) == 1
@@ -249,46 +250,46 @@ def test_corrupt_image_fails_cleanly_or_is_skipped(tiny_checkpoint, tmp_path):
         ({"--sites": "resid,bogus"}, ["bogus"]),
     ],
 )
-def test_user_mistakes_are_one_line(tiny_checkpoint, data, tmp_path, change, needles):
+def test_user_mistakes_are_one_line(tiny_checkpoint, data, tmp_path, change, needles, run_cli):
     args = {"--model": tiny_checkpoint("llava"), "--data": str(data), "--out": str(tmp_path / "s")}
     args.update(change)
-    r = cli("extract", *[x for kv in args.items() for x in kv], "--no-progress")
+    r = run_cli("extract", *[x for kv in args.items() for x in kv], "--no-progress")
     _one_line_error(r, *needles)
     assert not (tmp_path / "s").exists()
 
 
-def test_existing_store_needs_resume_and_same_config(tiny_checkpoint, data, tmp_path):
+def test_existing_store_needs_resume_and_same_config(tiny_checkpoint, data, tmp_path, run_cli):
     model = tiny_checkpoint("llava")
     out = tmp_path / "s"
     base = ["extract", "--model", model, "--data", data, "--out", out, "--no-progress", "--limit", "2"]
-    assert cli(*base, "--sites", "resid.1").returncode == 0
-    _one_line_error(cli(*base, "--sites", "resid.1"), "--resume")
-    _one_line_error(cli(*base, "--sites", "resid.2", "--resume"), "sites")
+    assert run_cli(*base, "--sites", "resid.1").returncode == 0
+    _one_line_error(run_cli(*base, "--sites", "resid.1"), "--resume")
+    _one_line_error(run_cli(*base, "--sites", "resid.2", "--resume"), "sites")
     assert ActivationStore.open(out).complete  # the refused runs left the store as it was
 
 
-def test_unsupported_architecture_lists_families(data, tmp_path):
+def test_unsupported_architecture_lists_families(data, tmp_path, run_cli):
     from transformers import LlamaConfig
 
     LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                 vocab_size=50).save_pretrained(tmp_path)
-    r = cli("inspect", "--model", tmp_path, "--image", "x.png")
-    r2 = cli("extract", "--model", tmp_path, "--data", data, "--out", tmp_path / "o")
+    r = run_cli("inspect", "--model", tmp_path, "--image", "x.png")
+    r2 = run_cli("extract", "--model", tmp_path, "--data", data, "--out", tmp_path / "o")
     for res in (r, r2):
         assert res.returncode == 2
     _one_line_error(r2, "unsupported architecture", "llava", "qwen2_5_vl")
 
 
-def test_inspect_prints_layout(tiny_checkpoint, tmp_path):
+def test_inspect_prints_layout(tiny_checkpoint, tmp_path, run_cli):
     img = tmp_path / "im.png"
     gradient_image(90, 120).save(img)
-    r = cli("inspect", "--model", tiny_checkpoint("llava_next"), "--image", img, "--json")
+    r = run_cli("inspect", "--model", tiny_checkpoint("llava_next"), "--image", img, "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["tokens"]["image"] > 0 and info["tokens"]["image_newline"] > 0
     views = {g["view"] for g in info["grids"]}
     assert views == {0, 1}
-    r = cli("inspect", "--model", tiny_checkpoint("llava"), "--image", img)
+    r = run_cli("inspect", "--model", tiny_checkpoint("llava"), "--image", img)
     assert r.returncode == 0 and "grid" in r.stdout and "image at" in r.stdout
 
 

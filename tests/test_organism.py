@@ -15,6 +15,20 @@ TINY = OrganismArch(vision_hidden=32, vision_layers=1, vision_heads=2, lm_hidden
                     lm_kv_heads=1, lm_intermediate=64, vocab_size=300)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _corpus_rendered_once():
+    """build_organism trains its BPE on `tokenizer_corpus()`, 400 rendered scenes (~4 s), on every call; the
+    corpus is a pure function of its arguments, so this module renders it once and hands each call a copy."""
+    import functools
+
+    import sightline.organism.model as organism_model
+
+    once = functools.lru_cache(organism_model.tokenizer_corpus)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(organism_model, "tokenizer_corpus", lambda *a, **k: list(once(*a, **k)))
+        yield
+
+
 @pytest.fixture(scope="module")
 def tiny_organism():
     from sightline.models.llava import LlavaAdapter
