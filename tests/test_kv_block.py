@@ -238,3 +238,16 @@ def test_mixed_image_counts_batch_as_each_prompt_alone(tiny_adapter):
     with pytest.raises(UserError, match="several images in one prompt") as err:
         left_padded(tiny_adapter("llava_onevision"), [[a, c]], ["Same?"])
     assert len(str(err.value).splitlines()) == 1
+
+
+def test_text_between_images_is_a_text_query(organism):
+    """With several images, the positions between one image's grid and the next's (a chat template's separators)
+    are text queries too: they could read an earlier image's blocked keys and carry them to the answer."""
+    grids = [np.arange(10, 14), np.arange(20, 24)]
+    (e,) = block_edits(organism, [grids], [26], {(1, 0): [0, 2]}, n_columns=30)
+    assert sorted(np.asarray(e.keys[0]).tolist()) == [10, 12, 20, 22]  # the block set's indices in every image
+    assert sorted(np.asarray(e.queries[0]).tolist()) == [*range(14, 20), *range(26, 30)]
+    (e,) = block_edits(organism, [grids], [26], {(1, 0): [0, 2]}, n_columns=30, image_queries=True)
+    assert sorted(np.asarray(e.queries[0]).tolist()) == [*range(10, 24), *range(26, 30)]
+    (one,) = block_edits(organism, [grids[0]], [14], {(1, 0): [0, 2]}, n_columns=18)  # one image: nothing between
+    assert sorted(np.asarray(one.queries[0]).tolist()) == [14, 15, 16, 17]

@@ -46,9 +46,11 @@ def block_edits(adapter, grid_positions: Sequence, after_image: Sequence[int], b
     grid_positions[i]: example i's sequence positions of the grid, row-major (a block's indices pick from them),
     or a list of such arrays, one per image of the prompt (the indices then pick from every image's grid);
     after_image[i]: its first position after the last image; n_columns: the columns the queries may reach (the
-    padded prompt plus any generated tokens). Queries: after_image..n_columns, and with `image_queries` every
-    grid position of every image too (a query before a key cannot see it anyway: causality makes the block
-    reach exactly the image queries after the key). Blocks every call (prefill and generated tokens). An empty
+    padded prompt plus any generated tokens). Queries: after_image..n_columns and, with several images, every
+    position between one image's grid and the next's (the text a chat template puts between images: it could
+    read the earlier images' blocked keys and carry them on); with `image_queries` every grid position of every
+    image too (a query before a key cannot see it anyway: causality makes the block reach exactly the queries
+    after the key). Blocks every call (prefill and generated tokens). An empty
     block set gives no edits. `broadcast`: one example's positions that hold for every example of any batch
     (the same prompt and image size).
     """
@@ -66,7 +68,11 @@ def block_edits(adapter, grid_positions: Sequence, after_image: Sequence[int], b
     grids = [_image_grids(g) for g in grid_positions]  # per example: [one array per image]
     queries = []
     for g, a in zip(grids, after_image):
-        q = np.arange(int(a), int(n_columns), dtype=np.int64)
+        # the text between consecutive images (a chat template's separators) is text too: it could read an
+        # earlier image's blocked keys and pass them on
+        between = [np.arange(int(g[i].max()) + 1, int(g[i + 1].min()), dtype=np.int64) for i in range(len(g) - 1)
+                   if len(g[i]) and len(g[i + 1])]
+        q = np.concatenate([*between, np.arange(int(a), int(n_columns), dtype=np.int64)])
         queries.append(np.concatenate([*g, q]) if image_queries else q)
     edits = []
     for L, heads in sorted(by_layer.items()):
