@@ -13,8 +13,9 @@ names no choice counts as wrong. Parsing a generation rather than scoring each c
 answer the model would give, and lets one generation per question serve every number of choices.
 
 The block set's grid indices (the scan's, of single images) are blocked in the grid of EVERY image of a prompt
-(the random control likewise: the same count per image), from the text and answer queries after the last image
-and, with `image_queries`, from every image token after the key (`sightline.kv.block.block_edits`). So every
+(the random control likewise: the same count per image), from the text between images, the text and answer
+queries after the last image and, with `image_queries`, from every image token after the key
+(`sightline.kv.block.block_edits`). So every
 image must give the scan's grid.
 
 Per task and condition: n, right, accuracy with its Wilson 95% interval, and `changed`: the answers whose
