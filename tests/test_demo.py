@@ -65,29 +65,31 @@ def test_headline_figures_on_the_organism(demo):
     assert p["best_control_top1"] <= 0.25  # measured [0.047, 0.159]
     st = s["steer"]
     assert st["clean_flip_rate"] == 0.0  # measured 0.0 on every seed
-    assert st["flip_rate"] >= 0.8  # measured [0.875, 1.0] (seed 7: 0.875; 24 images, one = 0.042)
-    assert st["damage_accuracy"] >= 0.9  # measured [0.917, 1.0] (seed 13: 0.917)
-    # the model's own four-way judgement of the steered answers follows the flip rate (seed 7: 0.875 and 0.875;
+    assert st["flip_rate"] >= 0.75  # measured [0.833, 1.0] (seed 7: 0.833; 24 images, one = 0.042)
+    assert st["damage_accuracy"] >= 0.9  # measured [1.0, 1.0]
+    # the model's own four-way judgement of the steered answers follows the flip rate (seed 7: 0.833 and 0.833;
     # tests/test_steer.py measured a gap of at most 0.05 on five data seeds), and finds no target in clean answers
     assert abs(st["judged_target_rate"] - st["flip_rate"]) <= 0.15
     assert st["clean_judged_target_rate"] <= 0.1 and st["clean_coherence"] < st["coherence"]
     curve = s["sae"]["shared_by_layer"]
     assert [c["layer"] for c in curve] == list(range(s["organism"]["n_layers"] + 1))
-    # image-only early, more shared deeper: first layer measured [0.109, 0.136], last [0.463, 0.514],
-    # gap [0.329, 0.395]
+    # image-only early, more shared deeper: first layer measured [0.119, 0.128], last [0.445, 0.477],
+    # gap [0.321, 0.358]
     assert curve[0]["shared"] + 0.1 < curve[-1]["shared"]
     saes = s["sae"]["saes"]
-    # resid.0's SAE spliced in keeps the shape answers, zeros there lose them (seed 7, 16 questions: clean 1.0,
-    # spliced 1.0, zero 0.0; tests/test_sae_analysis.py measured drops <= 0.04 and zero 0.0 on four seeds)
+    # resid.0's SAE spliced in keeps the shape answers, zeros there lose them (seeds 3, 7, 11, 13: clean 1.0,
+    # spliced 1.0, zero 0.0 on every one; the first 16 shape questions of the store, 14 at seed 7;
+    # tests/test_sae_analysis.py measured drops <= 0.04 and zero 0.0 on four seeds)
     shape0 = saes[0]["task_accuracy"]["shape"]
-    assert shape0["n"] == 16 and shape0["sae"] >= shape0["clean"] - 0.2
+    assert 12 <= shape0["n"] <= 16 and shape0["sae"] >= shape0["clean"] - 0.2
     assert shape0["zero"] <= shape0["chance"] + 0.15
-    assert all(e["fvu_image"] < 0.03 for e in saes), [e["fvu_image"] for e in saes]  # measured max [0.0213, 0.0217]
+    # FVU on image tokens, max over layers: [0.0251, 0.0258] (5 epochs over the demo's 256 scenes)
+    assert all(e["fvu_image"] < 0.04 for e in saes), [e["fvu_image"] for e in saes]
     # dead latents per layer resid.0..4 with the demo's 5 epochs, max over layers at seeds 3, 7, 11, 13:
-    # [0.051, 0.070] (resid.0 the worst)
+    # [0.051, 0.078] (resid.0 the worst)
     assert all(e["frac_dead"] < 0.10 for e in saes), [e["frac_dead"] for e in saes]
     tasks = s["perception"]["tasks"]
-    assert set(tasks) == {"fgseg", "coseg", "textseg", "refseg", "semcorr"}
+    assert set(tasks) == {"fgseg", "coseg", "textseg", "semcorr"}
     for task, e in tasks.items():  # the token-grid oracle bounds every token readout; chance sits below
         assert e["chance"] <= e["best_values"] <= e["oracle"] + 1e-9, task
         assert e["n_units"] >= 20 and not e["too_small"], task
@@ -113,18 +115,18 @@ def test_kv_sections_on_the_organism(demo):
     layer0 = [r for r in rows if r["rep"] == "values.0"]
     assert layer0 and all(r["change"] == 0 and r["ci_low"] == 0 == r["ci_high"] for r in layer0)
     p = s["prefix"]
-    assert p["n_units"] >= 20 and set(p["kinds"]) == {"neutral", "task", "class", "expression"}
+    assert p["n_units"] >= 20 and set(p["kinds"]) == {"neutral", "class", "expression"}
     org = s["surfacing"]["organism"]["presence_shape"]
-    # measured at seeds 3, 7, 11, 13 (80 questions): readout [0.85, 0.9], answer 0.5 on every seed (the organism
-    # answers presence at chance), present-not-surfaced [0.41, 0.46]
+    # measured at seeds 3, 7, 11, 13 (80 questions): readout [0.8375, 0.9125], answer 0.5 on every seed (the
+    # organism answers presence at chance), present-not-surfaced [0.41, 0.45]
     assert org["readout_accuracy"] >= 0.8
     assert abs(org["answer_accuracy"] - 0.5) <= 0.15
     assert org["present_not_surfaced"] >= 0.3
     sub = s["surfacing"]["subtasks"]
     assert {t: e["readout_kind"] for t, e in sub.items()} == {"Visual_Correspondence": "matched",
                                                              "Multi-view_Reasoning": "matched"}
-    assert sub["Visual_Correspondence"]["readout_accuracy"] >= 0.5  # chance 0.25; measured [0.917, 1.0] (12 each)
-    assert sub["Multi-view_Reasoning"]["readout_accuracy"] >= 0.66  # chance 0.5; measured [0.917, 1.0]
+    assert sub["Visual_Correspondence"]["readout_accuracy"] >= 0.5  # chance 0.25; measured [0.9, 1.0] (10 each)
+    assert sub["Multi-view_Reasoning"]["readout_accuracy"] >= 0.66  # chance 0.5; measured [0.9, 1.0]
 
 
 class _Refs(HTMLParser):

@@ -38,7 +38,7 @@ class DemoConfig:
 
     out: str = "sightline-demo"
     """output folder (replaced when it is an earlier demo folder)"""
-    n: int = 320
+    n: int = 256
     """held-out single-object scenes in the store"""
     seed: int = 7
     """scene seed of the held-out data (training drew from seed 0's "train" stream)"""
@@ -50,17 +50,17 @@ class DemoConfig:
     """units per perception task (episodes, sets, images, pairs, clips) on synthetic scenes"""
     keys_images: int = 32
     """images the key scan takes its statistics over"""
-    keys_eval_scenes: int = 8
+    keys_eval_scenes: int = 6
     """scenes per question set answered under each key block"""
-    keys_readout_scenes: int = 20
+    keys_readout_scenes: int = 16
     """scenes of the foreground readout under each key block (half fit, half scored)"""
     prefix_units: int = 20
     """referring-expression images read with each text prefix"""
-    surfacing_train_scenes: int = 200
+    surfacing_train_scenes: int = 160
     """scenes the presence / count probes are fitted on"""
     surfacing_test_scenes: int = 40
     """held-out scenes whose presence / count questions are scored"""
-    surfacing_blink_questions: int = 12
+    surfacing_blink_questions: int = 10
     """synthetic questions in BLINK's layout per subtask (Visual_Correspondence, Multi-view_Reasoning)"""
     threads: int = 1
     """torch's CPU threads for the run (0 = torch's default). The organism's ops are too small to gain
@@ -402,7 +402,7 @@ def _sae_section(ctx: DemoContext) -> tuple[dict, Section]:
             batch_size=1024, epochs=5, dead_tokens=4096,
             saes=(SAEConfig(arch="topk", width=256, k=32, aux_coeff=0.25),)), progress=cfg.progress)["paths"]
     res = analyze_sae(SAEAnalyzeConfig(saes=tuple(str(f) for f in folders), store=str(ctx.store_path),
-                                       out=str(ctx.out / "sae-analysis"), n_loss=32, loss_batch_size=32, n_features=6,
+                                       out=str(ctx.out / "sae-analysis"), n_loss=16, loss_batch_size=32, n_features=6,
                                        task_qtypes=("shape", "colour"), n_task=16, max_new_tokens=4,
                                        progress=cfg.progress), adapter=ctx.adapter)
     keep = ("site", "fvu_image", "fvu_text", "l0_image", "l0_text", "frac_dead", "loss_recovered", "task_accuracy",
@@ -503,7 +503,7 @@ def _spliced_text(task_accuracy: dict | None, qtype: str) -> str:
 
 PERCEPTION_REPS = ("values", "projector", "encoder")  # values of all KV heads together; `perceive` reads more
 # label propagation through clips (tempcorr) is left to `sightline perceive`: it doubled the section's time
-PERCEPTION_TASKS = ("fgseg", "coseg", "textseg", "refseg", "semcorr")
+PERCEPTION_TASKS = ("fgseg", "coseg", "textseg", "semcorr")  # refseg: the prefix section reads it, every layer
 
 
 def _perception_section(ctx: DemoContext) -> tuple[dict, Section]:
@@ -543,9 +543,9 @@ def _perception_section(ctx: DemoContext) -> tuple[dict, Section]:
         "Zero-shot readouts from the language model's image VALUE tokens, layer by layer (Liu et al., COLM 2025, "
         "arXiv 2510.04819; protocols in docs/perception.md) on synthetic scenes with exact masks, keypoints and "
         "clips: few-shot foreground segmentation (5-shot logistic classifier per token), co-segmentation "
-        "(clusters shared by a set), text-query segmentation (the shape name's value against the image values), "
-        "referring-expression segmentation and keypoint correspondence (nearest neighbour); `sightline perceive` "
-        "adds label propagation through clips and every KV head. Beside each: the projector output (what the language model receives), the vision tower "
+        "(clusters shared by a set), text-query segmentation (the shape name's value against the image values) "
+        "and keypoint correspondence (nearest neighbour); the prefix section below reads referring-expression "
+        "segmentation, and `sightline perceive` adds label propagation through clips and every KV head. Beside each: the projector output (what the language model receives), the vision tower "
         "before the language model was trained on it (stage 1, the encoder baseline), the same architecture "
         "with random weights (control), the token-grid oracle (the ground truth moved onto the 8x8 tokens and "
         "back: the best any token-level readout can score) and chance. Intervals: bootstrap 95% over units.",
@@ -624,6 +624,7 @@ def _prefix_section(ctx: DemoContext) -> tuple[dict, Section]:
 
     cfg = ctx.config
     s = run_prefix(PrefixConfig(out=str(ctx.out / "prefix"), task="refseg", synthetic_units=cfg.prefix_units,
+                                kinds=("none", "neutral", "class", "expression"),
                                 seed=cfg.seed, progress=cfg.progress), adapter=ctx.adapter).summary
     t = s["tasks"]["refseg"]
     summary = {"task": "refseg", "metric": t["primary_metric"], "n_units": t["n_units"], "none": t["none"],
@@ -638,7 +639,8 @@ def _prefix_section(ctx: DemoContext) -> tuple[dict, Section]:
     sec = Section(
         "Text before the image",
         f"Referring-expression segmentation read from the image values of every layer with no text before the image "
-        "and with each prefix kind (a neutral sentence, the task, the class name, the referring expression itself), "
+        "and with each prefix kind (a neutral sentence, the class name, the referring expression itself; "
+        "`sightline prefix` adds the task's own sentence), "
         f"the same {t['n_units']} images for every kind; the change of the {t['primary_metric']} per layer, kind minus "
         "none, paired per image, with a bootstrap 95% interval (Liu et al.: a text prefix changes the image values "
         "and the readouts from them; docs/kv.md). Layer 0's values depend on their own token only, so no prefix "

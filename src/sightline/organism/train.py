@@ -408,7 +408,16 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, stop_aft
 
     Steps count both stages: 0 .. vision_steps-1 are stage 1, then stage 2's `steps`. `stop_after`
     ends the session after that many steps in total (as an interruption would), leaving the run to
-    be resumed from its last checkpoint."""
+    be resumed from its last checkpoint. `cfg.threads` holds for the training only: torch's thread
+    count is put back afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, resume, progress, stop_after)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None) -> Path:
     from tqdm.auto import tqdm
 
     out = Path(cfg.out)

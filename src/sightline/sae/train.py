@@ -559,8 +559,12 @@ def train_saes(config: SAETrainConfig, progress: bool = True, stop_after: int | 
                 write_json(work / "config.json", to_dict(cfg))
             barrier(world)
             notes = {"schedule": sched, "warnings": [*store_warnings, *sched.warnings], "store_state": store_state}
-            summary = _train(run_cfg, store, d_in, names, n_avail, device, rank, world, work, out, progress,
-                             stop_after, notes)
+            threads = torch.get_num_threads()
+            try:  # cfg.threads is the training's, not the calling process's: put torch's setting back after
+                summary = _train(run_cfg, store, d_in, names, n_avail, device, rank, world, work, out, progress,
+                                 stop_after, notes)
+            finally:
+                torch.set_num_threads(threads)
             if summary is None:
                 raise _Interrupted
     except _Interrupted:
