@@ -564,26 +564,21 @@ KEYS_BLOCK_TOP_K = 4  # keys blocked per layer-head in the demo: the organism ha
 
 def _keys_section(ctx: DemoContext) -> tuple[dict, Section]:
     from sightline.kv.run import KeysConfig, run_keys
-    from sightline.organism.evaluate import eval_items
 
     cfg = ctx.config
     kc = KeysConfig(out=str(ctx.out / "keys"), n_images=cfg.keys_images, block_top_k=KEYS_BLOCK_TOP_K,
                     block_layers="1-3", eval_scenes=cfg.keys_eval_scenes, eval_seed=cfg.seed,
                     readout_scenes=cfg.keys_readout_scenes, seed=cfg.seed, progress=cfg.progress)
     s = run_keys(kc, adapter=ctx.adapter).summary
-    size = ctx.adapter.config.vision_config.image_size
-    n_by_type: dict[str, int] = {}
-    for *_, qtype in eval_items(cfg.seed, cfg.keys_eval_scenes, size):
-        n_by_type[qtype] = n_by_type.get(qtype, 0) + 1
-    n_by_type["all"] = sum(n_by_type.values())
+    n_by_type = s.get("questions") or {}
     acc = s.get("accuracy") or {}
     fg = s.get("foreground_iou") or {}
     summary = {k: s.get(k) for k in ("n_images", "n_keys", "n_flagged", "share_flagged", "n_rope_only",
                                      "n_flagged_where_input_varies", "min_var_ratio", "threshold", "blocked",
                                      "n_blocked", "block_layers")}
-    summary["accuracy"] = {c: {"all": a.get("all"), "n": n_by_type["all"]} for c, a in acc.items()}
+    summary["accuracy"] = {c: {"all": a.get("all"), "n": n_by_type.get("all")} for c, a in acc.items()}
     summary["foreground_iou"] = fg
-    rows = [(c, accuracy_text(a.get("all"), n_by_type["all"]),
+    rows = [(c, accuracy_text(a.get("all"), n_by_type.get("all")),
              *(f"{a[t]:.2f}" if a.get(t) is not None else "n/a" for t in ("shape", "colour", "count", "presence")))
             for c, a in acc.items()]
     fg_rows = [(c, *(f"{v:.3f}" for v in per.values())) for c, per in fg.items()]

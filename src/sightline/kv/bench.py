@@ -47,6 +47,7 @@ def bench_answers(adapter, images: Sequence, prompts: Sequence[str], block: Bloc
     question's image or list of images. UserError when an image gives another grid than the `n_positions` the
     block set indexes."""
     from sightline.capture import apply_edits
+    from sightline.organism.evaluate import greedy_answers
 
     inputs, grid, after = left_padded(adapter, images, prompts)
     for g in grid:
@@ -56,10 +57,8 @@ def bench_answers(adapter, images: Sequence, prompts: Sequence[str], block: Bloc
                                 f"{n_positions}: give --image-size so every image has the scan's size")
     S = inputs["input_ids"].shape[1]
     edits = block_edits(adapter, grid, after, block, n_columns=S + max_new_tokens, image_queries=image_queries)
-    inputs = {k: v.to(adapter.device) for k, v in inputs.items()}
     with apply_edits(adapter, edits):
-        out = adapter.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return [t.strip() for t in adapter.tokenizer.batch_decode(out[:, S:], skip_special_tokens=True)]
+        return greedy_answers(adapter, inputs, max_new_tokens, lower=False)
 
 
 def bench_study(adapter, bench: Mapping[str, Sequence], blocks: Mapping[str, BlockSet], *, n_positions: int,

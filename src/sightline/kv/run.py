@@ -12,6 +12,7 @@ OUT/{config.json, results.json, figures/, index.html} whole or not at all (docs/
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +219,7 @@ def run_keys(cfg: KeysConfig, adapter=None) -> RunResult:
         conds = {"none": {}, "agnostic": block, "random": control}
         if cfg.eval_scenes:
             items = eval_items(cfg.eval_seed, cfg.eval_scenes, size)
+            effects["questions"] = dict(Counter(qtype for *_, qtype in items), all=len(items))
             effects["accuracy"] = answer_accuracy(adapter, items, conds, image_queries=cfg.image_queries,
                                                   batch_size=max(cfg.batch_size, 32))
         if cfg.readout_scenes:
@@ -237,7 +239,7 @@ def run_keys(cfg: KeysConfig, adapter=None) -> RunResult:
         "min_var_ratio": {k: float(scan.stats[k]["var_ratio"].min()) for k in scan.kinds},
         "blocked": block_what, "n_blocked": n_blocked, "block_layers": block_layers,
         "image_queries": cfg.image_queries, "organism": organism,
-        "accuracy": effects.get("accuracy"),
+        "accuracy": effects.get("accuracy"), "questions": effects.get("questions"),
         "bench": None if "bench" not in effects else {
             "path": cfg.bench, "format": cfg.bench_format, "prompt": cfg.bench_prompt,
             "n_questions": effects["bench"]["tasks"]["all"]["none"]["n"],

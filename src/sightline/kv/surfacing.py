@@ -135,13 +135,11 @@ def answer_batch(adapter, image_lists: Sequence[Sequence], texts: Sequence[str],
     text, in the family's chat template (one image: `adapter.render_prompt`); one left-padded batch
     (`sightline.kv.block.left_padded`), which may mix numbers of images."""
     from sightline.kv.block import left_padded
+    from sightline.organism.evaluate import greedy_answers
 
     batch = [list(ims) if len(ims) > 1 else ims[0] for ims in image_lists]
     inputs, _, _ = left_padded(adapter, batch, list(texts))
-    S = inputs["input_ids"].shape[1]
-    inputs = {k: v.to(adapter.device) for k, v in inputs.items()}
-    out = adapter.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return [t.strip() for t in adapter.tokenizer.batch_decode(out[:, S:], skip_special_tokens=True)]
+    return greedy_answers(adapter, inputs, max_new_tokens, lower=False)
 
 
 # ============================================================================= features
@@ -368,8 +366,6 @@ def score_blink(adapter, featurizer, questions: Mapping[str, Sequence], max_new_
     answer are skipped. The answers are generated `batch_size` questions at a time (`answer_batch`)."""
     from tqdm.auto import tqdm
 
-    from sightline.data.blink import parse_choice
-
     out: dict[str, dict[str, Any]] = {}
     for subtask, qs in questions.items():
         qs = [q for q in qs if q.answer is not None]
@@ -379,29 +375,16 @@ def score_blink(adapter, featurizer, questions: Mapping[str, Sequence], max_new_
             continue
         kind = readout_kind(subtask)
         items, pooled = [], []
-        answers: list[str] = []
-        for s in range(0, len(qs), max(1, batch_size)):
-            chunk = qs[s:s + max(1, batch_size)]
-            answers += answer_batch(adapter, [q.images() for q in chunk], [q.prompt for q in chunk], max_new_tokens)
-        for q, generated in zip(tqdm(qs, desc=subtask, disable=not progress, dynamic_ncols=True), answers):
-            images = q.images()
-            chosen = parse_choice(generated, q.choices)
-            item: dict[str, Any] = {"id": q.id, "answer": q.answer, "generated": generated, "parsed": chosen,
-                                    "answer_correct": chosen == q.answer}
-            feats = featurizer(images)
-            if kind == "similarity":
-                if len(images) == len(q.choices) + 1:
-                    f = _pool(feats)
-                    item["readout"] = {rep: similarity_choice(v[0], v[1:]) for rep, v in f.items()}
-                else:
-                    item["no_readout"] = f"{len(images)} images for {len(q.choices)} choices (one per choice after " \
-                                         "the reference expected)"
-            elif kind == "matched":
-                _matched(subtask, q, images, feats, item)
-            else:
-                pooled.append(_pool(feats))
-            del feats
-            items.append(item)
+        bar = tqdm(total=len(qs), desc=subtask, disable=not progress, dynamic_ncols=True)
+        step = max(1, batch_size)
+        for start in range(0, len(qs), step):  # each question's images are read once, for answer and readout
+            chunk = qs[start:start + step]
+            chunk_images = [q.images() for q in chunk]
+            answers = answer_batch(adapter, chunk_images, [q.prompt for q in chunk], max_new_tokens)
+            for q, images, generated in zip(chunk, chunk_images, answers):
+                items.append(_blink_item(subtask, kind, q, images, generated, featurizer, pooled))
+            bar.update(len(chunk))
+        bar.close()
         entry: dict[str, Any] = {
             "n": len(items), "readout_kind": kind,
             "answer_accuracy": float(np.mean([it["answer_correct"] for it in items])),
@@ -420,6 +403,29 @@ def score_blink(adapter, featurizer, questions: Mapping[str, Sequence], max_new_
             entry["note"] = f"no readout for {len(missing)} of {len(items)} questions (first: {missing[0]})"
         out[subtask] = entry
     return out
+
+
+def _blink_item(subtask: str, kind: str, q, images: Sequence, generated: str, featurizer,
+                pooled: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """One question scored: its parsed answer and the readout's choice per rep (a "probe" subtask's pooled
+    features are appended to `pooled` for the cross-fit)."""
+    from sightline.data.blink import parse_choice
+
+    chosen = parse_choice(generated, q.choices)
+    item: dict[str, Any] = {"id": q.id, "answer": q.answer, "generated": generated, "parsed": chosen,
+                            "answer_correct": chosen == q.answer}
+    feats = featurizer(images)
+    if kind == "similarity":
+        if len(images) == len(q.choices) + 1:
+            item["readout"] = {rep: similarity_choice(v[0], v[1:]) for rep, v in _pool(feats).items()}
+        else:
+            item["no_readout"] = (f"{len(images)} images for {len(q.choices)} choices (one per choice after the "
+                                  "reference expected)")
+    elif kind == "matched":
+        _matched(subtask, q, images, feats, item)
+    else:
+        pooled.append(_pool(feats))
+    return item
 
 
 def _probe_subtask(qs: Sequence, items: list[dict[str, Any]], pooled: list[dict[str, np.ndarray]],

@@ -57,12 +57,12 @@ def left_padded_inputs(adapter, images, texts: list[str]) -> dict:
 
 
 @torch.no_grad()
-def greedy_answers(adapter, inputs: dict, max_new_tokens: int = 24) -> list[str]:
-    """Greedy generations from a left-padded batch, decoded, stripped and lower-cased."""
+def greedy_answers(adapter, inputs: dict, max_new_tokens: int = 24, lower: bool = True) -> list[str]:
+    """Greedy generations from a left-padded batch, decoded, stripped and (`lower`) lower-cased."""
     inputs = {k: v.to(adapter.device) for k, v in inputs.items()}
     out = adapter.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[:, inputs["input_ids"].shape[1]:]
-    return [t.strip().lower() for t in adapter.tokenizer.batch_decode(new, skip_special_tokens=True)]
+    new = adapter.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [t.strip().lower() if lower else t.strip() for t in new]
 
 
 def answer(adapter, images, prompts: list[str], max_new_tokens: int = 24) -> list[str]:

@@ -92,23 +92,32 @@ def plot_key_pca(keys_npd: Mapping[str, np.ndarray], flags_p: Mapping[str, np.nd
     return _save(fig, path)
 
 
-def plot_accuracy(acc: Mapping[str, Mapping[str, float]], path: str | os.PathLike, title: str) -> Path:
-    """Grouped bars: accuracy per question type under each condition (none, agnostic, random)."""
+def _accuracy_bars(values: Mapping[str, Sequence[float]], labels: Sequence[str], path: str | os.PathLike,
+                   title: str, width: float, errors: Mapping[str, np.ndarray] | None = None,
+                   tick_kw: Mapping | None = None) -> Path:
+    """Grouped accuracy bars: one group per label, one bar per condition ({condition: values in label order}),
+    optional [2, n] error bars per condition."""
     plt = _plt()
-    conds = list(acc)
-    types = [t for t in acc[conds[0]]]
+    conds = list(values)
     w = 0.8 / len(conds)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(types), 3.4))
+    fig, ax = plt.subplots(figsize=(width, 3.4))
     for k, c in enumerate(conds):
-        ax.bar(np.arange(len(types)) + (k - (len(conds) - 1) / 2) * w, [acc[c].get(t, np.nan) for t in types], w,
-               label=c)
-    ax.set_xticks(range(len(types)), types, rotation=35, ha="right", fontsize=8)
+        ax.bar(np.arange(len(labels)) + (k - (len(conds) - 1) / 2) * w, values[c], w, label=c,
+               **({"yerr": errors[c], "capsize": 2} if errors else {}))
+    ax.set_xticks(range(len(labels)), labels, **(tick_kw or {}))
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
+
+
+def plot_accuracy(acc: Mapping[str, Mapping[str, float]], path: str | os.PathLike, title: str) -> Path:
+    """Grouped bars: accuracy per question type under each condition (none, agnostic, random)."""
+    types = list(next(iter(acc.values())))
+    return _accuracy_bars({c: [a.get(t, np.nan) for t in types] for c, a in acc.items()}, types, path, title,
+                          1.0 + 0.7 * len(types), tick_kw={"rotation": 35, "ha": "right", "fontsize": 8})
 
 
 def plot_readout(iou: Mapping[str, Mapping[int, float]], path: str | os.PathLike, title: str) -> Path:
@@ -129,20 +138,10 @@ def plot_readout(iou: Mapping[str, Mapping[int, float]], path: str | os.PathLike
 def plot_bench_accuracy(tasks: Mapping[str, Mapping[str, Mapping]], path: str | os.PathLike, title: str) -> Path:
     """Grouped bars with Wilson 95% error bars: benchmark accuracy per task (and all) under each condition;
     `tasks`: {task: {condition: {"accuracy", "ci": [lo, hi]}}} as `sightline.kv.bench.bench_study` gives."""
-    plt = _plt()
     names = list(tasks)
     conds = list(tasks[names[0]])
-    w = 0.8 / len(conds)
-    fig, ax = plt.subplots(figsize=(1.4 + 0.8 * len(names), 3.4))
-    for k, c in enumerate(conds):
-        acc = np.array([tasks[t][c]["accuracy"] for t in names])
-        ci = np.array([tasks[t][c]["ci"] for t in names], dtype=float)
-        ax.bar(np.arange(len(names)) + (k - (len(conds) - 1) / 2) * w, acc, w, label=c,
-               yerr=np.stack([acc - ci[:, 0], ci[:, 1] - acc]), capsize=2)
-    ax.set_xticks(range(len(names)), [f"{t}\n(n = {tasks[t][conds[0]]['n']})" for t in names], fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
+    acc = {c: np.array([tasks[t][c]["accuracy"] for t in names]) for c in conds}
+    ci = {c: np.array([tasks[t][c]["ci"] for t in names], dtype=float) for c in conds}
+    errors = {c: np.stack([acc[c] - ci[c][:, 0], ci[c][:, 1] - acc[c]]) for c in conds}
+    return _accuracy_bars(acc, [f"{t}\n(n = {tasks[t][conds[0]]['n']})" for t in names], path, title,
+                          1.4 + 0.8 * len(names), errors, {"fontsize": 8})
